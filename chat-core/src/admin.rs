@@ -1,0 +1,117 @@
+//! The internal HTTP server both binaries run on their own port: `/healthz` (alive),
+//! `/readyz` (dependencies reachable and not draining) and `/metrics` (Prometheus text).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use prometheus::{Encoder, TextEncoder};
+
+/// How long one readiness probe of a dependency may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What `/readyz` checks.
+#[derive(Clone)]
+pub struct Readiness {
+    pub redis: deadpool_redis::Pool,
+    pub postgres: deadpool_postgres::Pool,
+    /// Set when the process starts to drain; readiness fails first so traffic moves away.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// Names of the failing checks; empty when ready.
+    pub async fn failing(&self) -> Vec<&'static str> {
+        let mut failing = Vec::new();
+        if self.draining.load(Ordering::Relaxed) {
+            failing.push("draining");
+        }
+        let (redis_ok, pg_ok) = tokio::join!(self.redis_ok(), self.postgres_ok());
+        if !redis_ok {
+            failing.push("redis");
+        }
+        if !pg_ok {
+            failing.push("postgres");
+        }
+        failing
+    }
+
+    async fn redis_ok(&self) -> bool {
+        let probe = async {
+            let mut conn = self.redis.get().await.ok()?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .ok()
+        };
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+            Ok(Some(_))
+        )
+    }
+
+    async fn postgres_ok(&self) -> bool {
+        let probe = async {
+            let client = self.postgres.get().await.ok()?;
+            client.simple_query("SELECT 1").await.ok()
+        };
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+            Ok(Some(_))
+        )
+    }
+}
+
+struct AdminState {
+    registry: prometheus::Registry,
+    readiness: Readiness,
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
+    let failing = state.readiness.failing().await;
+    if failing.is_empty() {
+        HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"status": "not_ready", "failing": failing}))
+    }
+}
+
+async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    let mut buf = Vec::new();
+    match TextEncoder::new().encode(&state.registry.gather(), &mut buf) {
+        Ok(()) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4")
+            .body(buf),
+        Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
+    }
+}
+
+/// Starts the admin server on `listener` (one worker thread; it serves probes and scrapes only).
+pub fn serve(
+    listener: std::net::TcpListener,
+    registry: prometheus::Registry,
+    readiness: Readiness,
+) -> std::io::Result<actix_web::dev::Server> {
+    let state = web::Data::new(AdminState {
+        registry,
+        readiness,
+    });
+    Ok(HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .listen(listener)?
+    .run())
+}

@@ -1,0 +1,98 @@
+//! Postgres: the connection pool and the versioned migrations both binaries apply at start.
+
+use std::str::FromStr;
+
+use tokio_postgres::NoTls;
+
+/// The migrations, in order. Never edit one that has shipped; add a new file.
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+
+/// Arbitrary constant key for the migration advisory lock.
+const MIGRATION_LOCK_KEY: i64 = 0x6368_6174_6d69_6772; // "chatmigr"
+
+/// A database problem at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database url: {0}")]
+    Url(String),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("postgres pool: {0}")]
+    Pool(String),
+}
+
+/// Builds a pool. Connections open lazily, so this succeeds while Postgres is down.
+pub fn pool(url: &str, max_size: usize) -> Result<deadpool_postgres::Pool, DbError> {
+    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| DbError::Url(e.to_string()))?;
+    let manager = deadpool_postgres::Manager::from_config(
+        cfg,
+        NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(Some(std::time::Duration::from_secs(5)))
+        .create_timeout(Some(std::time::Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Applies every migration not yet applied. Safe when several processes start at once: they
+/// serialize on an advisory lock held by a dedicated session, which ends (and releases the lock)
+/// whatever happens.
+pub async fn migrate(url: &str) -> Result<Vec<i32>, DbError> {
+    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let driver = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "migration connection ended");
+        }
+    });
+    let result = apply(&mut client).await;
+    drop(client);
+    let _ = driver.await;
+    result
+}
+
+async fn apply(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, DbError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    integer PRIMARY KEY,
+                 name       text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let done: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "migration applied");
+        applied.push(*version);
+    }
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
+    Ok(applied)
+}

@@ -1,0 +1,341 @@
+//! Accounts: register, log in, who am I; and the directory the send path asks whether a
+//! recipient exists. Users live in Postgres, written only here.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use chat_core::protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::api_error::ApiError;
+use crate::auth::{self, Identity};
+use crate::node::Node;
+
+const MAX_NAME_CHARS: usize = 100;
+const MAX_EMAIL_BYTES: usize = 254;
+const MIN_PASSWORD_CHARS: usize = 8;
+/// Bounds the argon2 work an attacker can ask for per request.
+const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// A user as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct User {
+    pub id: Uuid,
+    pub name: String,
+    pub email: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RegisterRequest {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoginRequest {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+}
+
+#[derive(Debug, Serialize)]
+struct AuthResponse {
+    user: User,
+    token: String,
+}
+
+/// Checks an email address loosely: one `@`, a dotted domain, no spaces, bounded length.
+fn email_is_valid(email: &str) -> bool {
+    if email.len() > MAX_EMAIL_BYTES || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.contains('@')
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+        }
+        None => false,
+    }
+}
+
+fn validate_registration(req: &RegisterRequest) -> Result<(), ApiError> {
+    let mut err = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::ValidationFailed,
+        "some fields are invalid",
+    );
+    let name = req.name.trim();
+    if name.is_empty() {
+        err.fields.insert("name", "name_required");
+    } else if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        err.fields.insert("name", "name_invalid");
+    }
+    if !email_is_valid(req.email.trim()) {
+        err.fields.insert("email", "email_invalid");
+    }
+    if req.password.chars().count() < MIN_PASSWORD_CHARS {
+        err.fields.insert("password", "password_too_short");
+    } else if req.password.len() > MAX_PASSWORD_BYTES {
+        err.fields.insert("password", "password_too_long");
+    }
+    if err.fields.is_empty() {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+fn db_unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "postgres request failed");
+    ApiError::unavailable("the database")
+}
+
+/// Runs CPU-heavy password work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    web::block(f).await.map_err(|_| ApiError::internal())
+}
+
+/// `POST /api/v1/auth/register`
+pub async fn register(
+    node: web::Data<Node>,
+    body: web::Json<RegisterRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let req = body.into_inner();
+    validate_registration(&req)?;
+    let password = req.password;
+    let hash = blocking(move || auth::hash_password(&password))
+        .await?
+        .map_err(|_| ApiError::internal())?;
+    let user = User {
+        id: Uuid::now_v7(),
+        name: req.name.trim().to_string(),
+        email: req.email.trim().to_string(),
+    };
+    let client = node.db.get().await.map_err(db_unavailable)?;
+    let inserted = client
+        .execute(
+            "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, $4)
+             ON CONFLICT ((lower(email))) DO NOTHING",
+            &[&user.id, &user.name, &user.email, &hash],
+        )
+        .await
+        .map_err(db_unavailable)?;
+    if inserted == 0 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::EmailTaken,
+            "an account with this email exists",
+        ));
+    }
+    node.directory.remember(user.id);
+    let token = node.auth.issue(user.id).map_err(|_| ApiError::internal())?;
+    tracing::info!(user_id = %user.id, "user registered");
+    Ok(HttpResponse::Created().json(AuthResponse { user, token }))
+}
+
+/// `POST /api/v1/auth/login`
+pub async fn login(
+    node: web::Data<Node>,
+    body: web::Json<LoginRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let req = body.into_inner();
+    let email = req.email.trim().to_string();
+    if req.password.len() > MAX_PASSWORD_BYTES || email.len() > MAX_EMAIL_BYTES {
+        return Err(invalid_credentials());
+    }
+    let client = node.db.get().await.map_err(db_unavailable)?;
+    let row = client
+        .query_opt(
+            "SELECT id, name, email, password_hash FROM users WHERE lower(email) = lower($1)",
+            &[&email],
+        )
+        .await
+        .map_err(db_unavailable)?;
+    let (user, hash) = match row {
+        Some(row) => (
+            Some(User {
+                id: row.get(0),
+                name: row.get(1),
+                email: row.get(2),
+            }),
+            row.get::<_, String>(3),
+        ),
+        // Verify against a real hash anyway so both failures take the same time.
+        None => (None, node.auth.dummy_hash().to_string()),
+    };
+    let password = req.password;
+    let matches = blocking(move || auth::verify_password(&password, &hash)).await?;
+    match user {
+        Some(user) if matches => {
+            let token = node.auth.issue(user.id).map_err(|_| ApiError::internal())?;
+            Ok(HttpResponse::Ok().json(AuthResponse { user, token }))
+        }
+        _ => Err(invalid_credentials()),
+    }
+}
+
+fn invalid_credentials() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::InvalidCredentials,
+        "email or password is wrong",
+    )
+}
+
+/// `GET /api/v1/users/me`
+pub async fn me(node: web::Data<Node>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let identity = authenticate(&node, &req, false)?;
+    let client = node.db.get().await.map_err(db_unavailable)?;
+    let row = client
+        .query_opt(
+            "SELECT id, name, email FROM users WHERE id = $1",
+            &[&identity.user_id],
+        )
+        .await
+        .map_err(db_unavailable)?;
+    match row {
+        Some(row) => Ok(HttpResponse::Ok().json(User {
+            id: row.get(0),
+            name: row.get(1),
+            email: row.get(2),
+        })),
+        None => Err(ApiError::unauthorized("the token's user no longer exists")),
+    }
+}
+
+/// The caller's identity from `Authorization: Bearer`, or (when `allow_query`, for browsers'
+/// WebSockets) the `access_token` query parameter.
+pub fn authenticate(
+    node: &Node,
+    req: &HttpRequest,
+    allow_query: bool,
+) -> Result<Identity, ApiError> {
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .map(str::to_string);
+    let token = match header {
+        Some(t) => Some(t),
+        None if allow_query => web::Query::<TokenQuery>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.into_inner().access_token),
+        None => None,
+    };
+    let token = token.ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    node.auth
+        .verify(&token)
+        .map_err(|e| ApiError::unauthorized(e.to_string()))
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    access_token: Option<String>,
+}
+
+/// Whether users exist, for the send path. Users are never deleted, so a positive answer is
+/// cached; the cache is bounded and cleared when full.
+pub struct UserDirectory {
+    known: Mutex<HashSet<Uuid>>,
+    capacity: usize,
+}
+
+impl UserDirectory {
+    pub fn new(capacity: usize) -> Self {
+        UserDirectory {
+            known: Mutex::new(HashSet::new()),
+            capacity,
+        }
+    }
+
+    /// Records a user known to exist.
+    pub fn remember(&self, user: Uuid) {
+        if let Ok(mut known) = self.known.lock() {
+            if known.len() >= self.capacity {
+                known.clear();
+            }
+            known.insert(user);
+        }
+    }
+
+    /// Whether `user` exists; asks Postgres on a cache miss.
+    pub async fn exists(
+        &self,
+        db: &deadpool_postgres::Pool,
+        user: Uuid,
+    ) -> Result<bool, DirectoryError> {
+        if self
+            .known
+            .lock()
+            .map(|k| k.contains(&user))
+            .unwrap_or(false)
+        {
+            return Ok(true);
+        }
+        let client = db.get().await.map_err(|e| DirectoryError(e.to_string()))?;
+        let found = client
+            .query_opt("SELECT 1 FROM users WHERE id = $1", &[&user])
+            .await
+            .map_err(|e| DirectoryError(e.to_string()))?
+            .is_some();
+        if found {
+            self.remember(user);
+        }
+        Ok(found)
+    }
+}
+
+/// The directory could not answer (Postgres unavailable).
+#[derive(Debug, thiserror::Error)]
+#[error("user directory: {0}")]
+pub struct DirectoryError(String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The email check accepts ordinary addresses and refuses malformed ones.
+    #[test]
+    fn email_validation() {
+        for ok in ["a@b.co", "first.last+tag@example.org"] {
+            assert!(email_is_valid(ok), "{ok}");
+        }
+        for bad in [
+            "", "a", "a@", "@b.co", "a@b", "a b@c.de", "a@b@c.de", "a@.com", "a@com.",
+        ] {
+            assert!(!email_is_valid(bad), "{bad}");
+        }
+    }
+
+    /// Each invalid field gets its own code.
+    #[test]
+    fn registration_reports_each_field() {
+        let err = validate_registration(&RegisterRequest {
+            name: "  ".into(),
+            email: "nope".into(),
+            password: "short".into(),
+        })
+        .expect_err("invalid");
+        assert_eq!(err.fields.get("name"), Some(&"name_required"));
+        assert_eq!(err.fields.get("email"), Some(&"email_invalid"));
+        assert_eq!(err.fields.get("password"), Some(&"password_too_short"));
+    }
+}

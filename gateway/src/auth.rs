@@ -1,0 +1,185 @@
+//! Credentials: argon2id password hashing and HS256 JWTs with the algorithm pinned on verify.
+
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
+use argon2::Argon2;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Why a token was refused. Deliberately coarse: the client learns only "unauthorized".
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("token expired")]
+    Expired,
+    #[error("token invalid")]
+    Invalid,
+}
+
+/// JWT claims.
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: Uuid,
+    iat: u64,
+    exp: u64,
+}
+
+/// A verified token.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity {
+    pub user_id: Uuid,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+}
+
+/// Issues and verifies tokens and hashes passwords.
+#[derive(Clone)]
+pub struct Auth {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl_secs: u64,
+    /// A real argon2id hash of a random password, verified against when the email is unknown, so
+    /// unknown-email and wrong-password logins take similar time.
+    dummy_hash: String,
+}
+
+impl Auth {
+    pub fn new(secret: &str, ttl_secs: u64) -> Result<Self, argon2::password_hash::Error> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        let dummy_hash = hash_password(&Uuid::new_v4().to_string())?;
+        Ok(Auth {
+            encoding: EncodingKey::from_secret(secret.as_bytes()),
+            decoding: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+            ttl_secs,
+            dummy_hash,
+        })
+    }
+
+    /// A new token for `user_id`.
+    pub fn issue(&self, user_id: Uuid) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = unix_now();
+        let claims = Claims {
+            sub: user_id,
+            iat: now,
+            exp: now + self.ttl_secs,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+    }
+
+    /// Verifies signature, algorithm and expiry.
+    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
+            Ok(data) => Ok(Identity {
+                user_id: data.claims.sub,
+                exp: data.claims.exp,
+            }),
+            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+                Err(TokenError::Expired)
+            }
+            Err(_) => Err(TokenError::Invalid),
+        }
+    }
+
+    /// The hash to verify against when no user has the email.
+    pub fn dummy_hash(&self) -> &str {
+        &self.dummy_hash
+    }
+}
+
+/// Current Unix time in seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Hashes with argon2id (the crate's default parameters: 19 MiB, 2 passes). CPU-heavy: call
+/// from a blocking thread.
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+/// Checks a password against a stored PHC hash. CPU-heavy: call from a blocking thread.
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Auth {
+        Auth::new(&"s".repeat(32), 60).expect("auth")
+    }
+
+    /// A token round-trips; a token signed with another secret or algorithm is refused.
+    #[test]
+    fn tokens_are_pinned_to_secret_and_algorithm() {
+        let a = auth();
+        let user = Uuid::now_v7();
+        let token = a.issue(user).expect("issue");
+        assert_eq!(a.verify(&token).expect("verify").user_id, user);
+
+        let other = Auth::new(&"o".repeat(32), 60).expect("auth");
+        assert!(other.verify(&token).is_err());
+
+        let now = unix_now();
+        let claims = Claims {
+            sub: user,
+            iat: now,
+            exp: now + 60,
+        };
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &claims,
+            &EncodingKey::from_secret("s".repeat(32).as_bytes()),
+        )
+        .expect("encode");
+        assert!(a.verify(&hs512).is_err(), "HS512 must be refused");
+        assert!(a.verify("not.a.jwt").is_err());
+    }
+
+    /// Expired tokens are reported as expired.
+    #[test]
+    fn expired_tokens_are_refused() {
+        let a = auth();
+        let now = unix_now();
+        let claims = Claims {
+            sub: Uuid::now_v7(),
+            iat: now - 120,
+            exp: now - 60,
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret("s".repeat(32).as_bytes()),
+        )
+        .expect("encode");
+        assert!(matches!(a.verify(&token), Err(TokenError::Expired)));
+    }
+
+    /// Hashes are argon2id and verify only the right password.
+    #[test]
+    fn passwords_hash_with_argon2id() {
+        let h = hash_password("correct horse").expect("hash");
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("wrong horse", &h));
+        assert!(!verify_password("x", "not a hash"));
+    }
+}

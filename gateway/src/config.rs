@@ -1,0 +1,247 @@
+//! The gateway's one typed configuration, loaded once (defaults, `--config` TOML, `CHAT_*` env)
+//! and validated completely before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use chat_core::settings::{self, SettingsError};
+use chat_core::telemetry::LogFormat;
+use serde::Deserialize;
+
+/// Secret used only when `dev_mode` is on and no secret is set. Never use it in production.
+const DEV_JWT_SECRET: &str = "dev-only-insecure-secret-do-not-use-in-production";
+
+/// Every setting; the key is the env var without `CHAT_`, lowercased. See `docs/operations.md`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct GatewayConfig {
+    pub redis_url: String,
+    pub database_url: String,
+    pub redis_prefix: String,
+    /// Stream partitions; must match the worker's and must not change once data exists.
+    pub redis_partitions: u16,
+    pub jwt_secret: Option<String>,
+    pub jwt_ttl_secs: u64,
+    /// Allows starting without a JWT secret (a fixed, public one is used) and says so loudly.
+    pub dev_mode: bool,
+    pub log_format: LogFormat,
+    pub gateway_listen: String,
+    pub gateway_internal_listen: String,
+    pub gateway_node_id: Option<String>,
+    /// Comma-separated Origins allowed to open WebSockets; empty allows any.
+    pub gateway_allowed_origins: String,
+    /// HTTP worker threads; 0 means one per core.
+    pub gateway_workers: usize,
+    pub gateway_heartbeat_secs: u64,
+    pub gateway_client_timeout_secs: u64,
+    pub gateway_max_body_bytes: usize,
+    pub gateway_max_frame_bytes: usize,
+    pub gateway_outbound_queue: usize,
+    pub gateway_redis_pool_size: usize,
+    pub gateway_pg_pool_size: usize,
+    /// Upper bound on the time a subscription may take during a handshake.
+    pub gateway_subscribe_timeout_ms: u64,
+    /// How long SIGTERM waits for connections to close before exiting.
+    pub gateway_shutdown_grace_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432/chat".into(),
+            redis_prefix: "chat".into(),
+            redis_partitions: 8,
+            jwt_secret: None,
+            jwt_ttl_secs: 86_400,
+            dev_mode: false,
+            log_format: LogFormat::Json,
+            gateway_listen: "0.0.0.0:8080".into(),
+            gateway_internal_listen: "0.0.0.0:9090".into(),
+            gateway_node_id: None,
+            gateway_allowed_origins: String::new(),
+            gateway_workers: 0,
+            gateway_heartbeat_secs: 15,
+            gateway_client_timeout_secs: 45,
+            gateway_max_body_bytes: 4096,
+            gateway_max_frame_bytes: 16 * 1024,
+            gateway_outbound_queue: 256,
+            gateway_redis_pool_size: 32,
+            gateway_pg_pool_size: 16,
+            gateway_subscribe_timeout_ms: 3000,
+            gateway_shutdown_grace_secs: 20,
+        }
+    }
+}
+
+/// The configuration after validation: parsed addresses, the effective secret and node id.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub raw: GatewayConfig,
+    pub listen: SocketAddr,
+    pub internal_listen: SocketAddr,
+    pub node_id: String,
+    pub jwt_secret: String,
+    pub allowed_origins: Vec<String>,
+    /// True when the dev secret is in use (logged as a warning at start).
+    pub insecure_dev_secret: bool,
+}
+
+impl GatewayConfig {
+    /// Loads from defaults, the optional TOML file and the environment.
+    pub fn load(file: Option<&Path>) -> Result<Validated, SettingsError> {
+        settings::load::<GatewayConfig>(file)?.validate()
+    }
+
+    /// Checks every setting; the error names the first bad key.
+    pub fn validate(self) -> Result<Validated, SettingsError> {
+        let listen = settings::parse_listen("gateway_listen", &self.gateway_listen)?;
+        let internal_listen =
+            settings::parse_listen("gateway_internal_listen", &self.gateway_internal_listen)?;
+        settings::check_prefix("redis_prefix", &self.redis_prefix)?;
+        if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
+            return Err(SettingsError::invalid(
+                "redis_url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if !self.database_url.starts_with("postgres://")
+            && !self.database_url.starts_with("postgresql://")
+        {
+            return Err(SettingsError::invalid(
+                "database_url",
+                "must start with postgres://",
+            ));
+        }
+        if self.redis_partitions == 0 || self.redis_partitions > 1024 {
+            return Err(SettingsError::invalid(
+                "redis_partitions",
+                "must be 1 to 1024",
+            ));
+        }
+        let positive = [
+            ("jwt_ttl_secs", self.jwt_ttl_secs as usize),
+            (
+                "gateway_heartbeat_secs",
+                self.gateway_heartbeat_secs as usize,
+            ),
+            ("gateway_max_body_bytes", self.gateway_max_body_bytes),
+            ("gateway_outbound_queue", self.gateway_outbound_queue),
+            ("gateway_redis_pool_size", self.gateway_redis_pool_size),
+            ("gateway_pg_pool_size", self.gateway_pg_pool_size),
+            (
+                "gateway_subscribe_timeout_ms",
+                self.gateway_subscribe_timeout_ms as usize,
+            ),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(SettingsError::invalid(key, "must be greater than 0"));
+        }
+        if self.gateway_client_timeout_secs <= self.gateway_heartbeat_secs {
+            return Err(SettingsError::invalid(
+                "gateway_client_timeout_secs",
+                "must be greater than gateway_heartbeat_secs",
+            ));
+        }
+        if self.gateway_max_frame_bytes < self.gateway_max_body_bytes + 512 {
+            return Err(SettingsError::invalid(
+                "gateway_max_frame_bytes",
+                "must exceed gateway_max_body_bytes by at least 512 bytes of envelope",
+            ));
+        }
+        let (jwt_secret, insecure_dev_secret) = match (&self.jwt_secret, self.dev_mode) {
+            (Some(s), _) if s.len() >= 32 => (s.clone(), false),
+            (Some(_), _) => {
+                return Err(SettingsError::invalid(
+                    "jwt_secret",
+                    "must be at least 32 bytes",
+                ))
+            }
+            (None, true) => (DEV_JWT_SECRET.to_string(), true),
+            (None, false) => return Err(SettingsError::invalid(
+                "jwt_secret",
+                "is required (set CHAT_JWT_SECRET, or CHAT_DEV_MODE=true for local development)",
+            )),
+        };
+        let allowed_origins = self
+            .gateway_allowed_origins
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_string())
+            .filter(|o| !o.is_empty())
+            .collect();
+        let node_id = self
+            .gateway_node_id
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| settings::hostname_or("gateway"));
+        Ok(Validated {
+            raw: self,
+            listen,
+            internal_listen,
+            node_id,
+            jwt_secret,
+            allowed_origins,
+            insecure_dev_secret,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> GatewayConfig {
+        GatewayConfig {
+            jwt_secret: Some("x".repeat(32)),
+            ..GatewayConfig::default()
+        }
+    }
+
+    /// Without a secret the gateway refuses to start unless dev mode is on.
+    #[test]
+    fn secret_required_unless_dev_mode() {
+        let err = GatewayConfig::default()
+            .validate()
+            .expect_err("no secret")
+            .to_string();
+        assert!(err.contains("jwt_secret"), "{err}");
+        let dev = GatewayConfig {
+            dev_mode: true,
+            ..GatewayConfig::default()
+        }
+        .validate()
+        .expect("dev mode");
+        assert!(dev.insecure_dev_secret);
+    }
+
+    /// A bad listen address is reported by key.
+    #[test]
+    fn bad_listen_names_key() {
+        let err = GatewayConfig {
+            gateway_listen: "nope".into(),
+            ..base()
+        }
+        .validate()
+        .expect_err("bad")
+        .to_string();
+        assert!(
+            err.contains("gateway_listen") && err.contains("CHAT_GATEWAY_LISTEN"),
+            "{err}"
+        );
+    }
+
+    /// Origins are split, trimmed and normalised without a trailing slash.
+    #[test]
+    fn origins_are_parsed() {
+        let v = GatewayConfig {
+            gateway_allowed_origins: " https://a.example/ ,https://b.example,,".into(),
+            ..base()
+        }
+        .validate()
+        .expect("valid");
+        assert_eq!(
+            v.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
+    }
+}

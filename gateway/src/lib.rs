@@ -1,0 +1,209 @@
+//! The chat gateway node: holds WebSocket connections, accepts messages into Redis, fans them out
+//! through Redis pub/sub, and serves the HTTP API and the internal admin port.
+//!
+//! # Layout
+//! - [`config`]: the one typed configuration, validated before anything binds.
+//! - [`node`]: the composition root handlers share.
+//! - [`session`]: one WebSocket connection (handshake, frame loop, heartbeats).
+//! - [`hub`]: local connections by user, bounded outbound queues.
+//! - [`broker`]: Redis append script and the node's pub/sub subscriptions.
+//! - [`accounts`]: register, login, `users/me`, recipient directory.
+//! - [`auth`]: argon2id and HS256 JWT.
+//! - [`api_error`]: JSON error responses.
+//! - [`metrics`]: every `chat_gateway_*` metric.
+#![forbid(unsafe_code)]
+
+pub mod accounts;
+pub mod api_error;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod session;
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+use chat_core::admin::{self, Readiness};
+use chat_core::backoff::Backoff;
+use chat_core::keys::KeySchema;
+use tokio_util::sync::CancellationToken;
+
+use crate::accounts::UserDirectory;
+use crate::auth::Auth;
+use crate::broker::Broker;
+use crate::config::Validated;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::node::Node;
+
+/// Largest JSON body the HTTP API accepts.
+const MAX_JSON_BODY_BYTES: usize = 16 * 1024;
+/// Bound of the "recipient exists" cache.
+const DIRECTORY_CACHE_USERS: usize = 100_000;
+
+/// The gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Db(#[from] chat_core::db::DbError),
+    #[error(transparent)]
+    Redis(#[from] chat_core::redis_pool::RedisPoolError),
+    #[error("broker: {0}")]
+    Broker(#[from] broker::BrokerError),
+    #[error("password hashing setup: {0}")]
+    Auth(String),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The two listening sockets, bound before `run` so tests can use port 0.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub internal: TcpListener,
+}
+
+impl Listeners {
+    pub fn bind(config: &Validated) -> std::io::Result<Self> {
+        Ok(Listeners {
+            public: TcpListener::bind(config.listen)?,
+            internal: TcpListener::bind(config.internal_listen)?,
+        })
+    }
+}
+
+/// Runs one gateway node until `shutdown` is cancelled, then drains: readiness fails, every
+/// connection is told to reconnect elsewhere (close 1001), and the servers stop.
+pub async fn run(
+    config: Validated,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let cfg = config.raw.clone();
+    let metrics = Metrics::new()?;
+    let db = chat_core::db::pool(&cfg.database_url, cfg.gateway_pg_pool_size)?;
+    let redis = chat_core::redis_pool::build(&cfg.redis_url, cfg.gateway_redis_pool_size)?;
+    let draining = Arc::new(AtomicBool::new(false));
+
+    // Readiness and metrics are served while we wait for the database.
+    let admin_server = admin::serve(
+        listeners.internal,
+        metrics.registry.clone(),
+        Readiness {
+            redis: redis.clone(),
+            postgres: db.clone(),
+            draining: draining.clone(),
+        },
+    )?;
+    let admin_handle = admin_server.handle();
+    let admin_task = actix_web::rt::spawn(admin_server);
+
+    if !migrate_until_done(&cfg.database_url, &shutdown).await {
+        admin_handle.stop(true).await;
+        let _ = admin_task.await;
+        return Ok(());
+    }
+
+    let keys = KeySchema::new(cfg.redis_prefix.clone(), cfg.redis_partitions);
+    let hub = Arc::new(Hub::new(metrics.clone()));
+    let (broker, broker_task) = Broker::start(
+        &cfg.redis_url,
+        keys,
+        redis.clone(),
+        hub.clone(),
+        metrics.clone(),
+        Duration::from_millis(cfg.gateway_subscribe_timeout_ms),
+        shutdown.clone(),
+    )?;
+    let auth = Auth::new(&config.jwt_secret, cfg.jwt_ttl_secs)
+        .map_err(|e| GatewayError::Auth(e.to_string()))?;
+    let workers = if cfg.gateway_workers == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        cfg.gateway_workers
+    };
+    let public_addr = listeners.public.local_addr()?;
+    let node = web::Data::new(Node {
+        config: Arc::new(config),
+        auth,
+        db,
+        hub,
+        broker,
+        directory: UserDirectory::new(DIRECTORY_CACHE_USERS),
+        metrics,
+        shutdown: shutdown.clone(),
+    });
+
+    let app_node = node.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_node.clone())
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(MAX_JSON_BODY_BYTES)
+                    .error_handler(api_error::json_body_error),
+            )
+            .route("/ws", web::get().to(session::handshake))
+            .service(
+                web::scope("/api/v1")
+                    .route("/auth/register", web::post().to(accounts::register))
+                    .route("/auth/login", web::post().to(accounts::login))
+                    .route("/users/me", web::get().to(accounts::me)),
+            )
+            .default_service(web::to(api_error::not_found))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(cfg.gateway_shutdown_grace_secs)
+    .listen(listeners.public)?
+    .run();
+    let server_handle = server.handle();
+    let server_task = actix_web::rt::spawn(server);
+    tracing::info!(
+        node_id = %node.config.node_id,
+        public = %public_addr,
+        workers,
+        "gateway listening"
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!("draining");
+    draining.store(true, Ordering::Relaxed);
+    // Sessions saw the same token and are closing with 1001; wait for them within the grace.
+    let grace = Duration::from_secs(cfg.gateway_shutdown_grace_secs);
+    let deadline = tokio::time::Instant::now() + grace;
+    while node.metrics.connections_open.get() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server_handle.stop(true).await;
+    let _ = server_task.await;
+    admin_handle.stop(true).await;
+    let _ = admin_task.await;
+    let _ = broker_task.await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Applies migrations, retrying with backoff while Postgres is unreachable. False on shutdown.
+async fn migrate_until_done(url: &str, shutdown: &CancellationToken) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match chat_core::db::migrate(url).await {
+            Ok(_) => return true,
+            Err(e) => tracing::warn!(error = %e, "migrations not applied yet; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Every gateway metric, defined once and registered in the node's own registry (so several
+//! nodes can run in one test process). Labels are low-cardinality only.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// The gateway's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_open: IntGauge,
+    pub handshakes: IntCounterVec,
+    pub frames_in: IntCounterVec,
+    pub frames_out: IntCounterVec,
+    pub errors_sent: IntCounterVec,
+    pub closes: IntCounterVec,
+    pub messages_accepted: IntCounter,
+    pub messages_delivered: IntCounter,
+    pub redis_errors: IntCounterVec,
+    pub pubsub_subscriptions: IntGauge,
+    pub pubsub_reconnects: IntCounter,
+    pub outbound_dropped: IntCounter,
+    pub send_latency: Histogram,
+    pub delivery_latency: Histogram,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram = |name: &str, help: &str| -> Result<Histogram, prometheus::Error> {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        Ok(Metrics {
+            connections_open: gauge(
+                "chat_gateway_connections_open",
+                "WebSocket connections open on this node",
+            )?,
+            handshakes: counter_vec(
+                "chat_gateway_handshakes_total",
+                "WebSocket handshakes by result",
+                &["result"],
+            )?,
+            frames_in: counter_vec(
+                "chat_gateway_frames_in_total",
+                "Frames received by type",
+                &["type"],
+            )?,
+            frames_out: counter_vec(
+                "chat_gateway_frames_out_total",
+                "Frames sent by type",
+                &["type"],
+            )?,
+            errors_sent: counter_vec(
+                "chat_gateway_errors_sent_total",
+                "Error frames sent by code",
+                &["code"],
+            )?,
+            closes: counter_vec(
+                "chat_gateway_closes_total",
+                "Connections closed by close reason",
+                &["reason"],
+            )?,
+            messages_accepted: counter(
+                "chat_gateway_messages_accepted_total",
+                "Messages appended to Redis and acked",
+            )?,
+            messages_delivered: counter(
+                "chat_gateway_messages_delivered_total",
+                "Message frames written to recipient sockets",
+            )?,
+            redis_errors: counter_vec(
+                "chat_gateway_redis_errors_total",
+                "Failed Redis operations",
+                &["op"],
+            )?,
+            pubsub_subscriptions: gauge(
+                "chat_gateway_pubsub_subscriptions",
+                "User channels this node is subscribed to",
+            )?,
+            pubsub_reconnects: counter(
+                "chat_gateway_pubsub_reconnects_total",
+                "Times the pub/sub connection was re-established",
+            )?,
+            outbound_dropped: counter(
+                "chat_gateway_outbound_queue_overflows_total",
+                "Connections whose outbound queue overflowed (closed as slow consumers)",
+            )?,
+            send_latency: histogram(
+                "chat_gateway_send_latency_seconds",
+                "Send frame received to ack written",
+            )?,
+            delivery_latency: histogram(
+                "chat_gateway_delivery_latency_seconds",
+                "Message ts to frame queued for local recipients, measured on the delivering node",
+            )?,
+            registry,
+        })
+    }
+}

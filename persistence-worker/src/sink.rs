@@ -1,0 +1,95 @@
+//! Writes batches of messages into Postgres in one transaction, idempotently: a redelivered
+//! entry (same `msg_id`) never makes a second row.
+
+use chat_core::stream::StoredMessage;
+use uuid::Uuid;
+
+/// Why a batch was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Postgres is unreachable or failed transiently: retry the same batch later.
+    #[error("postgres unavailable: {0}")]
+    Unavailable(String),
+    /// Postgres refused the data (an integrity violation): retrying will not help.
+    #[error("postgres rejected the batch: {0}")]
+    Rejected(String),
+}
+
+impl From<tokio_postgres::Error> for SinkError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.code() {
+            Some(code) if code.code().starts_with("23") => SinkError::Rejected(e.to_string()),
+            _ => SinkError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Sink {
+    pool: deadpool_postgres::Pool,
+}
+
+impl Sink {
+    pub fn new(pool: deadpool_postgres::Pool) -> Self {
+        Sink { pool }
+    }
+
+    /// Inserts the messages and their direct conversations; returns rows newly inserted.
+    pub async fn write(&self, batch: &[StoredMessage]) -> Result<u64, SinkError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        // Sorted, so concurrent workers take row locks in the same order (no deadlocks).
+        let mut conversations: Vec<Uuid> = batch.iter().map(|m| m.conversation_id).collect();
+        conversations.sort_unstable();
+        conversations.dedup();
+        let mut members: Vec<(Uuid, Uuid)> = batch
+            .iter()
+            .flat_map(|m| [(m.conversation_id, m.from), (m.conversation_id, m.to)])
+            .collect();
+        members.sort_unstable();
+        members.dedup();
+        let (member_convs, member_users): (Vec<Uuid>, Vec<Uuid>) = members.into_iter().unzip();
+
+        let ids: Vec<Uuid> = batch.iter().map(|m| m.msg_id).collect();
+        let convs: Vec<Uuid> = batch.iter().map(|m| m.conversation_id).collect();
+        let seqs: Vec<i64> = batch.iter().map(|m| m.seq).collect();
+        let senders: Vec<Uuid> = batch.iter().map(|m| m.from).collect();
+        let recipients: Vec<Uuid> = batch.iter().map(|m| m.to).collect();
+        let bodies: Vec<&str> = batch.iter().map(|m| m.body.as_str()).collect();
+        let ts: Vec<i64> = batch.iter().map(|m| m.ts).collect();
+
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO conversations (id, kind)
+             SELECT id, 'direct' FROM unnest($1::uuid[]) AS t(id)
+             ON CONFLICT (id) DO NOTHING",
+            &[&conversations],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO conversation_members (conversation_id, user_id)
+             SELECT c, u FROM unnest($1::uuid[], $2::uuid[]) AS t(c, u)
+             ON CONFLICT DO NOTHING",
+            &[&member_convs, &member_users],
+        )
+        .await?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO messages (id, conversation_id, seq, sender_id, recipient_id, body, sent_at)
+                 SELECT id, c, s, f, r, b, to_timestamp(ts / 1000.0)
+                 FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::uuid[], $5::uuid[], $6::text[], $7::int8[])
+                      AS t(id, c, s, f, r, b, ts)
+                 ON CONFLICT (id) DO NOTHING",
+                &[&ids, &convs, &seqs, &senders, &recipients, &bodies, &ts],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+}
