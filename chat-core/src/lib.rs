@@ -26,6 +26,8 @@ pub mod settings;
 pub mod shutdown;
 pub mod stream;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// Current time as Unix milliseconds, the `ts` of every message.
 pub fn now_ms() -> i64 {

@@ -1,0 +1,81 @@
+//! Test support: every integration test gets its own Postgres database and Redis prefix, so tests
+//! run in parallel against the same real servers. Enabled by the `testing` feature only.
+
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+/// Redis for tests: `CHAT_TEST_REDIS_URL`, default the local server.
+pub fn redis_url() -> String {
+    std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Postgres server for tests (without a database name): `CHAT_TEST_PG`, default local.
+pub fn pg_server() -> String {
+    std::env::var("CHAT_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A Redis key prefix no other test uses.
+pub fn unique_prefix() -> String {
+    format!("t{}", Uuid::new_v4().simple())
+}
+
+/// Creates an empty database for one test, migrated, and returns its URL.
+pub async fn fresh_database() -> String {
+    let name = format!("chat_t_{}", Uuid::new_v4().simple());
+    let admin_url = format!("{}/postgres", pg_server());
+    let (client, connection) = tokio_postgres::connect(&admin_url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("test postgres at {admin_url} is unreachable: {e}"));
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    drop(client);
+    let _ = driver.await;
+    let url = format!("{}/{name}", pg_server());
+    crate::db::migrate(&url)
+        .await
+        .expect("migrate test database");
+    url
+}
+
+/// A connected client for assertions.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect test database");
+    tokio::spawn(connection);
+    client
+}
+
+/// Inserts a user row directly (for worker tests that need foreign keys satisfied).
+pub async fn insert_user(client: &tokio_postgres::Client, name: &str) -> Uuid {
+    let id = Uuid::now_v7();
+    client
+        .execute(
+            "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, 'x')",
+            &[&id, &name, &format!("{id}@example.test")],
+        )
+        .await
+        .expect("insert user");
+    id
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

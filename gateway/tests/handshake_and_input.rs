@@ -1,0 +1,353 @@
+//! Accounts, handshake refusals and bad input against a real node: every failure is a clear
+//! error, and a connection that sent bad input stays usable.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use support::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+/// Attempts a WebSocket handshake; returns the HTTP status and JSON body when refused.
+async fn refused(url: &str, headers: &[(&'static str, String)]) -> (u16, Value) {
+    let mut req = url.into_client_request().expect("request");
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().expect("header"));
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok(_) => panic!("handshake to {url} should have been refused"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null));
+            (status, body.unwrap_or(Value::Null))
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// Register, duplicate email in another case, invalid fields, login right and wrong, users/me,
+/// unknown routes and malformed JSON: all answer JSON with the documented codes.
+#[actix_web::test]
+async fn accounts_answer_documented_codes() {
+    let cluster = Cluster::new().await;
+    let node = cluster.start_node("n").await;
+    let email = format!("Carol-{}@Example.test", Uuid::new_v4().simple());
+    let (status, body) = post(
+        &node,
+        "/api/v1/auth/register",
+        json!({"name": "Carol", "email": email, "password": "password123"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["user"]["name"], "Carol");
+    let id = body["user"]["id"].as_str().expect("id").to_string();
+
+    let (status, body) = post(
+        &node,
+        "/api/v1/auth/register",
+        json!({"name": "C2", "email": email.to_lowercase(), "password": "password123"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("email_taken"))
+    );
+
+    let (status, body) = post(
+        &node,
+        "/api/v1/auth/register",
+        json!({"name": "", "email": "bad", "password": "short"}),
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert_eq!(body["error"]["code"], "validation_failed");
+    assert_eq!(body["error"]["fields"]["name"], "name_required");
+    assert_eq!(body["error"]["fields"]["email"], "email_invalid");
+    assert_eq!(body["error"]["fields"]["password"], "password_too_short");
+
+    let (status, body) = post(
+        &node,
+        "/api/v1/auth/login",
+        json!({"email": email.to_uppercase(), "password": "password123"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user"]["id"], id.as_str());
+    let token = body["token"].as_str().expect("token").to_string();
+
+    let (status, body) = post(
+        &node,
+        "/api/v1/auth/login",
+        json!({"email": email, "password": "wrong-password"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
+    let (status, body) = post(
+        &node,
+        "/api/v1/auth/login",
+        json!({"email": "nobody@example.test", "password": "password123"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
+
+    let client = reqwest::Client::new();
+    let me = client
+        .get(format!("http://{}/api/v1/users/me", node.http))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("me");
+    assert_eq!(me.status(), 200);
+    assert_eq!(me.json::<Value>().await.expect("json")["id"], id.as_str());
+    let anon = client
+        .get(format!("http://{}/api/v1/users/me", node.http))
+        .send()
+        .await
+        .expect("me");
+    assert_eq!(anon.status(), 401);
+    assert_eq!(
+        anon.json::<Value>().await.expect("json")["error"]["code"],
+        "unauthorized"
+    );
+
+    let missing = client
+        .get(format!("http://{}/nope", node.http))
+        .send()
+        .await
+        .expect("404");
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.json::<Value>().await.expect("json")["error"]["code"],
+        "not_found"
+    );
+
+    let malformed = client
+        .post(format!("http://{}/api/v1/auth/login", node.http))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("bad json");
+    assert_eq!(malformed.status(), 400);
+    assert_eq!(
+        malformed.json::<Value>().await.expect("json")["error"]["code"],
+        "bad_request"
+    );
+    node.shutdown.cancel();
+}
+
+/// Missing, malformed, forged and expired tokens get 401 JSON without an upgrade; the query
+/// parameter works for browsers; a foreign Origin gets 403 when an allow-list is set.
+#[actix_web::test]
+async fn handshake_refuses_bad_tokens_and_foreign_origins() {
+    let cluster = Cluster::new().await;
+    let mut config = cluster.config("n");
+    config.gateway_allowed_origins = "https://chat.example".into();
+    let node = cluster.start_with(config).await;
+    let user = register(&node, "dave").await;
+    let url = format!("ws://{}/ws", node.http);
+
+    let (status, body) = refused(&url, &[]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, _) = refused(&url, &[("Authorization", "Bearer not-a-jwt".into())]).await;
+    assert_eq!(status, 401);
+
+    let now = gateway::auth::unix_now();
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user.id, "iat": now, "exp": now + 60}),
+        &jsonwebtoken::EncodingKey::from_secret(b"another-secret-another-secret-123"),
+    )
+    .expect("encode");
+    let (status, _) = refused(&url, &[("Authorization", format!("Bearer {forged}"))]).await;
+    assert_eq!(status, 401);
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user.id, "iat": now - 600, "exp": now - 300}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode");
+    let (status, _) = refused(&url, &[("Authorization", format!("Bearer {expired}"))]).await;
+    assert_eq!(status, 401);
+
+    let (status, body) = refused(
+        &format!("{url}?access_token={}", user.token),
+        &[("Origin", "https://evil.example".into())],
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+
+    for origin in [Some("https://chat.example"), None] {
+        let mut req = format!("{url}?access_token={}", user.token)
+            .into_client_request()
+            .expect("req");
+        if let Some(o) = origin {
+            req.headers_mut()
+                .insert("Origin", o.parse().expect("header"));
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("allowed handshake");
+        assert_eq!(recv(&mut ws).await.expect("hello")["type"], "hello");
+    }
+    node.shutdown.cancel();
+}
+
+/// Every kind of bad input gets an error frame with its code (and the client id when known),
+/// and the same connection then sends a valid message successfully.
+#[actix_web::test]
+async fn bad_input_gets_error_frames_and_connection_stays_usable() {
+    let cluster = Cluster::new().await;
+    let node = cluster.start_node("n").await;
+    let erin = register(&node, "erin").await;
+    let frank = register(&node, "frank").await;
+    let (mut ws, _) = connect(&node, &erin).await;
+
+    let cases: Vec<(String, &str, Option<&str>)> = vec![
+        ("{not json".into(), "bad_request", None),
+        ("[1,2]".into(), "bad_request", None),
+        (
+            json!({"type": "teleport", "id": "t1"}).to_string(),
+            "bad_request",
+            Some("t1"),
+        ),
+        (json!({"id": "t2"}).to_string(), "bad_request", Some("t2")),
+        (
+            json!({"type": "send", "id": "t3", "to": frank.id}).to_string(),
+            "bad_request",
+            Some("t3"),
+        ),
+        (
+            json!({"type": "send", "id": "t4", "to": "not-a-uuid", "body": "x"}).to_string(),
+            "bad_request",
+            Some("t4"),
+        ),
+        (
+            send_frame("t5", Uuid::now_v7(), "hi").to_string(),
+            "not_found",
+            Some("t5"),
+        ),
+        (
+            send_frame("t6", frank.id, "   ").to_string(),
+            "bad_request",
+            Some("t6"),
+        ),
+        (
+            send_frame("t7", frank.id, &"x".repeat(4097)).to_string(),
+            "too_large",
+            Some("t7"),
+        ),
+        (
+            send_frame("t8", erin.id, "me").to_string(),
+            "bad_request",
+            Some("t8"),
+        ),
+        (
+            send_frame("", frank.id, "no id").to_string(),
+            "bad_request",
+            None,
+        ),
+    ];
+    for (text, code, id) in cases {
+        ws.send(Message::text(text.clone())).await.expect("send");
+        let v = recv(&mut ws)
+            .await
+            .unwrap_or_else(|| panic!("no answer to {text}"));
+        assert_eq!(v["type"], "error", "{text} -> {v}");
+        assert_eq!(v["code"], code, "{text} -> {v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if let Some(id) = id {
+            assert_eq!(v["id"], id, "{text} -> {v}");
+        }
+    }
+    ws.send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .expect("binary");
+    let v = recv(&mut ws).await.expect("binary answer");
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("unsupported_data"))
+    );
+
+    send_json(&mut ws, send_frame("ok", frank.id, "still works")).await;
+    let ack = recv(&mut ws).await.expect("ack");
+    assert_eq!(
+        (ack["type"].as_str(), ack["seq"].as_i64()),
+        (Some("ack"), Some(1))
+    );
+
+    // A frame over the frame limit closes the connection with 1009.
+    ws.send(Message::text("x".repeat(17 * 1024)))
+        .await
+        .expect("send big");
+    let close = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(frame) = msg {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(close, Some(1009));
+    node.shutdown.cancel();
+}
+
+/// The internal port answers health, readiness and metrics; readiness turns 503 on shutdown and
+/// open connections are told to go away with 1001.
+#[actix_web::test]
+async fn admin_port_and_shutdown_close_code() {
+    let cluster = Cluster::new().await;
+    let node = cluster.start_node("n").await;
+    let user = register(&node, "gina").await;
+    let (mut ws, _) = connect(&node, &user).await;
+    let health = reqwest::get(format!("http://{}/healthz", node.internal))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    let metrics = reqwest::get(format!("http://{}/metrics", node.internal))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("chat_gateway_connections_open 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("chat_gateway_handshakes_total{result=\"accepted\"} 1"));
+
+    node.shutdown.cancel();
+    let code = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(frame) = msg {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(code, Some(1001));
+    let _ = node.task.await;
+}

@@ -1,0 +1,187 @@
+//! Starts real gateway nodes (and a worker) in-process on 127.0.0.1:0 against the real Redis and
+//! Postgres, and speaks the protocol to them as a client would.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gateway::config::GatewayConfig;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+/// One deployment under test: a database, a Redis prefix, and its nodes.
+pub struct Cluster {
+    pub db_url: String,
+    pub prefix: String,
+}
+
+pub struct NodeHandle {
+    pub http: SocketAddr,
+    pub internal: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: actix_web::rt::task::JoinHandle<Result<(), gateway::GatewayError>>,
+}
+
+impl Cluster {
+    pub async fn new() -> Self {
+        Cluster {
+            db_url: chat_core::testing::fresh_database().await,
+            prefix: chat_core::testing::unique_prefix(),
+        }
+    }
+
+    pub fn config(&self, node_id: &str) -> GatewayConfig {
+        GatewayConfig {
+            redis_url: chat_core::testing::redis_url(),
+            database_url: self.db_url.clone(),
+            redis_prefix: self.prefix.clone(),
+            redis_partitions: 4,
+            jwt_secret: Some(SECRET.into()),
+            log_format: chat_core::telemetry::LogFormat::Text,
+            gateway_listen: "127.0.0.1:0".into(),
+            gateway_internal_listen: "127.0.0.1:0".into(),
+            gateway_node_id: Some(node_id.into()),
+            gateway_workers: 1,
+            ..GatewayConfig::default()
+        }
+    }
+
+    pub async fn start_node(&self, node_id: &str) -> NodeHandle {
+        self.start_with(self.config(node_id)).await
+    }
+
+    pub async fn start_with(&self, config: GatewayConfig) -> NodeHandle {
+        let validated = config.validate().expect("valid test config");
+        let listeners = gateway::Listeners::bind(&validated).expect("bind");
+        let http = listeners.public.local_addr().expect("addr");
+        let internal = listeners.internal.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = actix_web::rt::spawn(gateway::run(validated, listeners, shutdown.clone()));
+        let ready = chat_core::testing::eventually(Duration::from_secs(15), || async move {
+            matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
+        })
+        .await;
+        assert!(
+            ready,
+            "node {node_id:?} did not become ready",
+            node_id = http
+        );
+        NodeHandle {
+            http,
+            internal,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Starts a persistence worker in-process against this deployment.
+    pub fn start_worker(&self) -> CancellationToken {
+        let config = persistence_worker::config::WorkerConfig {
+            redis_url: chat_core::testing::redis_url(),
+            database_url: self.db_url.clone(),
+            redis_prefix: self.prefix.clone(),
+            redis_partitions: 4,
+            worker_internal_listen: "127.0.0.1:0".into(),
+            worker_consumer_name: Some(format!("w-{}", Uuid::new_v4().simple())),
+            worker_block_ms: 200,
+            ..Default::default()
+        }
+        .validate()
+        .expect("valid worker config");
+        let listener = std::net::TcpListener::bind(config.internal_listen).expect("bind");
+        let token = CancellationToken::new();
+        actix_web::rt::spawn(persistence_worker::run(config, listener, token.clone()));
+        token
+    }
+}
+
+/// A registered user.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: Uuid,
+    pub token: String,
+}
+
+pub async fn register(node: &NodeHandle, name: &str) -> User {
+    let email = format!("{name}-{}@example.test", Uuid::new_v4().simple());
+    let resp = post(
+        node,
+        "/api/v1/auth/register",
+        json!({"name": name, "email": email, "password": "password123"}),
+    )
+    .await;
+    assert_eq!(resp.0, 201, "register: {}", resp.1);
+    User {
+        id: resp.1["user"]["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("user id"),
+        token: resp.1["token"].as_str().expect("token").to_string(),
+    }
+}
+
+/// POSTs JSON; returns status and JSON body.
+pub async fn post(node: &NodeHandle, path: &str, body: Value) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}{path}", node.http))
+        .json(&body)
+        .send()
+        .await
+        .expect("http");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Opens a WebSocket with the token in the Authorization header and returns it after the hello.
+pub async fn connect(node: &NodeHandle, user: &User) -> (Ws, Value) {
+    let mut req = format!("ws://{}/ws", node.http)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", user.token).parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws connect");
+    let hello = recv(&mut ws).await.expect("hello");
+    assert_eq!(hello["type"], "hello");
+    (ws, hello)
+}
+
+/// The next JSON text frame within 5 s (pings answered by the library are skipped).
+pub async fn recv(ws: &mut Ws) -> Option<Value> {
+    recv_within(ws, Duration::from_secs(5)).await
+}
+
+pub async fn recv_within(ws: &mut Ws, timeout: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .ok()??
+            .ok()?;
+        match msg {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).ok(),
+            Message::Close(_) => return None,
+            _ => continue,
+        }
+    }
+}
+
+pub async fn send_json(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.expect("send");
+}
+
+pub fn send_frame(id: &str, to: Uuid, body: &str) -> Value {
+    json!({"type": "send", "id": id, "to": to, "body": body})
+}
