@@ -11,7 +11,8 @@ pub fn redis_url() -> String {
 
 /// Postgres server for tests (without a database name): `CHAT_TEST_PG`, default local.
 pub fn pg_server() -> String {
-    std::env::var("CHAT_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("CHAT_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into())
 }
 
 /// A Redis key prefix no other test uses.

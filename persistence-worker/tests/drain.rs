@@ -1,0 +1,352 @@
+//! The persistence worker against real Redis and Postgres: exactly-once storage of what the
+//! gateway's append script wrote, across a SIGKILLed worker and a Postgres outage.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_core::conversation::direct_conversation_id;
+use chat_core::keys::{KeySchema, PERSISTENCE_GROUP};
+use chat_core::stream::{Appender, NewMessage};
+use chat_core::testing::{self, eventually};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const PARTITIONS: u16 = 4;
+
+/// A deployment: database, prefix, users, and the append path the gateway uses.
+struct Fixture {
+    db_url: String,
+    prefix: String,
+    users: Vec<Uuid>,
+    db: tokio_postgres::Client,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let db_url = testing::fresh_database().await;
+        let db = testing::connect(&db_url).await;
+        let mut users = Vec::new();
+        for name in ["u1", "u2", "u3", "u4"] {
+            users.push(testing::insert_user(&db, name).await);
+        }
+        Fixture {
+            db_url,
+            prefix: testing::unique_prefix(),
+            users,
+            db,
+        }
+    }
+
+    fn keys(&self) -> KeySchema {
+        KeySchema::new(self.prefix.clone(), PARTITIONS)
+    }
+
+    /// Appends `n` messages spread over every pair of users; returns their ids.
+    async fn append(&self, n: usize) -> Vec<Uuid> {
+        let client = redis::Client::open(testing::redis_url()).expect("redis url");
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let appender = Appender::new(self.keys());
+        let mut pairs = Vec::new();
+        for (i, a) in self.users.iter().enumerate() {
+            for b in &self.users[i + 1..] {
+                pairs.push((*a, *b));
+            }
+        }
+        let mut ids = Vec::with_capacity(n);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+            let sends = chunk.iter().map(|i| {
+                let (from, to) = pairs[i % pairs.len()];
+                let msg = NewMessage {
+                    msg_id: Uuid::now_v7(),
+                    conversation_id: direct_conversation_id(from, to),
+                    from,
+                    to,
+                    body: format!("message {i}"),
+                    ts: chat_core::now_ms(),
+                };
+                let mut conn = conn.clone();
+                let appender = appender.clone();
+                async move {
+                    appender
+                        .append(&mut conn, &msg, Uuid::nil())
+                        .await
+                        .expect("append");
+                    msg.msg_id
+                }
+            });
+            ids.extend(futures_util::future::join_all(sends).await);
+        }
+        ids
+    }
+
+    async fn stored(&self) -> i64 {
+        self.db
+            .query_one("SELECT count(*) FROM messages", &[])
+            .await
+            .expect("count")
+            .get(0)
+    }
+
+    /// Every id stored exactly once, seqs unique per conversation, and nothing left pending.
+    async fn assert_exactly_once(&self, ids: &[Uuid]) {
+        let rows = self
+            .db
+            .query("SELECT id FROM messages", &[])
+            .await
+            .expect("ids");
+        let stored: HashSet<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(rows.len(), ids.len(), "row count equals appended count");
+        assert_eq!(
+            stored,
+            ids.iter().copied().collect::<HashSet<_>>(),
+            "every appended id stored"
+        );
+        let distinct: i64 = self
+            .db
+            .query_one(
+                "SELECT count(DISTINCT (conversation_id, seq)) FROM messages",
+                &[],
+            )
+            .await
+            .expect("distinct")
+            .get(0);
+        assert_eq!(distinct as usize, ids.len());
+        let pending = self.pending_total().await;
+        assert_eq!(pending, 0, "every entry acked");
+    }
+
+    async fn pending_total(&self) -> i64 {
+        let client = redis::Client::open(testing::redis_url()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let mut total = 0;
+        for p in 0..PARTITIONS {
+            let summary: redis::Value = redis::cmd("XPENDING")
+                .arg(self.keys().stream(p))
+                .arg(PERSISTENCE_GROUP)
+                .query_async(&mut conn)
+                .await
+                .expect("xpending");
+            if let redis::Value::Array(items) = summary {
+                if let Some(redis::Value::Int(n)) = items.first() {
+                    total += n;
+                }
+            }
+        }
+        total
+    }
+
+    fn worker_config(
+        &self,
+        db_url: &str,
+        consumer: &str,
+    ) -> persistence_worker::config::WorkerConfig {
+        persistence_worker::config::WorkerConfig {
+            redis_url: testing::redis_url(),
+            database_url: db_url.to_string(),
+            redis_prefix: self.prefix.clone(),
+            redis_partitions: PARTITIONS,
+            worker_internal_listen: "127.0.0.1:0".into(),
+            worker_consumer_name: Some(consumer.into()),
+            worker_block_ms: 200,
+            worker_claim_idle_ms: 1000,
+            worker_claim_interval_ms: 300,
+            ..Default::default()
+        }
+    }
+
+    fn start_in_process(&self, db_url: &str, consumer: &str) -> CancellationToken {
+        let config = self
+            .worker_config(db_url, consumer)
+            .validate()
+            .expect("config");
+        let listener = std::net::TcpListener::bind(config.internal_listen).expect("bind");
+        let token = CancellationToken::new();
+        actix_web::rt::spawn(persistence_worker::run(config, listener, token.clone()));
+        token
+    }
+
+    /// Starts the real `persistence-worker` binary.
+    fn spawn_process(&self, consumer: &str, batch: usize) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_persistence-worker"))
+            .env("CHAT_REDIS_URL", testing::redis_url())
+            .env("CHAT_DATABASE_URL", &self.db_url)
+            .env("CHAT_REDIS_PREFIX", &self.prefix)
+            .env("CHAT_REDIS_PARTITIONS", PARTITIONS.to_string())
+            .env("CHAT_WORKER_INTERNAL_LISTEN", "127.0.0.1:0")
+            .env("CHAT_WORKER_CONSUMER_NAME", consumer)
+            .env("CHAT_WORKER_BATCH_SIZE", batch.to_string())
+            .env("CHAT_WORKER_BLOCK_MS", "200")
+            .env("CHAT_WORKER_CLAIM_IDLE_MS", "1000")
+            .env("CHAT_WORKER_CLAIM_INTERVAL_MS", "300")
+            .env("CHAT_LOG_FORMAT", "text")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn persistence-worker")
+    }
+}
+
+/// 10,000 appended messages land in Postgres exactly once and are all acked.
+#[actix_web::test]
+async fn ten_thousand_messages_land_exactly_once() {
+    let fx = Fixture::new().await;
+    let ids = fx.append(10_000).await;
+    let worker = fx.start_in_process(&fx.db_url, "solo");
+    let done = eventually(Duration::from_secs(60), || async {
+        fx.stored().await == 10_000
+    })
+    .await;
+    assert!(done, "stored {} of 10000", fx.stored().await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            fx.pending_total().await == 0
+        })
+        .await
+    );
+    fx.assert_exactly_once(&ids).await;
+    worker.cancel();
+}
+
+/// A worker process SIGKILLed mid-run leaves its entries pending; a second worker with another
+/// name claims them, and every message is stored exactly once.
+#[actix_web::test]
+async fn killed_worker_is_replaced_without_loss_or_duplicates() {
+    let fx = Fixture::new().await;
+    let ids = fx.append(10_000).await;
+    let mut first = fx.spawn_process("doomed", 50);
+    let started = eventually(Duration::from_secs(30), || async { fx.stored().await > 0 }).await;
+    assert!(started, "first worker never wrote");
+    first.kill().expect("SIGKILL");
+    let _ = first.wait();
+    let at_kill = fx.stored().await;
+    let pending_at_kill = fx.pending_total().await;
+    eprintln!("killed after {at_kill} rows with {pending_at_kill} entries pending");
+    assert!(
+        at_kill < 10_000,
+        "the kill must land mid-run for this test to mean anything"
+    );
+
+    let mut second = fx.spawn_process("replacement", 500);
+    let done = eventually(Duration::from_secs(60), || async {
+        fx.stored().await == 10_000
+    })
+    .await;
+    let stored = fx.stored().await;
+    let _ = second.kill();
+    let _ = second.wait();
+    assert!(done, "stored {stored} of 10000");
+    fx.assert_exactly_once(&ids).await;
+}
+
+/// A TCP proxy in front of Postgres that the test can cut and restore.
+struct Proxy {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let open = Arc::new(AtomicBool::new(true));
+        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (open2, links2) = (open.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !open2.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                links2.lock().expect("lock").push(link);
+            }
+        });
+        Proxy { addr, open, links }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for link in self.links.lock().expect("lock").drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Postgres unreachable for a while: the worker keeps entries pending, retries, and after
+/// Postgres returns every message is stored exactly once.
+#[actix_web::test]
+async fn postgres_outage_loses_nothing() {
+    let fx = Fixture::new().await;
+    let pg: tokio_postgres::Config = fx.db_url.parse().expect("url");
+    let port = match pg.get_ports().first() {
+        Some(p) => *p,
+        None => 5432,
+    };
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let db_name = pg.get_dbname().expect("db name");
+    let proxied_url = format!(
+        "postgres://{}@{}/{}",
+        pg.get_user().unwrap_or("postgres"),
+        proxy.addr,
+        db_name
+    );
+
+    let mut ids = fx.append(1000).await;
+    let worker = fx.start_in_process(&proxied_url, "outage");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            fx.stored().await == 1000
+        })
+        .await
+    );
+
+    proxy.cut();
+    ids.extend(fx.append(2000).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        fx.stored().await,
+        1000,
+        "nothing can be written while Postgres is cut off"
+    );
+    assert!(
+        fx.pending_total().await > 0,
+        "entries wait, pending, for Postgres"
+    );
+
+    proxy.restore();
+    let done = eventually(Duration::from_secs(60), || async {
+        fx.stored().await == 3000
+    })
+    .await;
+    assert!(
+        done,
+        "stored {} of 3000 after the outage",
+        fx.stored().await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            fx.pending_total().await == 0
+        })
+        .await
+    );
+    fx.assert_exactly_once(&ids).await;
+    worker.cancel();
+}
