@@ -47,7 +47,8 @@ impl KeySchema {
         format!("{}:{{p{}}}:stream", self.prefix, p)
     }
 
-    /// Dead-letter stream of partition `p`: entries the worker could not decode.
+    /// Dead-letter stream of partition `p`: entries the worker could not decode or that Postgres
+    /// rejected (integrity or data errors).
     pub fn dead_letter(&self, p: u16) -> String {
         format!("{}:{{p{}}}:dead", self.prefix, p)
     }

@@ -31,7 +31,8 @@ pub enum ServerFrame {
         node_id: String,
         heartbeat_ms: u64,
     },
-    /// The message was appended durably; it will reach the recipient and Postgres.
+    /// The message was appended to the Redis stream: it will reach Postgres, and is published
+    /// live to the recipient's connected devices (live delivery is at most once per connection).
     Ack {
         id: String,
         msg_id: Uuid,

@@ -49,6 +49,8 @@ pub fn hostname_or(default: &str) -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
+        .or_else(|| hostname::get().ok().and_then(|h| h.into_string().ok()))
+        .filter(|h| !h.is_empty())
         .unwrap_or_else(|| default.to_string())
 }
 
@@ -60,6 +62,23 @@ pub fn parse_listen(key: &'static str, value: &str) -> Result<std::net::SocketAd
             format!("{value:?} is not an address like 0.0.0.0:8080"),
         )
     })
+}
+
+/// Checks the Redis and Postgres URL schemes.
+pub fn check_urls(redis_url: &str, database_url: &str) -> Result<(), SettingsError> {
+    if !redis_url.starts_with("redis://") && !redis_url.starts_with("rediss://") {
+        return Err(SettingsError::invalid(
+            "redis_url",
+            "must start with redis:// or rediss://",
+        ));
+    }
+    if !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://") {
+        return Err(SettingsError::invalid(
+            "database_url",
+            "must start with postgres://",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a key prefix: non-empty, short, and free of characters that break key parsing.

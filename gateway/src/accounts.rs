@@ -290,11 +290,16 @@ impl UserDirectory {
         {
             return Ok(true);
         }
-        let client = db.get().await.map_err(|e| DirectoryError(e.to_string()))?;
-        let found = client
-            .query_opt("SELECT 1 FROM users WHERE id = $1", &[&user])
+        let lookup = async {
+            let client = db.get().await.map_err(|e| DirectoryError(e.to_string()))?;
+            client
+                .query_opt("SELECT 1 FROM users WHERE id = $1", &[&user])
+                .await
+                .map_err(|e| DirectoryError(e.to_string()))
+        };
+        let found = tokio::time::timeout(std::time::Duration::from_secs(3), lookup)
             .await
-            .map_err(|e| DirectoryError(e.to_string()))?
+            .map_err(|_| DirectoryError("postgres did not answer in time".into()))??
             .is_some();
         if found {
             self.remember(user);

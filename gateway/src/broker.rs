@@ -22,6 +22,8 @@ use crate::metrics::Metrics;
 
 /// Most subscription commands handled in one reconciliation.
 const MAX_COMMAND_BATCH: usize = 512;
+/// Longest an append may take before the sender gets `unavailable`.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound of the subscription command queue.
 const COMMAND_QUEUE: usize = 8192;
 
@@ -34,6 +36,8 @@ pub enum BrokerError {
     Pool(String),
     #[error("subscription not confirmed in time")]
     SubscribeTimeout,
+    #[error("redis did not answer in time")]
+    Timeout,
     #[error("broker stopped")]
     Stopped,
 }
@@ -114,15 +118,18 @@ impl Broker {
 
     /// Appends and publishes one message; returns its seq.
     pub async fn append(&self, msg: &NewMessage, origin: Uuid) -> Result<i64, BrokerError> {
-        let result = async {
+        let attempt = async {
             let mut conn = self
                 .redis
                 .get()
                 .await
                 .map_err(|e| BrokerError::Pool(e.to_string()))?;
             Ok::<_, BrokerError>(self.appender.append(&mut conn, msg, origin).await?)
-        }
-        .await;
+        };
+        // On timeout the script may still have run: the client is told `unavailable`, never acked.
+        let result = tokio::time::timeout(APPEND_TIMEOUT, attempt)
+            .await
+            .unwrap_or(Err(BrokerError::Timeout));
         if result.is_err() {
             self.metrics
                 .redis_errors
@@ -286,6 +293,8 @@ impl Manager {
         let mut released = HashSet::new();
         for cmd in batch {
             match cmd {
+                // The handshake gave up waiting (timeout): nothing to do for it.
+                Command::Ensure { done, .. } if done.is_closed() => {}
                 Command::Ensure { user, done } => {
                     if !subscribed.contains(&user) && !to_subscribe.contains(&user) {
                         to_subscribe.push(user);
@@ -297,11 +306,12 @@ impl Manager {
                 }
             }
         }
+        // Decided by the hub alone: a user with no local connection must not stay subscribed,
+        // even if an (abandoned) ensure for them came in the same batch.
+        to_subscribe.retain(|u| self.hub.has_local(*u));
         let to_unsubscribe: Vec<Uuid> = released
             .into_iter()
-            .filter(|u| {
-                subscribed.contains(u) && !to_subscribe.contains(u) && !self.hub.has_local(*u)
-            })
+            .filter(|u| subscribed.contains(u) && !self.hub.has_local(*u))
             .collect();
         self.subscribe(sink, &to_subscribe).await?;
         subscribed.extend(to_subscribe);

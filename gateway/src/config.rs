@@ -99,20 +99,7 @@ impl GatewayConfig {
         let internal_listen =
             settings::parse_listen("gateway_internal_listen", &self.gateway_internal_listen)?;
         settings::check_prefix("redis_prefix", &self.redis_prefix)?;
-        if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
-            return Err(SettingsError::invalid(
-                "redis_url",
-                "must start with redis:// or rediss://",
-            ));
-        }
-        if !self.database_url.starts_with("postgres://")
-            && !self.database_url.starts_with("postgresql://")
-        {
-            return Err(SettingsError::invalid(
-                "database_url",
-                "must start with postgres://",
-            ));
-        }
+        settings::check_urls(&self.redis_url, &self.database_url)?;
         if self.redis_partitions == 0 || self.redis_partitions > 1024 {
             return Err(SettingsError::invalid(
                 "redis_partitions",

@@ -163,7 +163,7 @@ pub async fn run(
     })
     .workers(workers)
     .disable_signals()
-    .shutdown_timeout(cfg.gateway_shutdown_grace_secs)
+    .shutdown_timeout(1)
     .listen(listeners.public)?
     .run();
     let server_handle = server.handle();

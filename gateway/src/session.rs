@@ -21,6 +21,9 @@ use crate::api_error::ApiError;
 use crate::hub::LocalConn;
 use crate::node::Node;
 
+/// Longest a single write to the socket may wait before the client counts as a slow consumer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Longest client message id accepted.
 const MAX_CLIENT_ID_BYTES: usize = 128;
 
@@ -47,7 +50,9 @@ async fn accept(
     check_origin(node, req)?;
     let identity = authenticate(node, req, true)?;
     if node.shutdown.is_cancelled() {
-        return Err(ApiError::unavailable(
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
             "this node is draining; connect to another node",
         ));
     }
@@ -172,23 +177,26 @@ impl Connection {
                 _ = kick.cancelled() => Some(End::Close(CloseCode::SlowConsumer)),
                 _ = &mut expiry => Some(End::Close(CloseCode::TokenExpired)),
                 frame = outbound.recv() => match frame {
-                    Some(frame) => match session.text(frame).await {
-                        Ok(()) => {
+                    Some(frame) => match tokio::time::timeout(WRITE_TIMEOUT, session.text(frame)).await {
+                        Ok(Ok(())) => {
                             self.node.metrics.messages_delivered.inc();
                             self.node.metrics.frames_out.with_label_values(&["message"]).inc();
                             None
                         }
-                        Err(Closed) => Some(End::Gone),
+                        Ok(Err(Closed)) => Some(End::Gone),
+                        Err(_) => Some(End::Close(CloseCode::SlowConsumer)),
                     },
                     None => Some(End::Close(CloseCode::InternalError)),
                 },
                 _ = ticker.tick() => {
                     if last_heard.elapsed() > client_timeout {
                         Some(End::Close(CloseCode::HeartbeatTimeout))
-                    } else if session.ping(b"").await.is_err() {
-                        Some(End::Gone)
                     } else {
-                        None
+                        match tokio::time::timeout(WRITE_TIMEOUT, session.ping(b"")).await {
+                            Ok(Ok(())) => None,
+                            Ok(Err(Closed)) => Some(End::Gone),
+                            Err(_) => Some(End::Close(CloseCode::SlowConsumer)),
+                        }
                     }
                 }
                 msg = stream.recv() => {
@@ -227,7 +235,7 @@ impl Connection {
                 None
             }
         };
-        let _ = session.close(reason).await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.close(reason)).await;
         tracing::debug!(conn_id = %self.conn_id, "connection closed");
     }
 
@@ -243,7 +251,10 @@ impl Connection {
                 return Some(End::Close(CloseCode::MessageTooBig))
             }
             // actix-ws reports an over-long continuation as an I/O error.
-            Some(Err(ProtocolError::Io(_))) => return Some(End::Close(CloseCode::MessageTooBig)),
+            Some(Err(ProtocolError::Io(e))) if e.to_string().contains("continuation size") => {
+                return Some(End::Close(CloseCode::MessageTooBig))
+            }
+            Some(Err(ProtocolError::Io(_))) => return Some(End::Gone),
             Some(Err(e)) => {
                 tracing::debug!(error = %e, conn_id = %self.conn_id, "protocol error");
                 return Some(End::Close(CloseCode::ProtocolError));
@@ -264,7 +275,12 @@ impl Connection {
                 );
                 self.send(session, &frame, "error").await
             }
-            AggregatedMessage::Ping(payload) => session.pong(&payload).await,
+            AggregatedMessage::Ping(payload) => {
+                match tokio::time::timeout(WRITE_TIMEOUT, session.pong(&payload)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Closed),
+                }
+            }
             AggregatedMessage::Pong(_) => Ok(()),
             AggregatedMessage::Close(reason) => return Some(End::ClientClosed(reason)),
         };
@@ -336,6 +352,12 @@ impl Connection {
         if body.trim().is_empty() {
             return Err((ErrorCode::BadRequest, "body must not be empty".into()));
         }
+        if body.contains('\0') {
+            return Err((
+                ErrorCode::BadRequest,
+                "body must not contain NUL characters".into(),
+            ));
+        }
         if body.len() > max_body {
             return Err((
                 ErrorCode::TooLarge,
@@ -403,7 +425,11 @@ impl Connection {
             .frames_out
             .with_label_values(&[kind])
             .inc();
-        session.text(frame.to_json()).await
+        // A client that does not read its acks within the timeout is treated as gone.
+        match tokio::time::timeout(WRITE_TIMEOUT, session.text(frame.to_json())).await {
+            Ok(result) => result,
+            Err(_) => Err(Closed),
+        }
     }
 }
 

@@ -266,6 +266,11 @@ async fn bad_input_gets_error_frames_and_connection_stays_usable() {
             "bad_request",
             None,
         ),
+        (
+            send_frame("t9", frank.id, "nul \u{0} inside").to_string(),
+            "bad_request",
+            Some("t9"),
+        ),
     ];
     for (text, code, id) in cases {
         ws.send(Message::text(text.clone())).await.expect("send");

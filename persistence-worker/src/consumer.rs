@@ -287,8 +287,7 @@ impl<'a> PartitionReader<'a> {
         Ok(Some(written))
     }
 
-    /// Copies an entry to the partition's dead-letter stream with the reason. The caller acks
-    /// it with its batch.
+    /// Copies an entry to the partition's dead-letter stream with the reason, then acks it.
     async fn dead_letter(
         &self,
         conn: &mut MultiplexedConnection,

@@ -17,9 +17,22 @@ pub enum SinkError {
 
 impl From<tokio_postgres::Error> for SinkError {
     fn from(e: tokio_postgres::Error) -> Self {
+        // The Display of tokio_postgres::Error is only "db error"; keep the server's words.
+        let text = match e.as_db_error() {
+            Some(db) => format!(
+                "{} ({}): {}",
+                db.message(),
+                db.code().code(),
+                db.detail().unwrap_or("")
+            ),
+            None => e.to_string(),
+        };
         match e.code() {
-            Some(code) if code.code().starts_with("23") => SinkError::Rejected(e.to_string()),
-            _ => SinkError::Unavailable(e.to_string()),
+            // 22: data exception (e.g. invalid byte sequence), 23: integrity violation.
+            Some(code) if code.code().starts_with("23") || code.code().starts_with("22") => {
+                SinkError::Rejected(text)
+            }
+            _ => SinkError::Unavailable(text),
         }
     }
 }
