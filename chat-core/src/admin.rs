@@ -1,7 +1,7 @@
 //! The internal HTTP server both binaries run on their own port: `/healthz` (alive),
-//! `/readyz` (dependencies reachable and not draining) and `/metrics` (Prometheus text).
+//! `/readyz` (serving, dependencies reachable, health flags up) and `/metrics` (Prometheus text).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,21 +11,57 @@ use prometheus::{Encoder, TextEncoder};
 /// How long one readiness probe of a dependency may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+const STARTING: u8 = 0;
+const SERVING: u8 = 1;
+const DRAINING: u8 = 2;
+
+/// Where the process is in its life. Readiness is green only while serving: not while it still
+/// migrates or connects (starting), nor once shutdown began (draining).
+#[derive(Clone, Default)]
+pub struct Lifecycle(Arc<AtomicU8>);
+
+impl Lifecycle {
+    /// Everything is up: take traffic.
+    pub fn serving(&self) {
+        self.0.store(SERVING, Ordering::Relaxed);
+    }
+
+    /// Shutdown began: stop taking traffic. Never goes back to serving.
+    pub fn draining(&self) {
+        self.0.store(DRAINING, Ordering::Relaxed);
+    }
+
+    /// The failing check's name, unless serving.
+    fn failing(&self) -> Option<&'static str> {
+        match self.0.load(Ordering::Relaxed) {
+            STARTING => Some("starting"),
+            SERVING => None,
+            _ => Some("draining"),
+        }
+    }
+}
+
+/// A health flag owned by another part of the process (for example the gateway's pub/sub
+/// connection); readiness fails under `name` while it is false.
+pub type HealthFlag = (&'static str, Arc<AtomicBool>);
+
 /// What `/readyz` checks.
 #[derive(Clone)]
 pub struct Readiness {
     pub redis: deadpool_redis::Pool,
     pub postgres: deadpool_postgres::Pool,
-    /// Set when the process starts to drain; readiness fails first so traffic moves away.
-    pub draining: Arc<AtomicBool>,
+    pub lifecycle: Lifecycle,
+    pub flags: Vec<HealthFlag>,
 }
 
 impl Readiness {
     /// Names of the failing checks; empty when ready.
     pub async fn failing(&self) -> Vec<&'static str> {
-        let mut failing = Vec::new();
-        if self.draining.load(Ordering::Relaxed) {
-            failing.push("draining");
+        let mut failing: Vec<&'static str> = self.lifecycle.failing().into_iter().collect();
+        for (name, healthy) in &self.flags {
+            if !healthy.load(Ordering::Relaxed) {
+                failing.push(name);
+            }
         }
         let (redis_ok, pg_ok) = tokio::join!(self.redis_ok(), self.postgres_ok());
         if !redis_ok {

@@ -17,9 +17,26 @@ pub enum DbError {
     #[error("database url: {0}")]
     Url(String),
     #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(String),
     #[error("postgres pool: {0}")]
     Pool(String),
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::Postgres(describe(&e))
+    }
+}
+
+/// The server's own words for an error: `tokio_postgres::Error` displays only "db error".
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{} ({}): {detail}", db.message(), db.code().code()),
+            None => format!("{} ({})", db.message(), db.code().code()),
+        },
+        None => e.to_string(),
+    }
 }
 
 /// Builds a pool. Connections open lazily, so this succeeds while Postgres is down.
@@ -39,6 +56,25 @@ pub fn pool(url: &str, max_size: usize) -> Result<deadpool_postgres::Pool, DbErr
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Applies migrations, retrying with backoff while Postgres is unreachable or refuses them.
+/// Returns false if `shutdown` came first.
+pub async fn migrate_until_done(url: &str, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+    let mut backoff = crate::backoff::Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(10),
+    );
+    loop {
+        match migrate(url).await {
+            Ok(_) => return true,
+            Err(e) => tracing::warn!(error = %e, "migrations not applied yet; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+    }
 }
 
 /// Applies every migration not yet applied. Safe when several processes start at once: they

@@ -3,6 +3,7 @@
 //! owns the subscriptions and reconciles them with the hub; a reader task feeds the hub.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +57,8 @@ enum Command {
 #[derive(Clone)]
 pub struct Broker {
     commands: mpsc::Sender<Command>,
+    /// True while the pub/sub connection is up and every local user is subscribed on it.
+    pubsub_up: Arc<AtomicBool>,
     appender: Appender,
     redis: deadpool_redis::Pool,
     metrics: Metrics,
@@ -75,7 +78,9 @@ impl Broker {
     ) -> Result<(Broker, JoinHandle<()>), BrokerError> {
         let client = redis::Client::open(redis_url)?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let pubsub_up = Arc::new(AtomicBool::new(false));
         let manager = Manager {
+            pubsub_up: pubsub_up.clone(),
             client,
             keys: keys.clone(),
             hub,
@@ -87,6 +92,7 @@ impl Broker {
         Ok((
             Broker {
                 commands: tx,
+                pubsub_up,
                 appender: Appender::new(keys),
                 redis,
                 metrics,
@@ -94,6 +100,11 @@ impl Broker {
             },
             task,
         ))
+    }
+
+    /// The health flag readiness reports as `pubsub`.
+    pub fn pubsub_up(&self) -> Arc<AtomicBool> {
+        self.pubsub_up.clone()
     }
 
     /// Returns once this node receives `user`'s channel. Call after registering in the hub.
@@ -143,6 +154,7 @@ impl Broker {
 /// Owns the pub/sub connection and the set of subscribed users.
 struct Manager {
     client: redis::Client,
+    pubsub_up: Arc<AtomicBool>,
     keys: KeySchema,
     hub: Arc<Hub>,
     metrics: Metrics,
@@ -176,7 +188,7 @@ impl Manager {
             // Everyone connected here must be subscribed again on the new connection.
             let mut subscribed = HashSet::new();
             let local = self.hub.users();
-            if let Err(e) = self.subscribe(&sink, &local).await {
+            if let Err(e) = self.set_subscribed(&sink, &local, true).await {
                 tracing::warn!(error = %e, "re-subscribe failed");
                 if self.sleep(backoff.next_delay()).await {
                     return;
@@ -195,6 +207,7 @@ impl Manager {
                 );
             }
             connected_before = true;
+            self.pubsub_up.store(true, Ordering::Relaxed);
             backoff.reset();
 
             let mut reader = tokio::spawn(read(
@@ -203,13 +216,13 @@ impl Manager {
                 self.hub.clone(),
                 self.metrics.clone(),
             ));
-            let lost = loop {
+            loop {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => {
                         reader.abort();
                         return;
                     }
-                    _ = &mut reader => break true,
+                    _ = &mut reader => break,
                     cmd = self.commands.recv() => {
                         let Some(cmd) = cmd else {
                             reader.abort();
@@ -225,18 +238,18 @@ impl Manager {
                         if let Err(e) = self.reconcile(&sink, &mut subscribed, batch).await {
                             tracing::warn!(error = %e, "subscription change failed");
                             reader.abort();
-                            break true;
+                            break;
                         }
                     }
                 }
-            };
-            if lost {
-                self.metrics
-                    .redis_errors
-                    .with_label_values(&["pubsub"])
-                    .inc();
-                tracing::warn!("pub/sub connection lost; reconnecting");
             }
+            // Until re-subscribed, frames for local users are not received: not ready.
+            self.pubsub_up.store(false, Ordering::Relaxed);
+            self.metrics
+                .redis_errors
+                .with_label_values(&["pubsub"])
+                .inc();
+            tracing::warn!("pub/sub connection lost; reconnecting");
         }
     }
 
@@ -248,32 +261,24 @@ impl Manager {
         }
     }
 
-    /// One SUBSCRIBE per channel, pipelined: the client pairs one reply with one command.
-    async fn subscribe(
+    /// SUBSCRIBE (or UNSUBSCRIBE) each user's channel, one command per channel, pipelined: the
+    /// client pairs one reply with one command, so a multi-channel command would be mis-paired.
+    async fn set_subscribed(
         &self,
         sink: &redis::aio::PubSubSink,
         users: &[Uuid],
+        subscribe: bool,
     ) -> redis::RedisResult<()> {
         let calls = users.iter().map(|user| {
             let mut sink = sink.clone();
             let channel = self.keys.user_channel(*user);
-            async move { sink.subscribe(channel).await }
-        });
-        futures_util::future::join_all(calls)
-            .await
-            .into_iter()
-            .collect()
-    }
-
-    async fn unsubscribe(
-        &self,
-        sink: &redis::aio::PubSubSink,
-        users: &[Uuid],
-    ) -> redis::RedisResult<()> {
-        let calls = users.iter().map(|user| {
-            let mut sink = sink.clone();
-            let channel = self.keys.user_channel(*user);
-            async move { sink.unsubscribe(channel).await }
+            async move {
+                if subscribe {
+                    sink.subscribe(channel).await
+                } else {
+                    sink.unsubscribe(channel).await
+                }
+            }
         });
         futures_util::future::join_all(calls)
             .await
@@ -313,12 +318,12 @@ impl Manager {
             .into_iter()
             .filter(|u| subscribed.contains(u) && !self.hub.has_local(*u))
             .collect();
-        self.subscribe(sink, &to_subscribe).await?;
+        self.set_subscribed(sink, &to_subscribe, true).await?;
         subscribed.extend(to_subscribe);
         for done in waiting {
             let _ = done.send(());
         }
-        self.unsubscribe(sink, &to_unsubscribe).await?;
+        self.set_subscribed(sink, &to_unsubscribe, false).await?;
         for u in &to_unsubscribe {
             subscribed.remove(u);
         }

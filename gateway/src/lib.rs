@@ -24,13 +24,11 @@ pub mod node;
 pub mod session;
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{web, App, HttpServer};
-use chat_core::admin::{self, Readiness};
-use chat_core::backoff::Backoff;
+use chat_core::admin::{self, Lifecycle, Readiness};
 use chat_core::keys::KeySchema;
 use tokio_util::sync::CancellationToken;
 
@@ -90,27 +88,7 @@ pub async fn run(
     let metrics = Metrics::new()?;
     let db = chat_core::db::pool(&cfg.database_url, cfg.gateway_pg_pool_size)?;
     let redis = chat_core::redis_pool::build(&cfg.redis_url, cfg.gateway_redis_pool_size)?;
-    let draining = Arc::new(AtomicBool::new(false));
-
-    // Readiness and metrics are served while we wait for the database.
-    let admin_server = admin::serve(
-        listeners.internal,
-        metrics.registry.clone(),
-        Readiness {
-            redis: redis.clone(),
-            postgres: db.clone(),
-            draining: draining.clone(),
-        },
-    )?;
-    let admin_handle = admin_server.handle();
-    let admin_task = actix_web::rt::spawn(admin_server);
-
-    if !migrate_until_done(&cfg.database_url, &shutdown).await {
-        admin_handle.stop(true).await;
-        let _ = admin_task.await;
-        return Ok(());
-    }
-
+    let lifecycle = Lifecycle::default();
     let keys = KeySchema::new(cfg.redis_prefix.clone(), cfg.redis_partitions);
     let hub = Arc::new(Hub::new(metrics.clone()));
     let (broker, broker_task) = Broker::start(
@@ -122,6 +100,28 @@ pub async fn run(
         Duration::from_millis(cfg.gateway_subscribe_timeout_ms),
         shutdown.clone(),
     )?;
+
+    // Readiness (failing with "starting") and metrics are served while we wait for the database.
+    let admin_server = admin::serve(
+        listeners.internal,
+        metrics.registry.clone(),
+        Readiness {
+            redis: redis.clone(),
+            postgres: db.clone(),
+            lifecycle: lifecycle.clone(),
+            flags: vec![("pubsub", broker.pubsub_up())],
+        },
+    )?;
+    let admin_handle = admin_server.handle();
+    let admin_task = actix_web::rt::spawn(admin_server);
+
+    if !chat_core::db::migrate_until_done(&cfg.database_url, &shutdown).await {
+        admin_handle.stop(true).await;
+        let _ = admin_task.await;
+        let _ = broker_task.await;
+        return Ok(());
+    }
+
     let auth = Auth::new(&config.jwt_secret, cfg.jwt_ttl_secs)
         .map_err(|e| GatewayError::Auth(e.to_string()))?;
     let workers = if cfg.gateway_workers == 0 {
@@ -175,9 +175,11 @@ pub async fn run(
         "gateway listening"
     );
 
+    lifecycle.serving();
+
     shutdown.cancelled().await;
     tracing::info!("draining");
-    draining.store(true, Ordering::Relaxed);
+    lifecycle.draining();
     // Sessions saw the same token and are closing with 1001; wait for them within the grace.
     let grace = Duration::from_secs(cfg.gateway_shutdown_grace_secs);
     let deadline = tokio::time::Instant::now() + grace;
@@ -191,19 +193,4 @@ pub async fn run(
     let _ = broker_task.await;
     tracing::info!("gateway stopped");
     Ok(())
-}
-
-/// Applies migrations, retrying with backoff while Postgres is unreachable. False on shutdown.
-async fn migrate_until_done(url: &str, shutdown: &CancellationToken) -> bool {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    loop {
-        match chat_core::db::migrate(url).await {
-            Ok(_) => return true,
-            Err(e) => tracing::warn!(error = %e, "migrations not applied yet; retrying"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = shutdown.cancelled() => return false,
-        }
-    }
 }

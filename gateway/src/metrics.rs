@@ -11,6 +11,11 @@ pub struct Metrics {
     pub handshakes: IntCounterVec,
     pub frames_in: IntCounterVec,
     pub frames_out: IntCounterVec,
+    /// Children of the vectors above for the per-message labels, bound once: a label lookup
+    /// hashes and locks, and these are counted for every message.
+    pub frames_in_send: IntCounter,
+    pub frames_out_ack: IntCounter,
+    pub frames_out_message: IntCounter,
     pub errors_sent: IntCounterVec,
     pub closes: IntCounterVec,
     pub messages_accepted: IntCounter,
@@ -54,6 +59,16 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
+        let frames_in = counter_vec(
+            "chat_gateway_frames_in_total",
+            "Frames received by type",
+            &["type"],
+        )?;
+        let frames_out = counter_vec(
+            "chat_gateway_frames_out_total",
+            "Frames sent by type",
+            &["type"],
+        )?;
         Ok(Metrics {
             connections_open: gauge(
                 "chat_gateway_connections_open",
@@ -64,16 +79,11 @@ impl Metrics {
                 "WebSocket handshakes by result",
                 &["result"],
             )?,
-            frames_in: counter_vec(
-                "chat_gateway_frames_in_total",
-                "Frames received by type",
-                &["type"],
-            )?,
-            frames_out: counter_vec(
-                "chat_gateway_frames_out_total",
-                "Frames sent by type",
-                &["type"],
-            )?,
+            frames_in_send: frames_in.with_label_values(&["send"]),
+            frames_in,
+            frames_out_ack: frames_out.with_label_values(&["ack"]),
+            frames_out_message: frames_out.with_label_values(&["message"]),
+            frames_out,
             errors_sent: counter_vec(
                 "chat_gateway_errors_sent_total",
                 "Error frames sent by code",

@@ -158,7 +158,7 @@ impl Connection {
             node_id: self.node.config.node_id.clone(),
             heartbeat_ms: heartbeat.as_millis() as u64,
         };
-        let mut end = match self.send(&mut session, &hello, "hello").await {
+        let mut end = match self.send(&mut session, &hello).await {
             Ok(()) => None,
             Err(_) => Some(End::Gone),
         };
@@ -180,7 +180,7 @@ impl Connection {
                     Some(frame) => match tokio::time::timeout(WRITE_TIMEOUT, session.text(frame)).await {
                         Ok(Ok(())) => {
                             self.node.metrics.messages_delivered.inc();
-                            self.node.metrics.frames_out.with_label_values(&["message"]).inc();
+                            self.node.metrics.frames_out_message.inc();
                             None
                         }
                         Ok(Err(Closed)) => Some(End::Gone),
@@ -273,7 +273,7 @@ impl Connection {
                     ErrorCode::UnsupportedData,
                     "binary frames are not supported; send JSON text frames",
                 );
-                self.send(session, &frame, "error").await
+                self.send(session, &frame).await
             }
             AggregatedMessage::Ping(payload) => {
                 match tokio::time::timeout(WRITE_TIMEOUT, session.pong(&payload)).await {
@@ -302,29 +302,19 @@ impl Connection {
                     .send(
                         session,
                         &ServerFrame::error(id, ErrorCode::BadRequest, message),
-                        "error",
                     )
                     .await;
             }
         };
         match frame {
             ClientFrame::Send { id, to, body } => {
-                self.node
-                    .metrics
-                    .frames_in
-                    .with_label_values(&["send"])
-                    .inc();
+                self.node.metrics.frames_in_send.inc();
                 let reply = match self.accept_send(&id, to, body).await {
                     Ok(ack) => ack,
                     Err((code, message)) => ServerFrame::error(Some(id), code, message),
                 };
-                let kind = if matches!(reply, ServerFrame::Ack { .. }) {
-                    "ack"
-                } else {
-                    "error"
-                };
-                let sent = self.send(session, &reply, kind).await;
-                if kind == "ack" {
+                let sent = self.send(session, &reply).await;
+                if matches!(reply, ServerFrame::Ack { .. }) {
                     self.node
                         .metrics
                         .send_latency
@@ -407,24 +397,19 @@ impl Connection {
         }
     }
 
-    async fn send(
-        &self,
-        session: &mut Session,
-        frame: &ServerFrame,
-        kind: &'static str,
-    ) -> Result<(), Closed> {
-        if let ServerFrame::Error { code, .. } = frame {
-            self.node
-                .metrics
-                .errors_sent
-                .with_label_values(&[code.as_str()])
-                .inc();
+    async fn send(&self, session: &mut Session, frame: &ServerFrame) -> Result<(), Closed> {
+        let metrics = &self.node.metrics;
+        match frame {
+            ServerFrame::Ack { .. } => metrics.frames_out_ack.inc(),
+            ServerFrame::Hello { .. } => metrics.frames_out.with_label_values(&["hello"]).inc(),
+            ServerFrame::Error { code, .. } => {
+                metrics
+                    .errors_sent
+                    .with_label_values(&[code.as_str()])
+                    .inc();
+                metrics.frames_out.with_label_values(&["error"]).inc();
+            }
         }
-        self.node
-            .metrics
-            .frames_out
-            .with_label_values(&[kind])
-            .inc();
         // A client that does not read its acks within the timeout is treated as gone.
         match tokio::time::timeout(WRITE_TIMEOUT, session.text(frame.to_json())).await {
             Ok(result) => result,

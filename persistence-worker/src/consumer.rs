@@ -190,12 +190,12 @@ impl<'a> PartitionReader<'a> {
         }
         let started = std::time::Instant::now();
         let mut messages = Vec::with_capacity(entries.len());
-        let mut ids = Vec::with_capacity(entries.len());
+        let mut sources = Vec::with_capacity(entries.len());
         for entry in &entries {
             match StoredMessage::decode(&entry.map) {
                 Ok(m) => {
                     messages.push(m);
-                    ids.push(entry.id.clone());
+                    sources.push(entry);
                 }
                 Err(e) => {
                     self.dead_letter(conn, &entry.id, &entry.map, &e.to_string())
@@ -203,9 +203,10 @@ impl<'a> PartitionReader<'a> {
                 }
             }
         }
-        let Some(written) = self.write_with_retry(conn, &messages, &ids).await? else {
+        let Some(written) = self.write(conn, &messages, &sources).await? else {
             return Ok(false);
         };
+        let ids: Vec<&str> = sources.iter().map(|e| e.id.as_str()).collect();
         if !ids.is_empty() {
             let acked: i64 = conn.xack(&self.stream, PERSISTENCE_GROUP, &ids).await?;
             self.ctx.metrics.entries_acked.inc_by(acked.max(0) as u64);
@@ -218,22 +219,44 @@ impl<'a> PartitionReader<'a> {
         Ok(true)
     }
 
-    /// `Some(rows)` once committed; `None` on shutdown during retries. Rows Postgres rejects
-    /// are dead-lettered one by one so one bad entry cannot stall the partition.
-    async fn write_with_retry(
+    /// Writes the decoded entries (`sources[i]` is the stream entry of `messages[i]`). Rows
+    /// Postgres rejects are dead-lettered one by one, so one bad entry cannot stall the
+    /// partition. `Some(rows)` once committed; `None` when shutdown interrupted a retry, and the
+    /// entries then stay pending for a later claim.
+    async fn write(
         &self,
         conn: &mut MultiplexedConnection,
         messages: &[StoredMessage],
-        ids: &[String],
+        sources: &[&StreamId],
     ) -> RedisResult<Option<u64>> {
+        let reason = match self.write_retrying(messages).await {
+            None => return Ok(None),
+            Some(Ok(rows)) => return Ok(Some(rows)),
+            Some(Err(reason)) => reason,
+        };
+        tracing::warn!(stream = %self.stream, error = %reason, "batch rejected; writing one by one");
+        let mut written = 0;
+        for (message, source) in messages.iter().zip(sources) {
+            match self.write_retrying(std::slice::from_ref(message)).await {
+                None => return Ok(None),
+                Some(Ok(rows)) => written += rows,
+                Some(Err(reason)) => {
+                    self.dead_letter(conn, &source.id, &source.map, &reason)
+                        .await?
+                }
+            }
+        }
+        Ok(Some(written))
+    }
+
+    /// Writes `batch`, retrying with backoff while Postgres is unavailable. `Some(Err(reason))`
+    /// when Postgres rejects the data; `None` on shutdown.
+    async fn write_retrying(&self, batch: &[StoredMessage]) -> Option<Result<u64, String>> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match self.ctx.sink.write(messages).await {
-                Ok(n) => return Ok(Some(n)),
-                Err(SinkError::Rejected(reason)) => {
-                    tracing::warn!(stream = %self.stream, error = %reason, "batch rejected; writing one by one");
-                    return self.write_one_by_one(conn, messages, ids).await;
-                }
+            match self.ctx.sink.write(batch).await {
+                Ok(rows) => return Some(Ok(rows)),
+                Err(SinkError::Rejected(reason)) => return Some(Err(reason)),
                 Err(SinkError::Unavailable(reason)) => {
                     self.ctx
                         .metrics
@@ -243,48 +266,11 @@ impl<'a> PartitionReader<'a> {
                     tracing::warn!(stream = %self.stream, error = %reason, "postgres write failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        _ = self.ctx.shutdown.cancelled() => return Ok(None),
+                        _ = self.ctx.shutdown.cancelled() => return None,
                     }
                 }
             }
         }
-    }
-
-    async fn write_one_by_one(
-        &self,
-        conn: &mut MultiplexedConnection,
-        messages: &[StoredMessage],
-        ids: &[String],
-    ) -> RedisResult<Option<u64>> {
-        let mut written = 0;
-        for (message, id) in messages.iter().zip(ids) {
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-            loop {
-                match self.ctx.sink.write(std::slice::from_ref(message)).await {
-                    Ok(n) => {
-                        written += n;
-                        break;
-                    }
-                    Err(SinkError::Rejected(reason)) => {
-                        let fields = message_fields(message);
-                        self.dead_letter(conn, id, &fields, &reason).await?;
-                        break;
-                    }
-                    Err(SinkError::Unavailable(_)) => {
-                        self.ctx
-                            .metrics
-                            .errors
-                            .with_label_values(&["postgres"])
-                            .inc();
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff.next_delay()) => {}
-                            _ = self.ctx.shutdown.cancelled() => return Ok(None),
-                        }
-                    }
-                }
-            }
-        }
-        Ok(Some(written))
     }
 
     /// Copies an entry to the partition's dead-letter stream with the reason, then acks it.
@@ -367,22 +353,6 @@ impl<'a> PartitionReader<'a> {
             .set(age as i64);
         Ok(())
     }
-}
-
-fn message_fields(m: &StoredMessage) -> HashMap<String, Value> {
-    use chat_core::stream::field;
-    let mut f = HashMap::new();
-    let mut put = |k: &str, v: String| {
-        f.insert(k.to_string(), Value::BulkString(v.into_bytes()));
-    };
-    put(field::MSG_ID, m.msg_id.to_string());
-    put(field::CONVERSATION, m.conversation_id.to_string());
-    put(field::SEQ, m.seq.to_string());
-    put(field::FROM, m.from.to_string());
-    put(field::TO, m.to.to_string());
-    put(field::BODY, m.body.clone());
-    put(field::TS, m.ts.to_string());
-    f
 }
 
 fn value_text(v: Option<&Value>) -> Option<String> {

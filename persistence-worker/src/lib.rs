@@ -13,12 +13,9 @@ pub mod consumer;
 pub mod metrics;
 pub mod sink;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use chat_core::admin::{self, Readiness};
-use chat_core::backoff::Backoff;
+use chat_core::admin::{self, Lifecycle, Readiness};
 use chat_core::keys::KeySchema;
 use tokio_util::sync::CancellationToken;
 
@@ -52,33 +49,24 @@ pub async fn run(
     let metrics = Metrics::new()?;
     let db = chat_core::db::pool(&cfg.database_url, cfg.worker_pg_pool_size)?;
     let redis_pool = chat_core::redis_pool::build(&cfg.redis_url, 2)?;
-    let draining = Arc::new(AtomicBool::new(false));
+    let lifecycle = Lifecycle::default();
     let admin_server = admin::serve(
         internal,
         metrics.registry.clone(),
         Readiness {
             redis: redis_pool,
             postgres: db.clone(),
-            draining: draining.clone(),
+            lifecycle: lifecycle.clone(),
+            flags: Vec::new(),
         },
     )?;
     let admin_handle = admin_server.handle();
     let admin_task = actix_web::rt::spawn(admin_server);
 
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    loop {
-        match chat_core::db::migrate(&cfg.database_url).await {
-            Ok(_) => break,
-            Err(e) => tracing::warn!(error = %e, "migrations not applied yet; retrying"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = shutdown.cancelled() => {
-                admin_handle.stop(true).await;
-                let _ = admin_task.await;
-                return Ok(());
-            }
-        }
+    if !chat_core::db::migrate_until_done(&cfg.database_url, &shutdown).await {
+        admin_handle.stop(true).await;
+        let _ = admin_task.await;
+        return Ok(());
     }
 
     let ctx = Context {
@@ -97,8 +85,9 @@ pub async fn run(
     let tasks: Vec<_> = (0..cfg.redis_partitions)
         .map(|p| tokio::spawn(consumer::run_partition(ctx.clone(), p)))
         .collect();
+    lifecycle.serving();
     shutdown.cancelled().await;
-    draining.store(true, Ordering::Relaxed);
+    lifecycle.draining();
     for task in tasks {
         let _ = task.await;
     }

@@ -17,16 +17,7 @@ pub enum SinkError {
 
 impl From<tokio_postgres::Error> for SinkError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // The Display of tokio_postgres::Error is only "db error"; keep the server's words.
-        let text = match e.as_db_error() {
-            Some(db) => format!(
-                "{} ({}): {}",
-                db.message(),
-                db.code().code(),
-                db.detail().unwrap_or("")
-            ),
-            None => e.to_string(),
-        };
+        let text = chat_core::db::describe(&e);
         match e.code() {
             // 22: data exception (e.g. invalid byte sequence), 23: integrity violation.
             Some(code) if code.code().starts_with("23") || code.code().starts_with("22") => {
