@@ -32,11 +32,7 @@ async fn assert_silent(ws: &mut Ws) {
 /// each get every message exactly once, in seq order; the sending connection gets acks only.
 #[actix_web::test]
 async fn two_nodes_deliver_exactly_once_in_seq_order() {
-    let cluster = Cluster::new().await;
-    let a = cluster.start_node("node-a").await;
-    let b = cluster.start_node("node-b").await;
-    let alice = register(&a, "alice").await;
-    let bob = register(&b, "bob").await;
+    let (_cluster, a, b, alice, bob) = Cluster::two_nodes().await;
 
     let (mut alice_a, hello) = connect(&a, &alice).await;
     assert_eq!(hello["node_id"], "node-a");
@@ -90,11 +86,7 @@ async fn two_nodes_deliver_exactly_once_in_seq_order() {
 /// receives all of the other's messages.
 #[actix_web::test]
 async fn concurrent_sends_in_both_directions_get_gapless_unique_seqs() {
-    let cluster = Cluster::new().await;
-    let a = cluster.start_node("node-a").await;
-    let b = cluster.start_node("node-b").await;
-    let alice = register(&a, "alice").await;
-    let bob = register(&b, "bob").await;
+    let (_cluster, a, b, alice, bob) = Cluster::two_nodes().await;
     let (alice_ws, _) = connect(&a, &alice).await;
     let (bob_ws, _) = connect(&b, &bob).await;
 
@@ -145,12 +137,8 @@ async fn concurrent_sends_in_both_directions_get_gapless_unique_seqs() {
 /// sender, recipient and body that were acked.
 #[actix_web::test]
 async fn acked_messages_reach_postgres_exactly_once() {
-    let cluster = Cluster::new().await;
-    let a = cluster.start_node("node-a").await;
-    let b = cluster.start_node("node-b").await;
+    let (cluster, a, b, alice, bob) = Cluster::two_nodes().await;
     let worker = cluster.start_worker();
-    let alice = register(&a, "alice").await;
-    let bob = register(&b, "bob").await;
     let (mut alice_ws, _) = connect(&a, &alice).await;
     let (mut bob_ws, _) = connect(&b, &bob).await;
 
@@ -213,6 +201,70 @@ async fn acked_messages_reach_postgres_exactly_once() {
     assert_eq!(members.get::<_, i64>(0), 2);
 
     worker.cancel();
+    a.shutdown.cancel();
+    b.shutdown.cancel();
+}
+
+/// A node subscribes to a user's channel only while it holds a connection of theirs: one
+/// subscription per node however many devices, none on nodes without the user, and none after
+/// the last local connection closes.
+#[actix_web::test]
+async fn subscriptions_follow_local_connections() {
+    let (cluster, a, b, _alice, bob) = Cluster::two_nodes().await;
+    let channel = chat_core::keys::KeySchema::new(cluster.prefix.clone(), 4).user_channel(bob.id);
+    let redis = redis::Client::open(chat_core::testing::redis_url()).expect("redis url");
+    let conn = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let subscribers = || {
+        let channel = channel.clone();
+        let mut conn = conn.clone();
+        async move {
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn)
+                .await
+                .expect("numsub");
+            n
+        }
+    };
+    assert_eq!(subscribers().await, 0, "registering subscribes nothing");
+
+    let (mut phone, _) = connect(&b, &bob).await;
+    assert_eq!(subscribers().await, 1, "subscribed before the hello");
+    let (mut laptop, _) = connect(&b, &bob).await;
+    assert_eq!(
+        subscribers().await,
+        1,
+        "one subscription per node, not per connection"
+    );
+    let (mut tablet, _) = connect(&a, &bob).await;
+    assert_eq!(
+        subscribers().await,
+        2,
+        "each node holding bob subscribes once"
+    );
+
+    phone.close(None).await.expect("close");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(subscribers().await, 2, "node b still holds bob's laptop");
+    laptop.close(None).await.expect("close");
+    let gone_from_b = chat_core::testing::eventually(Duration::from_secs(5), || async {
+        subscribers().await == 1
+    })
+    .await;
+    assert!(
+        gone_from_b,
+        "node b unsubscribes after bob's last connection there"
+    );
+    tablet.close(None).await.expect("close");
+    let gone = chat_core::testing::eventually(Duration::from_secs(5), || async {
+        subscribers().await == 0
+    })
+    .await;
+    assert!(gone, "no node subscribes to a user with no connections");
     a.shutdown.cancel();
     b.shutdown.cancel();
 }

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -103,37 +103,21 @@ async fn accounts_answer_documented_codes() {
         (401, Some("invalid_credentials"))
     );
 
+    let base = format!("http://{}", node.http);
+    let (status, me) = get(&format!("{base}/api/v1/users/me"), Some(&token)).await;
+    assert_eq!((status, me["id"].as_str()), (200, Some(id.as_str())));
+    let (status, anon) = get(&format!("{base}/api/v1/users/me"), None).await;
+    assert_eq!(
+        (status, anon["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, missing) = get(&format!("{base}/nope"), None).await;
+    assert_eq!(
+        (status, missing["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+
     let client = reqwest::Client::new();
-    let me = client
-        .get(format!("http://{}/api/v1/users/me", node.http))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("me");
-    assert_eq!(me.status(), 200);
-    assert_eq!(me.json::<Value>().await.expect("json")["id"], id.as_str());
-    let anon = client
-        .get(format!("http://{}/api/v1/users/me", node.http))
-        .send()
-        .await
-        .expect("me");
-    assert_eq!(anon.status(), 401);
-    assert_eq!(
-        anon.json::<Value>().await.expect("json")["error"]["code"],
-        "unauthorized"
-    );
-
-    let missing = client
-        .get(format!("http://{}/nope", node.http))
-        .send()
-        .await
-        .expect("404");
-    assert_eq!(missing.status(), 404);
-    assert_eq!(
-        missing.json::<Value>().await.expect("json")["error"]["code"],
-        "not_found"
-    );
-
     let malformed = client
         .post(format!("http://{}/api/v1/auth/login", node.http))
         .header("content-type", "application/json")
@@ -304,18 +288,43 @@ async fn bad_input_gets_error_frames_and_connection_stays_usable() {
     ws.send(Message::text("x".repeat(17 * 1024)))
         .await
         .expect("send big");
-    let close = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(Ok(msg)) = ws.next().await {
-            if let Message::Close(frame) = msg {
-                return frame.map(|f| u16::from(f.code));
-            }
-        }
-        None
-    })
-    .await
-    .expect("closed in time");
+    let close = close_code(&mut ws).await;
     assert_eq!(close, Some(1009));
     node.shutdown.cancel();
+}
+
+/// While migrations cannot run (Postgres unreachable), the node is alive but not ready, and
+/// says why; shutdown during start-up ends it cleanly.
+#[actix_web::test]
+async fn readiness_reports_starting_until_migrated() {
+    let cluster = Cluster::new().await;
+    let mut config = cluster.config("n");
+    config.database_url = "postgres://postgres@127.0.0.1:1/unreachable".into();
+    let node = spawn_node(config);
+    let internal = format!("http://{}", node.internal);
+    let answered = chat_core::testing::eventually(Duration::from_secs(5), || async {
+        reqwest::get(format!("{internal}/healthz")).await.is_ok()
+    })
+    .await;
+    assert!(answered, "admin port serves during start-up");
+    let (status, body) = get(&format!("{internal}/readyz"), None).await;
+    assert_eq!(status, 503);
+    let failing: Vec<&str> = body["failing"]
+        .as_array()
+        .expect("failing")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        failing.contains(&"starting") && failing.contains(&"postgres"),
+        "{body}"
+    );
+    node.shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), node.task).await;
+    assert!(
+        matches!(stopped, Ok(Ok(Ok(())))),
+        "clean stop during start-up"
+    );
 }
 
 /// The internal port answers health, readiness and metrics; readiness turns 503 on shutdown and
@@ -343,16 +352,7 @@ async fn admin_port_and_shutdown_close_code() {
     assert!(metrics.contains("chat_gateway_handshakes_total{result=\"accepted\"} 1"));
 
     node.shutdown.cancel();
-    let code = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(Ok(msg)) = ws.next().await {
-            if let Message::Close(frame) = msg {
-                return frame.map(|f| u16::from(f.code));
-            }
-        }
-        None
-    })
-    .await
-    .expect("closed in time");
+    let code = close_code(&mut ws).await;
     assert_eq!(code, Some(1001));
     let _ = node.task.await;
 }

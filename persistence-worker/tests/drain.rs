@@ -40,6 +40,24 @@ impl Fixture {
         }
     }
 
+    /// A proxy in front of this test's Postgres, and the database URL that goes through it.
+    async fn postgres_proxy(&self) -> (Proxy, String) {
+        let pg: tokio_postgres::Config = self.db_url.parse().expect("url");
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
+        let password = pg
+            .get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default();
+        let url = format!(
+            "postgres://{}{password}@{}/{}",
+            pg.get_user().unwrap_or("postgres"),
+            proxy.addr,
+            pg.get_dbname().expect("db name")
+        );
+        (proxy, url)
+    }
+
     fn keys(&self) -> KeySchema {
         KeySchema::new(self.prefix.clone(), PARTITIONS)
     }
@@ -91,6 +109,24 @@ impl Fixture {
             .await
             .expect("count")
             .get(0)
+    }
+
+    /// Waits (up to `timeout`) until every id is stored and nothing is pending, then checks
+    /// exactly-once.
+    async fn assert_drained(&self, ids: &[Uuid], timeout: Duration) {
+        let want = ids.len() as i64;
+        let stored = eventually(timeout, || async { self.stored().await == want }).await;
+        assert!(stored, "stored {} of {want}", self.stored().await);
+        let acked = eventually(Duration::from_secs(5), || async {
+            self.pending_total().await == 0
+        })
+        .await;
+        assert!(
+            acked,
+            "{} entries still pending",
+            self.pending_total().await
+        );
+        self.assert_exactly_once(ids).await;
     }
 
     /// Every id stored exactly once, seqs unique per conversation, and nothing left pending.
@@ -175,10 +211,10 @@ impl Fixture {
     }
 
     /// Starts the real `persistence-worker` binary.
-    fn spawn_process(&self, consumer: &str, batch: usize) -> std::process::Child {
+    fn spawn_process(&self, db_url: &str, consumer: &str, batch: usize) -> std::process::Child {
         std::process::Command::new(env!("CARGO_BIN_EXE_persistence-worker"))
             .env("CHAT_REDIS_URL", testing::redis_url())
-            .env("CHAT_DATABASE_URL", &self.db_url)
+            .env("CHAT_DATABASE_URL", db_url)
             .env("CHAT_REDIS_PREFIX", &self.prefix)
             .env("CHAT_REDIS_PARTITIONS", PARTITIONS.to_string())
             .env("CHAT_WORKER_INTERNAL_LISTEN", "127.0.0.1:0")
@@ -200,50 +236,40 @@ async fn ten_thousand_messages_land_exactly_once() {
     let fx = Fixture::new().await;
     let ids = fx.append(10_000).await;
     let worker = fx.start_in_process(&fx.db_url, "solo");
-    let done = eventually(Duration::from_secs(60), || async {
-        fx.stored().await == 10_000
-    })
-    .await;
-    assert!(done, "stored {} of 10000", fx.stored().await);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            fx.pending_total().await == 0
-        })
-        .await
-    );
-    fx.assert_exactly_once(&ids).await;
+    fx.assert_drained(&ids, Duration::from_secs(60)).await;
     worker.cancel();
 }
 
-/// A worker process SIGKILLed mid-run leaves its entries pending; a second worker with another
-/// name claims them, and every message is stored exactly once.
+/// A worker process SIGKILLed while it holds batches it has read but not acked (its Postgres is
+/// cut off, so it cannot commit them) is replaced by a worker with another name, which claims
+/// them: every message is stored exactly once.
 #[actix_web::test]
 async fn killed_worker_is_replaced_without_loss_or_duplicates() {
     let fx = Fixture::new().await;
+    let (proxy, doomed_db) = fx.postgres_proxy().await;
     let ids = fx.append(10_000).await;
-    let mut first = fx.spawn_process("doomed", 50);
+    let mut first = fx.spawn_process(&doomed_db, "doomed", 50);
     let started = eventually(Duration::from_secs(30), || async { fx.stored().await > 0 }).await;
     assert!(started, "first worker never wrote");
+    proxy.cut();
+    // Delivered but unacked entries can only be the doomed worker's batches in hand.
+    let holding = eventually(Duration::from_secs(10), || async {
+        fx.pending_total().await > 0
+    })
+    .await;
+    assert!(holding, "the doomed worker should hold unacked entries");
     first.kill().expect("SIGKILL");
     let _ = first.wait();
     let at_kill = fx.stored().await;
-    let pending_at_kill = fx.pending_total().await;
-    eprintln!("killed after {at_kill} rows with {pending_at_kill} entries pending");
     assert!(
         at_kill < 10_000,
-        "the kill must land mid-run for this test to mean anything"
+        "the kill must land mid-run; stored {at_kill}"
     );
 
-    let mut second = fx.spawn_process("replacement", 500);
-    let done = eventually(Duration::from_secs(60), || async {
-        fx.stored().await == 10_000
-    })
-    .await;
-    let stored = fx.stored().await;
+    let mut second = fx.spawn_process(&fx.db_url, "replacement", 500);
+    fx.assert_drained(&ids, Duration::from_secs(60)).await;
     let _ = second.kill();
     let _ = second.wait();
-    assert!(done, "stored {stored} of 10000");
-    fx.assert_exactly_once(&ids).await;
 }
 
 /// A TCP proxy in front of Postgres that the test can cut and restore.
@@ -295,19 +321,7 @@ impl Proxy {
 #[actix_web::test]
 async fn postgres_outage_loses_nothing() {
     let fx = Fixture::new().await;
-    let pg: tokio_postgres::Config = fx.db_url.parse().expect("url");
-    let port = match pg.get_ports().first() {
-        Some(p) => *p,
-        None => 5432,
-    };
-    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
-    let db_name = pg.get_dbname().expect("db name");
-    let proxied_url = format!(
-        "postgres://{}@{}/{}",
-        pg.get_user().unwrap_or("postgres"),
-        proxy.addr,
-        db_name
-    );
+    let (proxy, proxied_url) = fx.postgres_proxy().await;
 
     let mut ids = fx.append(1000).await;
     let worker = fx.start_in_process(&proxied_url, "outage");
@@ -332,21 +346,6 @@ async fn postgres_outage_loses_nothing() {
     );
 
     proxy.restore();
-    let done = eventually(Duration::from_secs(60), || async {
-        fx.stored().await == 3000
-    })
-    .await;
-    assert!(
-        done,
-        "stored {} of 3000 after the outage",
-        fx.stored().await
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            fx.pending_total().await == 0
-        })
-        .await
-    );
-    fx.assert_exactly_once(&ids).await;
+    fx.assert_drained(&ids, Duration::from_secs(60)).await;
     worker.cancel();
 }

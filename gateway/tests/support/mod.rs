@@ -60,27 +60,24 @@ impl Cluster {
     }
 
     pub async fn start_with(&self, config: GatewayConfig) -> NodeHandle {
-        let validated = config.validate().expect("valid test config");
-        let listeners = gateway::Listeners::bind(&validated).expect("bind");
-        let http = listeners.public.local_addr().expect("addr");
-        let internal = listeners.internal.local_addr().expect("addr");
-        let shutdown = CancellationToken::new();
-        let task = actix_web::rt::spawn(gateway::run(validated, listeners, shutdown.clone()));
+        let node = spawn_node(config);
+        let internal = node.internal;
         let ready = chat_core::testing::eventually(Duration::from_secs(15), || async move {
             matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
         })
         .await;
-        assert!(
-            ready,
-            "node {node_id:?} did not become ready",
-            node_id = http
-        );
-        NodeHandle {
-            http,
-            internal,
-            shutdown,
-            task,
-        }
+        assert!(ready, "node at {} did not become ready", node.http);
+        node
+    }
+
+    /// Two ready nodes and two registered users, Alice and Bob.
+    pub async fn two_nodes() -> (Cluster, NodeHandle, NodeHandle, User, User) {
+        let cluster = Cluster::new().await;
+        let a = cluster.start_node("node-a").await;
+        let b = cluster.start_node("node-b").await;
+        let alice = register(&a, "alice").await;
+        let bob = register(&b, "bob").await;
+        (cluster, a, b, alice, bob)
     }
 
     /// Starts a persistence worker in-process against this deployment.
@@ -101,6 +98,22 @@ impl Cluster {
         let token = CancellationToken::new();
         actix_web::rt::spawn(persistence_worker::run(config, listener, token.clone()));
         token
+    }
+}
+
+/// Starts a node without waiting for it to be ready.
+pub fn spawn_node(config: GatewayConfig) -> NodeHandle {
+    let validated = config.validate().expect("valid test config");
+    let listeners = gateway::Listeners::bind(&validated).expect("bind");
+    let http = listeners.public.local_addr().expect("addr");
+    let internal = listeners.internal.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let task = actix_web::rt::spawn(gateway::run(validated, listeners, shutdown.clone()));
+    NodeHandle {
+        http,
+        internal,
+        shutdown,
+        task,
     }
 }
 
@@ -176,6 +189,32 @@ pub async fn recv_within(ws: &mut Ws, timeout: Duration) -> Option<Value> {
             _ => continue,
         }
     }
+}
+
+/// GETs `url` (with a bearer token when given); returns status and JSON body.
+pub async fn get(url: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.expect("http");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The close code the server sends next (frames before it are skipped), within 5 s.
+pub async fn close_code(ws: &mut Ws) -> Option<u16> {
+    let wait = async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(frame) = msg {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    };
+    tokio::time::timeout(Duration::from_secs(5), wait)
+        .await
+        .expect("closed in time")
 }
 
 pub async fn send_json(ws: &mut Ws, v: Value) {
