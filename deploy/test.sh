@@ -9,10 +9,15 @@ deploy/ensure-services.sh
 export CHAT_TEST_REDIS_URL="${CHAT_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 export CHAT_TEST_PG="${CHAT_TEST_PG:-postgres://postgres:postgres@127.0.0.1:5432}"
 
-# Each integration test makes its own database (chat_t_*); drop what earlier runs left behind.
-PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres -At \
-  -c "SELECT 'DROP DATABASE IF EXISTS ' || quote_ident(datname) || ';' FROM pg_database WHERE datname LIKE 'chat\_t\_%'" \
-  | PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres >/dev/null 2>&1 || true
+# Each integration test makes its own database (chat_t_*): drop them before (leftovers of an
+# interrupted run) and after this run.
+drop_test_databases() {
+  PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres -At \
+    -c "SELECT 'DROP DATABASE IF EXISTS ' || quote_ident(datname) || ';' FROM pg_database WHERE datname LIKE 'chat\_t\_%'" \
+    | PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres >/dev/null 2>&1 || true
+}
+drop_test_databases
+trap drop_test_databases EXIT
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
