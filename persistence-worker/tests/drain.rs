@@ -210,9 +210,10 @@ impl Fixture {
         token
     }
 
-    /// Starts the real `persistence-worker` binary.
-    fn spawn_process(&self, db_url: &str, consumer: &str, batch: usize) -> std::process::Child {
-        std::process::Command::new(env!("CARGO_BIN_EXE_persistence-worker"))
+    /// Starts the real `persistence-worker` binary; it is killed when the guard drops, so a
+    /// failing assertion does not leave it running.
+    fn spawn_process(&self, db_url: &str, consumer: &str, batch: usize) -> WorkerProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_persistence-worker"))
             .env("CHAT_REDIS_URL", testing::redis_url())
             .env("CHAT_DATABASE_URL", db_url)
             .env("CHAT_REDIS_PREFIX", &self.prefix)
@@ -226,7 +227,8 @@ impl Fixture {
             .env("CHAT_LOG_FORMAT", "text")
             .env("RUST_LOG", "warn")
             .spawn()
-            .expect("spawn persistence-worker")
+            .expect("spawn persistence-worker");
+        WorkerProcess(child)
     }
 }
 
@@ -258,18 +260,31 @@ async fn killed_worker_is_replaced_without_loss_or_duplicates() {
     })
     .await;
     assert!(holding, "the doomed worker should hold unacked entries");
-    first.kill().expect("SIGKILL");
-    let _ = first.wait();
+    first.kill();
     let at_kill = fx.stored().await;
     assert!(
         at_kill < 10_000,
         "the kill must land mid-run; stored {at_kill}"
     );
 
-    let mut second = fx.spawn_process(&fx.db_url, "replacement", 500);
+    let _replacement = fx.spawn_process(&fx.db_url, "replacement", 500);
     fx.assert_drained(&ids, Duration::from_secs(60)).await;
-    let _ = second.kill();
-    let _ = second.wait();
+}
+
+/// A worker process, SIGKILLed on drop.
+struct WorkerProcess(std::process::Child);
+
+impl WorkerProcess {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// A TCP proxy in front of Postgres that the test can cut and restore.
