@@ -8,6 +8,8 @@ ROOT=$(pwd)
 RUN="$ROOT/.run"
 mkdir -p "$RUN"
 
+# The port overrides are for checking ensure-services.sh alone; this script uses the defaults.
+unset CHAT_LOCAL_REDIS_PORT CHAT_LOCAL_PG_PORT
 deploy/ensure-services.sh
 
 PG="postgres://postgres:postgres@127.0.0.1:5432"

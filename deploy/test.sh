@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The port overrides are for checking ensure-services.sh alone; this script uses the defaults.
+unset CHAT_LOCAL_REDIS_PORT CHAT_LOCAL_PG_PORT
 deploy/ensure-services.sh
 
 export CHAT_TEST_REDIS_URL="${CHAT_TEST_REDIS_URL:-redis://127.0.0.1:6379}"

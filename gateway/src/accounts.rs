@@ -96,8 +96,13 @@ fn validate_registration(req: &RegisterRequest) -> Result<(), ApiError> {
     }
 }
 
-fn db_unavailable(e: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(error = %e, "postgres request failed");
+fn db_unavailable(e: tokio_postgres::Error) -> ApiError {
+    tracing::warn!(error = %chat_core::db::describe(&e), "postgres request failed");
+    ApiError::unavailable("the database")
+}
+
+fn pool_unavailable(e: deadpool_postgres::PoolError) -> ApiError {
+    tracing::warn!(error = %chat_core::db::describe_pool(&e), "postgres connection failed");
     ApiError::unavailable("the database")
 }
 
@@ -124,7 +129,7 @@ pub async fn register(
         name: req.name.trim().to_string(),
         email: req.email.trim().to_string(),
     };
-    let client = node.db.get().await.map_err(db_unavailable)?;
+    let client = node.db.get().await.map_err(pool_unavailable)?;
     let inserted = client
         .execute(
             "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, $4)
@@ -156,7 +161,7 @@ pub async fn login(
     if req.password.len() > MAX_PASSWORD_BYTES || email.len() > MAX_EMAIL_BYTES {
         return Err(invalid_credentials());
     }
-    let client = node.db.get().await.map_err(db_unavailable)?;
+    let client = node.db.get().await.map_err(pool_unavailable)?;
     let row = client
         .query_opt(
             "SELECT id, name, email, password_hash FROM users WHERE lower(email) = lower($1)",
@@ -198,7 +203,7 @@ fn invalid_credentials() -> ApiError {
 /// `GET /api/v1/users/me`
 pub async fn me(node: web::Data<Node>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let identity = authenticate(&node, &req, false)?;
-    let client = node.db.get().await.map_err(db_unavailable)?;
+    let client = node.db.get().await.map_err(pool_unavailable)?;
     let row = client
         .query_opt(
             "SELECT id, name, email FROM users WHERE id = $1",
@@ -291,11 +296,14 @@ impl UserDirectory {
             return Ok(true);
         }
         let lookup = async {
-            let client = db.get().await.map_err(|e| DirectoryError(e.to_string()))?;
+            let client = db
+                .get()
+                .await
+                .map_err(|e| DirectoryError(chat_core::db::describe_pool(&e)))?;
             client
                 .query_opt("SELECT 1 FROM users WHERE id = $1", &[&user])
                 .await
-                .map_err(|e| DirectoryError(e.to_string()))
+                .map_err(|e| DirectoryError(chat_core::db::describe(&e)))
         };
         let found = tokio::time::timeout(std::time::Duration::from_secs(3), lookup)
             .await

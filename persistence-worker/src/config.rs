@@ -48,7 +48,8 @@ impl Default for WorkerConfig {
             worker_claim_interval_ms: 5_000,
             worker_trim_interval_ms: 10_000,
             worker_stream_retention_secs: 3600,
-            worker_pg_pool_size: 4,
+            // One per partition loop (8 by default) and one for the readiness probe.
+            worker_pg_pool_size: 9,
         }
     }
 }

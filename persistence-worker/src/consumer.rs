@@ -151,6 +151,9 @@ impl<'a> PartitionReader<'a> {
         let mut cursor = String::from("0-0");
         // Bounded: at most 100 rounds per claim tick.
         for _ in 0..100 {
+            if self.ctx.shutdown.is_cancelled() {
+                return Ok(());
+            }
             let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                 .arg(&self.stream)
                 .arg(PERSISTENCE_GROUP)

@@ -47,7 +47,7 @@ impl Sink {
             .pool
             .get()
             .await
-            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+            .map_err(|e| SinkError::Unavailable(chat_core::db::describe_pool(&e)))?;
         // Sorted, so concurrent workers take row locks in the same order (no deadlocks).
         let mut conversations: Vec<Uuid> = batch.iter().map(|m| m.conversation_id).collect();
         conversations.sort_unstable();
