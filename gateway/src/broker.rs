@@ -1,6 +1,7 @@
-//! The node's side of Redis messaging: appending a message (one script round trip) and the one
-//! multiplexed pub/sub connection that carries frames for the users held here. A manager task
-//! owns the subscriptions and reconciles them with the hub; a reader task feeds the hub.
+//! The node's side of Redis messaging: appending a message (one script round trip on one shared,
+//! multiplexed, self-reconnecting command connection) and the one multiplexed pub/sub connection
+//! that carries frames for the users held here. A manager task owns the subscriptions and
+//! reconciles them with the hub; a reader task feeds the hub.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use chat_core::backoff::Backoff;
 use chat_core::keys::KeySchema;
 use chat_core::stream::{frame_ts, split_published, Appender, NewMessage};
 use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -33,8 +35,6 @@ const COMMAND_QUEUE: usize = 8192;
 pub enum BrokerError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("redis pool: {0}")]
-    Pool(String),
     #[error("subscription not confirmed in time")]
     SubscribeTimeout,
     #[error("redis did not answer in time")]
@@ -60,7 +60,11 @@ pub struct Broker {
     /// True while the pub/sub connection is up and every local user is subscribed on it.
     pubsub_up: Arc<AtomicBool>,
     appender: Appender,
-    redis: deadpool_redis::Pool,
+    client: redis::Client,
+    /// Every append pipelines through this one connection, created at the first append; it
+    /// reconnects by itself (requests fail while it does). A pool would cost a health-check
+    /// round trip per message; measured in docs/benchmarks.md.
+    commands_conn: Arc<tokio::sync::OnceCell<ConnectionManager>>,
     metrics: Metrics,
     subscribe_timeout: Duration,
 }
@@ -70,7 +74,6 @@ impl Broker {
     pub fn start(
         redis_url: &str,
         keys: KeySchema,
-        redis: deadpool_redis::Pool,
         hub: Arc<Hub>,
         metrics: Metrics,
         subscribe_timeout: Duration,
@@ -81,7 +84,7 @@ impl Broker {
         let pubsub_up = Arc::new(AtomicBool::new(false));
         let manager = Manager {
             pubsub_up: pubsub_up.clone(),
-            client,
+            client: client.clone(),
             keys: keys.clone(),
             hub,
             metrics: metrics.clone(),
@@ -94,7 +97,8 @@ impl Broker {
                 commands: tx,
                 pubsub_up,
                 appender: Appender::new(keys),
-                redis,
+                client,
+                commands_conn: Arc::new(tokio::sync::OnceCell::new()),
                 metrics,
                 subscribe_timeout,
             },
@@ -127,14 +131,25 @@ impl Broker {
         let _ = self.commands.send(Command::Release { user }).await;
     }
 
+    /// The shared command connection, connecting it on first use.
+    async fn commands_conn(&self) -> Result<ConnectionManager, BrokerError> {
+        let conn = self
+            .commands_conn
+            .get_or_try_init(|| {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(APPEND_TIMEOUT)
+                    .set_number_of_retries(2)
+                    .set_max_delay(1000);
+                ConnectionManager::new_with_config(self.client.clone(), config)
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
     /// Appends and publishes one message; returns its seq.
     pub async fn append(&self, msg: &NewMessage, origin: Uuid) -> Result<i64, BrokerError> {
         let attempt = async {
-            let mut conn = self
-                .redis
-                .get()
-                .await
-                .map_err(|e| BrokerError::Pool(e.to_string()))?;
+            let mut conn = self.commands_conn().await?;
             Ok::<_, BrokerError>(self.appender.append(&mut conn, msg, origin).await?)
         };
         // On timeout the script may still have run: the client is told `unavailable`, never acked.

@@ -66,7 +66,7 @@ impl Default for GatewayConfig {
             gateway_max_body_bytes: 4096,
             gateway_max_frame_bytes: 16 * 1024,
             gateway_outbound_queue: 256,
-            gateway_redis_pool_size: 32,
+            gateway_redis_pool_size: 2,
             gateway_pg_pool_size: 16,
             gateway_subscribe_timeout_ms: 3000,
             gateway_shutdown_grace_secs: 20,

@@ -94,7 +94,6 @@ pub async fn run(
     let (broker, broker_task) = Broker::start(
         &cfg.redis_url,
         keys,
-        redis.clone(),
         hub.clone(),
         metrics.clone(),
         Duration::from_millis(cfg.gateway_subscribe_timeout_ms),
@@ -162,6 +161,8 @@ pub async fn run(
             .default_service(web::to(api_error::not_found))
     })
     .workers(workers)
+    // Acks and deliveries are small writes; Nagle would hold them for the peer's delayed ACK.
+    .tcp_nodelay(true)
     .disable_signals()
     .shutdown_timeout(1)
     .listen(listeners.public)?

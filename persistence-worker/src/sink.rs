@@ -33,6 +33,21 @@ pub struct Sink {
     pool: deadpool_postgres::Pool,
 }
 
+const INSERT_CONVERSATIONS: &str = "INSERT INTO conversations (id, kind)
+     SELECT id, 'direct' FROM unnest($1::uuid[]) AS t(id)
+     ON CONFLICT (id) DO NOTHING";
+
+const INSERT_MEMBERS: &str = "INSERT INTO conversation_members (conversation_id, user_id)
+     SELECT c, u FROM unnest($1::uuid[], $2::uuid[]) AS t(c, u)
+     ON CONFLICT DO NOTHING";
+
+const INSERT_MESSAGES: &str =
+    "INSERT INTO messages (id, conversation_id, seq, sender_id, recipient_id, body, sent_at)
+     SELECT id, c, s, f, r, b, to_timestamp(ts / 1000.0)
+     FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::uuid[], $5::uuid[], $6::text[], $7::int8[])
+          AS t(id, c, s, f, r, b, ts)
+     ON CONFLICT (id) DO NOTHING";
+
 impl Sink {
     pub fn new(pool: deadpool_postgres::Pool) -> Self {
         Sink { pool }
@@ -68,28 +83,17 @@ impl Sink {
         let bodies: Vec<&str> = batch.iter().map(|m| m.body.as_str()).collect();
         let ts: Vec<i64> = batch.iter().map(|m| m.ts).collect();
 
+        // Prepared once per pooled connection: a batch costs three executes, no parsing.
         let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO conversations (id, kind)
-             SELECT id, 'direct' FROM unnest($1::uuid[]) AS t(id)
-             ON CONFLICT (id) DO NOTHING",
-            &[&conversations],
-        )
-        .await?;
-        tx.execute(
-            "INSERT INTO conversation_members (conversation_id, user_id)
-             SELECT c, u FROM unnest($1::uuid[], $2::uuid[]) AS t(c, u)
-             ON CONFLICT DO NOTHING",
-            &[&member_convs, &member_users],
-        )
-        .await?;
+        let insert_conversations = tx.prepare_cached(INSERT_CONVERSATIONS).await?;
+        let insert_members = tx.prepare_cached(INSERT_MEMBERS).await?;
+        let insert_messages = tx.prepare_cached(INSERT_MESSAGES).await?;
+        tx.execute(&insert_conversations, &[&conversations]).await?;
+        tx.execute(&insert_members, &[&member_convs, &member_users])
+            .await?;
         let inserted = tx
             .execute(
-                "INSERT INTO messages (id, conversation_id, seq, sender_id, recipient_id, body, sent_at)
-                 SELECT id, c, s, f, r, b, to_timestamp(ts / 1000.0)
-                 FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::uuid[], $5::uuid[], $6::text[], $7::int8[])
-                      AS t(id, c, s, f, r, b, ts)
-                 ON CONFLICT (id) DO NOTHING",
+                &insert_messages,
                 &[&ids, &convs, &seqs, &senders, &recipients, &bodies, &ts],
             )
             .await?;
