@@ -27,3 +27,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== k6 smoke (loadtest/k6/chat.js against two local gateway nodes)"
+cargo build --locked -p gateway -p persistence-worker
+STACK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" loadtest/k6-smoke.sh

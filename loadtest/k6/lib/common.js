@@ -1,0 +1,65 @@
+// Shared by every k6 script: target URLs from the environment, user registration through our
+// HTTP API in setup(), and the frames of our protocol (docs/protocol.md).
+import http from 'k6/http';
+import { check, fail } from 'k6';
+
+// HTTP_URLS: comma-separated gateway base URLs, e.g. "http://127.0.0.1:8080,http://127.0.0.1:8081".
+// WS_URLS defaults to the same hosts with ws:// (or wss:// for https://).
+export const HTTP_URLS = (__ENV.HTTP_URLS || 'http://127.0.0.1:8080,http://127.0.0.1:8081')
+  .split(',').map((u) => u.trim().replace(/\/$/, '')).filter((u) => u.length > 0);
+export const WS_URLS = (__ENV.WS_URLS ? __ENV.WS_URLS.split(',') : HTTP_URLS.map((u) => u.replace(/^http/, 'ws')))
+  .map((u) => u.trim().replace(/\/$/, ''));
+
+export function envInt(name, fallback) {
+  const v = __ENV[name];
+  if (v === undefined || v === '') return fallback;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0) fail(`${name} must be a non-negative number, got ${v}`);
+  return n;
+}
+
+export function envDuration(name, fallback) {
+  const v = __ENV[name] || fallback;
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)$/.exec(v);
+  if (!m) fail(`${name} must look like 30s, 5m or 2h, got ${v}`);
+  const unit = { ms: 1, s: 1000, m: 60000, h: 3600000 }[m[2]];
+  return { text: v, ms: Number(m[1]) * unit };
+}
+
+// Registers `count` users, spread over the nodes, in parallel batches; returns [{id, token}].
+// Emails carry a per-run tag so runs never collide. Registration hashes with argon2id, so this
+// takes a while for thousands of users; connect.js reuses a smaller pool of users.
+export function registerUsers(count) {
+  const run = `${Date.now().toString(36)}${Math.floor(Math.random() * 1e6).toString(36)}`;
+  const users = [];
+  const batch = 20;
+  for (let start = 0; start < count; start += batch) {
+    const requests = [];
+    for (let i = start; i < Math.min(count, start + batch); i++) {
+      requests.push({
+        method: 'POST',
+        url: `${HTTP_URLS[i % HTTP_URLS.length]}/api/v1/auth/register`,
+        body: JSON.stringify({ name: `k6 user ${i}`, email: `k6-${run}-${i}@load.test`, password: `pw-${run}-${i}-secret` }),
+        params: { headers: { 'content-type': 'application/json' }, tags: { name: 'register' } },
+      });
+    }
+    for (const res of http.batch(requests)) {
+      if (!check(res, { 'register 201': (r) => r.status === 201 })) {
+        fail(`registration failed: ${res.status} ${res.body}`);
+      }
+      const body = res.json();
+      users.push({ id: body.user.id, token: body.token });
+    }
+  }
+  return users;
+}
+
+// The WebSocket URL for `user` on node `i`. Browsers cannot set headers, so the token travels
+// in the query, as the protocol allows.
+export function wsUrl(i, token) {
+  return `${WS_URLS[i % WS_URLS.length]}/ws?access_token=${encodeURIComponent(token)}`;
+}
+
+export function sendFrame(id, to, body) {
+  return JSON.stringify({ type: 'send', id, to, body });
+}

@@ -1,0 +1,72 @@
+# Sourced by the load-test scripts: starts our gateway and worker (and the Socket.IO reference)
+# as background processes on 127.0.0.1 with the run's own database and Redis key prefix, and
+# stops them and removes that data on exit.
+# The caller sets ROOT, LOGS, STACK_DB (database name) and STACK_PREFIX before sourcing, and
+# may set STACK_BIN, the directory of the gateway and worker binaries (default: release build).
+# Functions set PID_<name> (dashes become underscores) for every process they start.
+
+STACK_BIN=${STACK_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
+STACK_PG="postgres://postgres:postgres@127.0.0.1:5432"
+STACK_DB_URL="$STACK_PG/$STACK_DB"
+STACK_SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n=/+')
+stack_pids=()
+
+stack_log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
+stack_psql() { PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres "$@"; }
+
+stack_stop() {
+  trap - EXIT INT TERM
+  local pid
+  for pid in "${stack_pids[@]}"; do kill -CONT "$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  # Our keys and the reference adapter's channels carry the run's prefix.
+  if command -v redis-cli >/dev/null; then
+    redis-cli --scan --pattern "$STACK_PREFIX*" 2>/dev/null | xargs -r -n 1000 redis-cli unlink >/dev/null 2>&1 || true
+  fi
+  stack_psql -c "DROP DATABASE IF EXISTS $STACK_DB" 2>/dev/null || true
+}
+
+stack_init() {
+  stack_psql -c "DROP DATABASE IF EXISTS $STACK_DB" -c "CREATE DATABASE $STACK_DB" 2>/dev/null
+  trap stack_stop EXIT INT TERM
+}
+
+stack_wait_ready() { # url
+  local _
+  for _ in $(seq 1 150); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  stack_log "$1 never became ready; logs in $LOGS"
+  return 1
+}
+
+stack_env=(CHAT_REDIS_URL=redis://127.0.0.1:6379 CHAT_DATABASE_URL="$STACK_DB_URL" CHAT_REDIS_PREFIX="$STACK_PREFIX"
+  CHAT_JWT_SECRET="$STACK_SECRET" CHAT_LOG_FORMAT=text)
+
+stack_gateway() { # name port admin-port
+  env "${stack_env[@]}" CHAT_GATEWAY_NODE_ID="$1" CHAT_GATEWAY_LISTEN="127.0.0.1:$2" \
+    CHAT_GATEWAY_INTERNAL_LISTEN="127.0.0.1:$3" "$STACK_BIN/gateway" >"$LOGS/$1.log" 2>&1 &
+  stack_pids+=($!)
+  eval "PID_${1//-/_}=$!"
+  stack_wait_ready "http://127.0.0.1:$3/readyz"
+}
+
+stack_worker() { # name admin-port
+  env "${stack_env[@]}" CHAT_WORKER_INTERNAL_LISTEN="127.0.0.1:$2" CHAT_WORKER_CONSUMER_NAME="$1" \
+    "$STACK_BIN/persistence-worker" >"$LOGS/$1.log" 2>&1 &
+  stack_pids+=($!)
+  eval "PID_${1//-/_}=$!"
+  stack_wait_ready "http://127.0.0.1:$2/readyz"
+}
+
+stack_reference() { # name port
+  JWT_SECRET="$STACK_SECRET" PORT="$2" REDIS_KEY="$STACK_PREFIX-sio" \
+    node "$ROOT/loadtest/reference/server.js" >"$LOGS/$1.log" 2>&1 &
+  stack_pids+=($!)
+  eval "PID_${1//-/_}=$!"
+  stack_wait_ready "http://127.0.0.1:$2/healthz"
+}
+
+stack_kill() { # name
+  local var="PID_${1//-/_}"
+  kill -TERM "${!var}" 2>/dev/null || true
+  wait "${!var}" 2>/dev/null || true
+}

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Runs the benchmark workloads side by side against our stack and the Socket.IO reference on
+# this machine, writes JSON results to loadtest/results/<stamp>/ and SVG plots to
+# docs/benchmarks/. Everything it starts listens on 127.0.0.1 and is stopped at exit; it uses
+# its own database (chat_bench) and Redis key prefix, and deletes them afterwards.
+#
+# Usage: loadtest/run-bench.sh [conns|chat|drain|ceiling|all]...   (default: all)
+# Knobs (environment): BENCH_CONNS (19000), BENCH_CONN_PROCS (3), BENCH_PAIRS (500),
+#   BENCH_RATES (1000,2000,5000,10000,15000), BENCH_STEP_SECS (10), BENCH_WINDOW (8),
+#   BENCH_DRAIN_COUNT (100000), BENCH_TARGETS ("ours socketio").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+WORKLOADS=${*:-all}
+OUT="$ROOT/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+
+CONNS=${BENCH_CONNS:-19000}
+CONN_PROCS=${BENCH_CONN_PROCS:-3}
+PAIRS=${BENCH_PAIRS:-500}
+RATES=${BENCH_RATES:-1000,2000,5000,10000,15000}
+STEP_SECS=${BENCH_STEP_SECS:-10}
+WINDOW=${BENCH_WINDOW:-8}
+DRAIN_COUNT=${BENCH_DRAIN_COUNT:-100000}
+TARGETS=${BENCH_TARGETS:-ours socketio}
+STACK_DB=chat_bench
+STACK_PREFIX="bench$(date +%s)"
+want() { [[ " $WORKLOADS " == *" all "* || " $WORKLOADS " == *" $1 "* ]]; }
+target() { [[ " $TARGETS " == *" $1 "* ]]; }
+
+deploy/ensure-services.sh
+# shellcheck source=loadtest/lib/stack.sh
+source loadtest/lib/stack.sh
+export LOADGEN_JWT_SECRET="$STACK_SECRET"
+stack_log "building (release)"
+cargo build --release --locked -p gateway -p persistence-worker -p chat-loadgen
+LOADGEN="$STACK_BIN/loadgen"
+if target socketio && [ ! -d loadtest/reference/node_modules ]; then
+  (cd loadtest/reference && npm ci --no-audit --no-fund)
+fi
+stack_init
+
+REDIS_PID=$(pgrep -x redis-server | head -1 || true)
+redis_watch=()
+[ -n "$REDIS_PID" ] && redis_watch=(--watch "redis=$REDIS_PID")
+PG_PID=$(head -1 "$(PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -d postgres -Atc 'SHOW data_directory')/postmaster.pid" 2>/dev/null || true)
+pg_watch=()
+[ -n "$PG_PID" ] && pg_watch=(--watch "postgres=$PG_PID")
+
+# Connections first, on fresh processes, so memory is measured from a clean start.
+if want conns; then
+  if target ours; then
+    stack_gateway conns-gw 18090 19190
+    stack_log "conns: $CONNS idle connections to our gateway"
+    "$LOADGEN" conns --protocol chat --url ws://127.0.0.1:18090 --count "$CONNS" --procs "$CONN_PROCS" \
+      --server-pid "$PID_conns_gw" --label ours --out "$OUT/conns-ours.json"
+    stack_kill conns-gw
+  fi
+  if target socketio; then
+    stack_reference conns-sio 13090
+    stack_log "conns: $CONNS idle connections to the Socket.IO reference"
+    "$LOADGEN" conns --protocol socketio --url ws://127.0.0.1:13090 --count "$CONNS" --procs "$CONN_PROCS" \
+      --server-pid "$PID_conns_sio" --label socketio --out "$OUT/conns-socketio.json"
+    stack_kill conns-sio
+  fi
+fi
+
+if want chat; then
+  if target ours; then
+    stack_gateway gw-a 18080 19090
+    stack_gateway gw-b 18081 19092
+    stack_worker worker 19191
+    stack_log "chat: ours, $PAIRS pairs across two nodes, rates $RATES"
+    "$LOADGEN" chat --protocol chat --nodes ws://127.0.0.1:18080,ws://127.0.0.1:18081 --pairs "$PAIRS" \
+      --rates "$RATES" --saturate-window "$WINDOW" --step-secs "$STEP_SECS" --database-url "$STACK_DB_URL" \
+      --watch "gateway-a=$PID_gw_a" --watch "gateway-b=$PID_gw_b" --watch "worker=$PID_worker" \
+      "${redis_watch[@]}" "${pg_watch[@]}" --label ours --out "$OUT/chat-ours.json"
+    # The same with the worker paused: the gateway and Redis alone, as the reference works.
+    kill -STOP "$PID_worker"
+    stack_log "chat: ours without persistence running, $PAIRS pairs, rates $RATES"
+    "$LOADGEN" chat --protocol chat --nodes ws://127.0.0.1:18080,ws://127.0.0.1:18081 --pairs "$PAIRS" \
+      --rates "$RATES" --saturate-window "$WINDOW" --step-secs "$STEP_SECS" --database-url "$STACK_DB_URL" \
+      --watch "gateway-a=$PID_gw_a" --watch "gateway-b=$PID_gw_b" "${redis_watch[@]}" \
+      --label "ours, worker paused" --out "$OUT/chat-ours-no-worker.json"
+    kill -CONT "$PID_worker"
+  fi
+  if target socketio; then
+    stack_reference sio-a 13001
+    stack_reference sio-b 13002
+    stack_log "chat: socketio, $PAIRS pairs across two nodes, rates $RATES"
+    "$LOADGEN" chat --protocol socketio --nodes ws://127.0.0.1:13001,ws://127.0.0.1:13002 --pairs "$PAIRS" \
+      --rates "$RATES" --saturate-window "$WINDOW" --step-secs "$STEP_SECS" \
+      --watch "node-a=$PID_sio_a" --watch "node-b=$PID_sio_b" "${redis_watch[@]}" \
+      --label socketio --out "$OUT/chat-socketio.json"
+    stack_kill sio-a
+    stack_kill sio-b
+  fi
+fi
+
+if want drain; then
+  [ -n "${PID_worker:-}" ] || stack_worker worker 19191
+  # Let the worker catch up with anything earlier workloads left.
+  sleep 5
+  stack_log "drain: $DRAIN_COUNT messages with the worker paused, then timed"
+  "$LOADGEN" drain --prefix "$STACK_PREFIX" --database-url "$STACK_DB_URL" --count "$DRAIN_COUNT" \
+    --worker-pid "$PID_worker" --watch "worker=$PID_worker" "${redis_watch[@]}" "${pg_watch[@]}" \
+    --label "backlog of $DRAIN_COUNT" --out "$OUT/drain-backlog.json"
+  stack_log "drain: $DRAIN_COUNT messages with the worker running"
+  "$LOADGEN" drain --prefix "$STACK_PREFIX" --database-url "$STACK_DB_URL" --count "$DRAIN_COUNT" \
+    --watch "worker=$PID_worker" "${redis_watch[@]}" "${pg_watch[@]}" \
+    --label "live burst of $DRAIN_COUNT" --out "$OUT/drain-live.json"
+fi
+
+if want ceiling; then
+  stack_log "ceiling: the append script straight into Redis"
+  "$LOADGEN" ceiling "${redis_watch[@]}" --label redis --out "$OUT/ceiling.json"
+  if command -v redis-benchmark >/dev/null; then
+    { redis-benchmark -q -n 200000 -P 16 -t ping,incr,xadd
+      redis-benchmark -q -n 200000 -P 16 PUBLISH "$STACK_PREFIX-bench-channel" 0123456789abcdef0123456789abcdef
+    } 2>&1 | tr '\r' '\n' | grep 'requests per second' > "$OUT/redis-benchmark.txt" || true
+  fi
+fi
+
+"$LOADGEN" plot --results "$OUT" --out "$ROOT/docs/benchmarks"
+stack_log "results in $OUT"
