@@ -23,6 +23,9 @@ pub struct WorkerConfig {
     pub worker_batch_size: usize,
     /// How long one read waits for new entries.
     pub worker_block_ms: u64,
+    /// After a batch smaller than `worker_batch_size`, wait this long before the next read, so
+    /// that entries arriving meanwhile share one transaction. 0 reads again at once.
+    pub worker_batch_linger_ms: u64,
     /// Entries pending this long on any consumer are claimed (their consumer is presumed dead).
     pub worker_claim_idle_ms: u64,
     pub worker_claim_interval_ms: u64,
@@ -44,6 +47,7 @@ impl Default for WorkerConfig {
             worker_consumer_name: None,
             worker_batch_size: 500,
             worker_block_ms: 1000,
+            worker_batch_linger_ms: 10,
             worker_claim_idle_ms: 30_000,
             worker_claim_interval_ms: 5_000,
             worker_trim_interval_ms: 10_000,
@@ -76,6 +80,12 @@ impl WorkerConfig {
             return Err(SettingsError::invalid(
                 "redis_partitions",
                 "must be 1 to 1024",
+            ));
+        }
+        if self.worker_batch_linger_ms > 1000 {
+            return Err(SettingsError::invalid(
+                "worker_batch_linger_ms",
+                "must be 0 to 1000",
             ));
         }
         if self.worker_batch_size == 0 || self.worker_batch_size > 10_000 {
@@ -123,5 +133,23 @@ mod tests {
         .expect_err("invalid")
         .to_string();
         assert!(err.contains("worker_batch_size"), "{err}");
+    }
+
+    /// A linger over a second is refused by name; zero (no linger) is allowed.
+    #[test]
+    fn linger_is_bounded() {
+        let err = WorkerConfig {
+            worker_batch_linger_ms: 1001,
+            ..WorkerConfig::default()
+        }
+        .validate()
+        .expect_err("invalid")
+        .to_string();
+        assert!(err.contains("worker_batch_linger_ms"), "{err}");
+        let zero = WorkerConfig {
+            worker_batch_linger_ms: 0,
+            ..WorkerConfig::default()
+        };
+        assert!(zero.validate().is_ok());
     }
 }
