@@ -44,9 +44,8 @@ stack_init
 REDIS_PID=$(pgrep -x redis-server | head -1 || true)
 redis_watch=()
 [ -n "$REDIS_PID" ] && redis_watch=(--watch "redis=$REDIS_PID")
-PG_PID=$(head -1 "$(PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -d postgres -Atc 'SHOW data_directory')/postmaster.pid" 2>/dev/null || true)
-pg_watch=()
-[ -n "$PG_PID" ] && pg_watch=(--watch "postgres=$PG_PID")
+# Postgres is many processes (a backend per connection): count them all by name.
+pg_watch=(--watch "postgres=comm:postgres")
 
 # Connections first, on fresh processes, so memory is measured from a clean start.
 if want conns; then
@@ -116,8 +115,9 @@ if want ceiling; then
   stack_log "ceiling: the append script straight into Redis"
   "$LOADGEN" ceiling "${redis_watch[@]}" --label redis --out "$OUT/ceiling.json"
   if command -v redis-benchmark >/dev/null; then
-    { redis-benchmark -q -n 200000 -P 16 -t ping,incr,xadd
+    { redis-benchmark -q -n 200000 -P 16 -t ping,incr
       redis-benchmark -q -n 200000 -P 16 PUBLISH "$STACK_PREFIX-bench-channel" 0123456789abcdef0123456789abcdef
+      redis-benchmark -q -n 200000 -P 16 XADD "$STACK_PREFIX-bench-stream" MAXLEN '~' 100000 '*' body 0123456789abcdef
     } 2>&1 | tr '\r' '\n' | grep 'requests per second' > "$OUT/redis-benchmark.txt" || true
   fi
 fi

@@ -81,6 +81,10 @@ async function main() {
   process.on('SIGINT', stop);
 }
 
+// Under overload the adapter's Redis requests can time out; a production deployment logs that
+// and keeps serving rather than letting Node's default handler end the process.
+process.on('unhandledRejection', (e) => console.error('unhandled rejection:', e && e.message));
+
 main().catch((e) => {
   console.error(e);
   process.exit(1);

@@ -67,9 +67,13 @@ pub struct DrainResult {
     append_secs: f64,
     append_per_sec: f64,
     peak_backlog: u64,
-    /// From the end of the burst (and the worker's resume) to a zero backlog.
+    /// From the end of the burst (and the worker's resume, when it was paused) to a zero backlog.
     drain_secs: f64,
-    drain_per_sec: f64,
+    /// From the start of the burst to a zero backlog.
+    zero_backlog_after_secs: f64,
+    /// Messages per second the worker stored from a full backlog (only when it was paused:
+    /// a running worker keeps up with the burst, so its rate is the burst's).
+    drain_per_sec: Option<f64>,
     stored: i64,
     cpu_percent_during_drain: BTreeMap<String, f64>,
     /// (seconds since the burst began, entries not yet acked by the worker)
@@ -157,7 +161,10 @@ pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
         append_per_sec: (appended as f64 / append_secs).round(),
         peak_backlog: series.iter().map(|(_, b)| *b).max().unwrap_or(0),
         drain_secs: round2(drain_secs),
-        drain_per_sec: (appended as f64 / drain_secs.max(1e-3)).round(),
+        zero_backlog_after_secs: round2(drained_at),
+        drain_per_sec: args
+            .worker_pid
+            .map(|_| (appended as f64 / drain_secs.max(1e-3)).round()),
         stored,
         cpu_percent_during_drain: cpu_percent,
         backlog_series: series,

@@ -8,23 +8,67 @@ use std::time::Instant;
 use anyhow::{anyhow, Context};
 use serde::Serialize;
 
-/// A process to watch during a run, given on the command line as `name=pid`.
+/// Processes to watch during a run, given on the command line as `name=pid`, or as
+/// `name=comm:NAME` for every process whose command name is NAME (Postgres runs a backend per
+/// connection).
 #[derive(Clone, Debug)]
 pub struct Watched {
     pub name: String,
-    pub pid: u32,
+    pub target: Target,
+}
+
+#[derive(Clone, Debug)]
+pub enum Target {
+    Pid(u32),
+    Comm(String),
 }
 
 impl std::str::FromStr for Watched {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, pid) = s.split_once('=').ok_or("expected name=pid")?;
-        let pid = pid.parse().map_err(|_| format!("{pid} is not a pid"))?;
+        let (name, target) = s
+            .split_once('=')
+            .ok_or("expected name=pid or name=comm:NAME")?;
+        let target = match target.strip_prefix("comm:") {
+            Some(comm) if !comm.is_empty() => Target::Comm(comm.to_string()),
+            Some(_) => return Err("comm: needs a process name".into()),
+            None => Target::Pid(
+                target
+                    .parse()
+                    .map_err(|_| format!("{target} is not a pid"))?,
+            ),
+        };
         Ok(Watched {
             name: name.to_string(),
-            pid,
+            target,
         })
     }
+}
+
+impl Watched {
+    /// CPU seconds used so far by the watched process(es); processes that exited are not counted.
+    fn cpu_secs(&self) -> f64 {
+        match &self.target {
+            Target::Pid(pid) => cpu_secs(*pid).unwrap_or(0.0),
+            Target::Comm(comm) => pids_named(comm)
+                .into_iter()
+                .filter_map(|pid| cpu_secs(pid).ok())
+                .sum(),
+        }
+    }
+}
+
+/// Every process whose `/proc/<pid>/comm` is `comm`.
+fn pids_named(comm: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
 }
 
 /// Resident set size of `pid`, in bytes.
@@ -92,12 +136,9 @@ impl CpuMeter {
         let mut watched = watched.to_vec();
         watched.push(Watched {
             name: "loadgen".into(),
-            pid: std::process::id(),
+            target: Target::Pid(std::process::id()),
         });
-        let at_start = watched
-            .iter()
-            .map(|w| cpu_secs(w.pid).unwrap_or(0.0))
-            .collect();
+        let at_start = watched.iter().map(Watched::cpu_secs).collect();
         CpuMeter {
             watched,
             started: Instant::now(),
@@ -112,7 +153,7 @@ impl CpuMeter {
             .iter()
             .zip(&self.at_start)
             .map(|(w, before)| {
-                let used = cpu_secs(w.pid).unwrap_or(*before) - before;
+                let used = (w.cpu_secs() - before).max(0.0);
                 (w.name.clone(), (used / wall * 1000.0).round() / 10.0)
             })
             .collect()
@@ -168,5 +209,12 @@ mod tests {
         assert!(fd_count(me).expect("fds") >= 3);
         assert!("gw=12".parse::<Watched>().is_ok());
         assert!("gw".parse::<Watched>().is_err());
+        assert!("pg=comm:".parse::<Watched>().is_err());
+        let me_by_name = std::fs::read_to_string(format!("/proc/{me}/comm")).expect("comm");
+        let watched: Watched = format!("self=comm:{}", me_by_name.trim())
+            .parse()
+            .expect("parse");
+        assert!(pids_named(me_by_name.trim()).contains(&me));
+        assert!(watched.cpu_secs() >= 0.0);
     }
 }
