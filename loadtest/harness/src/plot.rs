@@ -72,10 +72,10 @@ pub fn draw_all(results: &Path, out: &Path) -> anyhow::Result<()> {
         write(
             out,
             "chat-latency.svg",
-            &line_chart(
+            &log_chart(
                 "One-to-one delivery latency across nodes",
                 "offered messages/s",
-                "latency (ms)",
+                "latency (ms, log scale)",
                 &latency,
             ),
         )?;
@@ -230,12 +230,61 @@ fn y_axis(svg: &mut String, y_max: f64) -> f64 {
 
 /// Lines with markers, one per series, axes from zero.
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    lines(title, x_label, y_label, series, false)
+}
+
+/// Like `line_chart`, with a logarithmic y axis (for latencies that span orders of magnitude).
+pub fn log_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    lines(title, x_label, y_label, series, true)
+}
+
+/// A log axis from the decade below the smallest value to the decade above the largest; returns
+/// (log10 of the bottom, log10 of the top).
+fn log_axis(svg: &mut String, y_min: f64, y_max: f64) -> (f64, f64) {
+    let bottom = y_min.max(1e-3).log10().floor();
+    let top = y_max.max(1e-2).log10().ceil().max(bottom + 1.0);
+    let plot_h = H - TOP - BOTTOM;
+    let mut decade = bottom;
+    while decade <= top {
+        let y = H - BOTTOM - (decade - bottom) / (top - bottom) * plot_h;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+            W - RIGHT,
+            LEFT - 6.0,
+            y + 4.0,
+            fmt_tick(10f64.powf(decade))
+        );
+        decade += 1.0;
+    }
+    (bottom, top)
+}
+
+/// The series' label without a trailing percentile, so p50 and p99 of one run share a colour.
+fn run_of(name: &str) -> &str {
+    name.trim_end_matches(" p50").trim_end_matches(" p99")
+}
+
+fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series], log_y: bool) -> String {
     let mut svg = String::new();
     frame(&mut svg, title, x_label, y_label);
     let all = series.iter().flat_map(|s| s.points.iter());
     let x_max = all.clone().map(|p| p.0).fold(0.0, f64::max);
-    let y_max = all.map(|p| p.1).fold(0.0, f64::max);
-    let y_top = y_axis(&mut svg, y_max);
+    let y_max = all.clone().map(|p| p.1).fold(0.0, f64::max);
+    let y_min = all
+        .map(|p| p.1)
+        .filter(|v| *v > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    let (y_top, log_range) = if log_y {
+        let smallest = if y_min.is_finite() { y_min } else { 1.0 };
+        (0.0, Some(log_axis(&mut svg, smallest, y_max)))
+    } else {
+        (y_axis(&mut svg, y_max), None)
+    };
+    let height_of = |y: f64| match log_range {
+        Some((bottom, top)) => (y.max(1e-3).log10() - bottom) / (top - bottom),
+        None => y / y_top,
+    };
     let x_step = tick_step(x_max);
     let x_top = (x_max / x_step).ceil().max(1.0) * x_step;
     let plot_w = W - LEFT - RIGHT;
@@ -261,8 +310,17 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         H - BOTTOM,
         H - BOTTOM
     );
+    let mut runs: Vec<&str> = Vec::new();
     for (i, s) in series.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
+        let run = run_of(&s.name);
+        let color_index = match runs.iter().position(|r| *r == run) {
+            Some(k) => k,
+            None => {
+                runs.push(run);
+                runs.len() - 1
+            }
+        };
+        let color = PALETTE[color_index % PALETTE.len()];
         let dash = if s.name.ends_with("p50") {
             r#" stroke-dasharray="5 4""#
         } else {
@@ -275,7 +333,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
                 format!(
                     "{:.1},{:.1}",
                     LEFT + x / x_top * plot_w,
-                    H - BOTTOM - y / y_top * plot_h
+                    H - BOTTOM - height_of(*y) * plot_h
                 )
             })
             .collect();
@@ -367,5 +425,16 @@ mod tests {
             &[("ours".into(), 3.2), ("socket.io".into(), 10.1)],
         );
         assert!(bars.contains(">10.1<") && bars.contains(">socket.io<"));
+        let log = log_chart(
+            "t",
+            "x",
+            "y",
+            &[Series {
+                name: "a p50".into(),
+                points: vec![(1.0, 0.5), (2.0, 5000.0)],
+            }],
+        );
+        // Decades from 0.1 to 10,000 ms are labelled.
+        assert!(log.contains(">0.1<") && log.contains(">10k<"), "{log}");
     }
 }
