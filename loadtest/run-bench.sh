@@ -7,7 +7,9 @@
 # Usage: loadtest/run-bench.sh [conns|chat|drain|ceiling|all]...   (default: all)
 # Knobs (environment): BENCH_CONNS (19000), BENCH_CONN_PROCS (3), BENCH_PAIRS (500),
 #   BENCH_RATES (1000,2000,5000,10000,15000), BENCH_STEP_SECS (10), BENCH_WINDOW (8),
-#   BENCH_DRAIN_COUNT (100000), BENCH_TARGETS ("ours socketio").
+#   BENCH_DRAIN_COUNT (100000), BENCH_TARGETS ("ours socketio sockudo").
+# Sockudo runs only when SOCKUDO_BIN names its binary (built outside this repository; see
+# loadtest/README.md); otherwise it is skipped with a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -23,16 +25,21 @@ RATES=${BENCH_RATES:-1000,2000,5000,10000,15000}
 STEP_SECS=${BENCH_STEP_SECS:-10}
 WINDOW=${BENCH_WINDOW:-8}
 DRAIN_COUNT=${BENCH_DRAIN_COUNT:-100000}
-TARGETS=${BENCH_TARGETS:-ours socketio}
+TARGETS=${BENCH_TARGETS:-ours socketio sockudo}
 STACK_DB=chat_bench
 STACK_PREFIX="bench$(date +%s)"
 want() { [[ " $WORKLOADS " == *" all "* || " $WORKLOADS " == *" $1 "* ]]; }
 target() { [[ " $TARGETS " == *" $1 "* ]]; }
+SOCKUDO_BIN=${SOCKUDO_BIN:-$(command -v sockudo || true)}
+if target sockudo && [ ! -x "${SOCKUDO_BIN:-}" ]; then
+  echo "run-bench: no Sockudo binary (set SOCKUDO_BIN); skipping the Sockudo reference" >&2
+  TARGETS=${TARGETS//sockudo/}
+fi
 
 deploy/ensure-services.sh
 # shellcheck source=loadtest/lib/stack.sh
 source loadtest/lib/stack.sh
-export LOADGEN_JWT_SECRET="$STACK_SECRET"
+export LOADGEN_JWT_SECRET="$STACK_SECRET" LOADGEN_PUSHER_KEY="$STACK_PUSHER_KEY" LOADGEN_PUSHER_SECRET="$STACK_SECRET"
 stack_log "building (release)"
 cargo build --release --locked -p gateway -p persistence-worker -p chat-loadgen
 LOADGEN="$STACK_BIN/loadgen"
@@ -48,20 +55,26 @@ redis_watch=()
 pg_watch=(--watch "postgres=comm:postgres")
 
 # Connections first, on fresh processes, so memory is measured from a clean start.
+hold_conns() { # label protocol port server-pid
+  stack_log "conns: $CONNS idle connections to $1"
+  "$LOADGEN" conns --protocol "$2" --url "ws://127.0.0.1:$3" --count "$CONNS" --procs "$CONN_PROCS" \
+    --server-pid "$4" --label "$1" --out "$OUT/conns-$1.json"
+}
 if want conns; then
   if target ours; then
     stack_gateway conns-gw 18090 19190
-    stack_log "conns: $CONNS idle connections to our gateway"
-    "$LOADGEN" conns --protocol chat --url ws://127.0.0.1:18090 --count "$CONNS" --procs "$CONN_PROCS" \
-      --server-pid "$PID_conns_gw" --label ours --out "$OUT/conns-ours.json"
+    hold_conns ours chat 18090 "$PID_conns_gw"
     stack_kill conns-gw
   fi
   if target socketio; then
     stack_reference conns-sio 13090
-    stack_log "conns: $CONNS idle connections to the Socket.IO reference"
-    "$LOADGEN" conns --protocol socketio --url ws://127.0.0.1:13090 --count "$CONNS" --procs "$CONN_PROCS" \
-      --server-pid "$PID_conns_sio" --label socketio --out "$OUT/conns-socketio.json"
+    hold_conns socketio socketio 13090 "$PID_conns_sio"
     stack_kill conns-sio
+  fi
+  if target sockudo; then
+    stack_sockudo conns-sockudo 16090 16190
+    hold_conns sockudo pusher 16090 "$PID_conns_sockudo"
+    stack_kill conns-sockudo
   fi
 fi
 
@@ -94,6 +107,17 @@ if want chat; then
       --label socketio --out "$OUT/chat-socketio.json"
     stack_kill sio-a
     stack_kill sio-b
+  fi
+  if target sockudo; then
+    stack_sockudo sockudo-a 16001 16101
+    stack_sockudo sockudo-b 16002 16102
+    stack_log "chat: sockudo, $PAIRS pairs (a private channel each) across two nodes, rates $RATES"
+    "$LOADGEN" chat --protocol pusher --nodes ws://127.0.0.1:16001,ws://127.0.0.1:16002 --pairs "$PAIRS" \
+      --rates "$RATES" --step-secs "$STEP_SECS" \
+      --watch "node-a=$PID_sockudo_a" --watch "node-b=$PID_sockudo_b" "${redis_watch[@]}" \
+      --label sockudo --out "$OUT/chat-sockudo.json"
+    stack_kill sockudo-a
+    stack_kill sockudo-b
   fi
 fi
 

@@ -8,7 +8,7 @@
 import ws from 'k6/ws';
 import { check } from 'k6';
 import { Counter, Rate, Trend } from 'k6/metrics';
-import { envDuration, envInt, registerUsers, sendFrame, wsUrl } from './lib/common.js';
+import { envDuration, envInt, pairOf, registerUsers, sendFrame, sendInterval, wsUrl } from './lib/common.js';
 
 const PAIRS = envInt('PAIRS', 10);
 const RATE = envInt('RATE', 100);
@@ -52,10 +52,8 @@ export function setup() {
 }
 
 export default function (data) {
-  const me = __VU - 1;
-  const user = data.users[me];
-  const partner = data.users[me ^ 1];
-  const intervalMs = Math.max(1, (1000 * PAIRS * 2) / Math.max(RATE, 1));
+  const { me, user, partner } = pairOf(data);
+  const intervalMs = sendInterval(PAIRS, RATE);
   const padding = 'x'.repeat(Math.max(0, BODY_BYTES - 8));
   const pending = new Map();
   const seen = new Set();

@@ -10,7 +10,7 @@ import http from 'k6/http';
 import ws from 'k6/ws';
 import { check } from 'k6';
 import { Counter, Rate, Trend } from 'k6/metrics';
-import { HTTP_URLS, envDuration, envInt, registerUsers, sendFrame, wsUrl } from './lib/common.js';
+import { HTTP_URLS, envDuration, envInt, pairOf, registerUsers, sendFrame, sendInterval, wsUrl } from './lib/common.js';
 
 const PAIRS = envInt('PAIRS', 20);
 const RATE = envInt('RATE', 40);
@@ -48,10 +48,8 @@ export function setup() {
 
 // One iteration is one connection's life: connect, chat until RECONNECT_EVERY, close.
 export default function (data) {
-  const me = __VU - 1;
-  const user = data.users[me];
-  const partner = data.users[me ^ 1];
-  const intervalMs = Math.max(1, (1000 * PAIRS * 2) / Math.max(RATE, 1));
+  const { me, user, partner } = pairOf(data);
+  const intervalMs = sendInterval(PAIRS, RATE);
   const node = me + __ITER;
   let next = 0;
 

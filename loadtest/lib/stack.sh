@@ -70,3 +70,20 @@ stack_kill() { # name
   kill -TERM "${!var}" 2>/dev/null || true
   wait "${!var}" 2>/dev/null || true
 }
+
+# Sockudo (Pusher protocol, Redis adapter), when SOCKUDO_BIN names its binary. It is built
+# outside this repository (see loadtest/README.md). App key "bench"; the app secret is the run's
+# secret, which loadgen uses to sign private-channel subscriptions.
+STACK_PUSHER_KEY=bench
+stack_sockudo() { # name port metrics-port
+  env HOST=127.0.0.1 PORT="$2" METRICS_ENABLED=false METRICS_PORT="$3" DEBUG=false \
+    ADAPTER_DRIVER=redis CACHE_DRIVER=redis QUEUE_DRIVER=memory RATE_LIMITER_ENABLED=false \
+    REDIS_URL=redis://127.0.0.1:6379 \
+    SOCKUDO_DEFAULT_APP_ID=bench SOCKUDO_DEFAULT_APP_KEY="$STACK_PUSHER_KEY" \
+    SOCKUDO_DEFAULT_APP_SECRET="$STACK_SECRET" SOCKUDO_DEFAULT_APP_ENABLE_CLIENT_MESSAGES=true \
+    SOCKUDO_ENABLE_CLIENT_MESSAGES=true SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS=100000 \
+    "$SOCKUDO_BIN" >"$LOGS/$1.log" 2>&1 &
+  stack_pids+=($!)
+  eval "PID_${1//-/_}=$!"
+  stack_wait_ready "http://127.0.0.1:$2/up/bench"
+}

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::identity::{new_users, seed_users, TokenMint};
 use crate::procstat::{CpuMeter, Watched};
-use crate::proto::{Incoming, Protocol, Ws};
+use crate::proto::{Credentials, Incoming, Protocol, Ws};
 use crate::report::{self, micros_histogram, Latency};
 
 #[derive(clap::Args)]
@@ -53,6 +53,8 @@ pub struct ChatArgs {
     body_bytes: usize,
     #[arg(long, env = "LOADGEN_JWT_SECRET")]
     jwt_secret: String,
+    #[command(flatten)]
+    pusher: crate::proto::PusherArgs,
     /// The gateway's Postgres, to seed the users (our gateway refuses unknown recipients).
     #[arg(long)]
     database_url: Option<String>,
@@ -116,6 +118,11 @@ pub struct ChatResult {
     steps: Vec<StepResult>,
 }
 
+/// The private channel a pair talks on (Pusher): the same name from either side.
+fn pair_channel(a: Uuid, b: Uuid) -> String {
+    format!("private-pair-{}", a.min(b).simple())
+}
+
 /// Nanoseconds since the harness started: the clock both sides of a pair share.
 fn now_nanos() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
@@ -168,8 +175,10 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     }
     let mut loads = vec![Load::Rate(args.rates[0])];
     loads.extend(args.rates.iter().map(|r| Load::Rate(*r)));
-    if args.saturate_window > 0 {
+    if args.saturate_window > 0 && args.protocol.acks() {
         loads.push(Load::Window(args.saturate_window));
+    } else if args.saturate_window > 0 {
+        eprintln!("loadgen: no closed-loop step: this protocol does not ack sends");
     }
     if loads.len() > 100 {
         bail!("at most 99 steps");
@@ -204,14 +213,26 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         .collect();
     let protocol = args.protocol;
     let mint = &mint;
-    let connected: Vec<anyhow::Result<(usize, Ws, Uuid)>> = futures_util::stream::iter(plan)
+    let pusher_app = args.pusher.app();
+    let pusher_app = pusher_app.as_ref();
+    let connected: Vec<anyhow::Result<(usize, Ws, String)>> = futures_util::stream::iter(plan)
         .map(|(i, user, partner, node)| async move {
             let token = mint.token(user)?;
+            let channel = pair_channel(user, partner);
+            let credentials = Credentials {
+                token: &token,
+                pusher: pusher_app.map(|app| (app, Some(channel.as_str()))),
+            };
             let ws = protocol
-                .connect(&node, &token, None)
+                .connect(&node, &credentials, None)
                 .await
                 .with_context(|| format!("connecting user {i} to {node}"))?;
-            Ok((i, ws, partner))
+            // Pusher addresses the pair's channel; the others address the partner.
+            let to = match protocol {
+                Protocol::Pusher => channel,
+                Protocol::Chat | Protocol::Socketio => partner.to_string(),
+            };
+            Ok((i, ws, to))
         })
         .buffer_unordered(args.concurrency.max(1))
         .collect()
@@ -233,7 +254,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         )));
         peers.push(Peer {
             sink,
-            partner: partner.to_string(),
+            partner,
             window,
         });
     }
@@ -366,6 +387,10 @@ async fn run_step(
                             return;
                         }
                         counters.sent.fetch_add(1, Ordering::Relaxed);
+                        if !protocol.acks() {
+                            // Fire-and-forget: a send that left the socket counts as accepted.
+                            counters.acked.fetch_add(1, Ordering::Relaxed);
+                        }
                         due += period;
                     }
                 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::identity::{new_users, TokenMint};
 use crate::procstat::{fd_count, rss_bytes};
-use crate::proto::{Incoming, Protocol};
+use crate::proto::{Credentials, Incoming, Protocol};
 use crate::report::{self, micros_histogram, Latency};
 
 #[derive(clap::Args)]
@@ -41,6 +41,8 @@ pub struct ConnsArgs {
     /// The secret the server verifies tokens with.
     #[arg(long, env = "LOADGEN_JWT_SECRET")]
     jwt_secret: String,
+    #[command(flatten)]
+    pusher: crate::proto::PusherArgs,
     /// The server process whose memory is measured.
     #[arg(long)]
     server_pid: u32,
@@ -68,6 +70,8 @@ pub struct ShardArgs {
     source: IpAddr,
     #[arg(long, env = "LOADGEN_JWT_SECRET")]
     jwt_secret: String,
+    #[command(flatten)]
+    pusher: crate::proto::PusherArgs,
 }
 
 /// What a child reports once its connections are open.
@@ -116,6 +120,7 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
             .args(["--concurrency", &args.concurrency.to_string()])
             .args(["--source", &source])
             .env("LOADGEN_JWT_SECRET", &args.jwt_secret)
+            .envs(args.pusher.to_env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -184,6 +189,7 @@ fn protocol_arg(p: Protocol) -> &'static str {
     match p {
         Protocol::Chat => "chat",
         Protocol::Socketio => "socketio",
+        Protocol::Pusher => "pusher",
     }
 }
 
@@ -197,12 +203,18 @@ pub async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
     let protocol = args.protocol;
     let url = args.url.as_str();
     let source = Some(args.source);
+    let pusher_app = args.pusher.app();
+    let pusher_app = pusher_app.as_ref();
     let results: Vec<Result<u64, String>> = futures_util::stream::iter(tokens)
         .map(|token| {
             let stop = stop.clone();
             async move {
                 let began = Instant::now();
-                match protocol.connect(url, &token, source).await {
+                let credentials = Credentials {
+                    token: &token,
+                    pusher: pusher_app.map(|app| (app, None)),
+                };
+                match protocol.connect(url, &credentials, source).await {
                     Ok(ws) => {
                         let took = began.elapsed().as_micros() as u64;
                         tokio::spawn(hold(protocol, ws, stop));

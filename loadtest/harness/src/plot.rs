@@ -208,21 +208,25 @@ fn frame(svg: &mut String, title: &str, x_label: &str, y_label: &str) {
     );
 }
 
+/// A horizontal grid line at height `y`, labelled `value` on the y axis.
+fn gridline(svg: &mut String, y: f64, value: f64) {
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+        W - RIGHT,
+        LEFT - 6.0,
+        y + 4.0,
+        fmt_tick(value)
+    );
+}
+
 fn y_axis(svg: &mut String, y_max: f64) -> f64 {
     let step = tick_step(y_max);
     let top = (y_max / step).ceil().max(1.0) * step;
     let plot_h = H - TOP - BOTTOM;
     let mut v = 0.0;
     while v <= top + step / 2.0 {
-        let y = H - BOTTOM - v / top * plot_h;
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
-            W - RIGHT,
-            LEFT - 6.0,
-            y + 4.0,
-            fmt_tick(v)
-        );
+        gridline(svg, H - BOTTOM - v / top * plot_h, v);
         v += step;
     }
     top
@@ -247,14 +251,7 @@ fn log_axis(svg: &mut String, y_min: f64, y_max: f64) -> (f64, f64) {
     let mut decade = bottom;
     while decade <= top {
         let y = H - BOTTOM - (decade - bottom) / (top - bottom) * plot_h;
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
-            W - RIGHT,
-            LEFT - 6.0,
-            y + 4.0,
-            fmt_tick(10f64.powf(decade))
-        );
+        gridline(svg, y, 10f64.powf(decade));
         decade += 1.0;
     }
     (bottom, top)

@@ -1,5 +1,6 @@
-//! The wire protocols the harness speaks: ours (JSON frames on `/ws`) and Socket.IO v4 over a
-//! WebSocket (the reference stack): connecting, the handshake, encoding a send, decoding replies.
+//! The wire protocols the harness speaks: ours (JSON frames on `/ws`), Socket.IO v4 over a
+//! WebSocket, and Pusher's protocol 7 as Sockudo speaks it (the reference stacks): connecting,
+//! the handshake, encoding a send, decoding replies.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +27,80 @@ pub enum Protocol {
     Chat,
     /// The Socket.IO reference: Engine.IO v4 over WebSocket, auth token in the CONNECT packet.
     Socketio,
+    /// Sockudo: Pusher protocol 7. A pair shares a private channel and talks in client events,
+    /// which Pusher delivers to the channel's other subscribers and never acks.
+    Pusher,
+}
+
+/// What a connection authenticates and subscribes with.
+pub struct Credentials<'a> {
+    /// Our JWT (ours and Socket.IO).
+    pub token: &'a str,
+    /// Pusher: the app, and the private channel to subscribe to if any.
+    pub pusher: Option<(&'a PusherApp, Option<&'a str>)>,
+}
+
+/// Command-line options for Pusher targets.
+#[derive(clap::Args, Clone, Debug)]
+pub struct PusherArgs {
+    /// Pusher app key (`--protocol pusher`).
+    #[arg(long, env = "LOADGEN_PUSHER_KEY")]
+    pusher_key: Option<String>,
+    /// Pusher app secret, to sign private-channel subscriptions.
+    #[arg(long, env = "LOADGEN_PUSHER_SECRET")]
+    pusher_secret: Option<String>,
+}
+
+impl PusherArgs {
+    pub fn app(&self) -> Option<PusherApp> {
+        Some(PusherApp {
+            key: self.pusher_key.clone()?,
+            secret: self.pusher_secret.clone()?,
+        })
+    }
+
+    /// The same options as environment variables, for child processes.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = Vec::new();
+        if let Some(k) = &self.pusher_key {
+            env.push(("LOADGEN_PUSHER_KEY", k.clone()));
+        }
+        if let Some(s) = &self.pusher_secret {
+            env.push(("LOADGEN_PUSHER_SECRET", s.clone()));
+        }
+        env
+    }
+}
+
+/// A Pusher app's key and secret (channel auth signatures are computed from them).
+#[derive(Clone, Debug)]
+pub struct PusherApp {
+    pub key: String,
+    pub secret: String,
+}
+
+impl PusherApp {
+    /// The `auth` of a private-channel subscription:
+    /// `key:hex(hmac_sha256(secret, socket_id:channel))`.
+    pub fn channel_auth(&self, socket_id: &str, channel: &str) -> anyhow::Result<String> {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(self.secret.as_bytes())
+            .map_err(|e| anyhow!("pusher secret: {e}"))?;
+        mac.update(format!("{socket_id}:{channel}").as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(format!("{}:{hex}", self.key))
+    }
+}
+
+const PUSHER_PONG: &str = r#"{"event":"pusher:pong","data":{}}"#;
+
+/// Pusher frames carry `data` as a JSON-encoded string or, from some servers, as an object.
+fn pusher_data(data: &serde_json::Value) -> serde_json::Value {
+    match data.as_str() {
+        Some(text) => serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
+        None => data.clone(),
+    }
 }
 
 /// What one incoming text frame means to the harness.
@@ -75,20 +150,29 @@ impl Protocol {
     pub async fn connect(
         self,
         base: &str,
-        token: &str,
+        credentials: &Credentials<'_>,
         source: Option<IpAddr>,
     ) -> anyhow::Result<Ws> {
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect_inner(base, token, source))
-            .await
-            .map_err(|_| anyhow!("handshake timed out"))?
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            self.connect_inner(base, credentials, source),
+        )
+        .await
+        .map_err(|_| anyhow!("handshake timed out"))?
+    }
+
+    /// Whether the server acks each send (Pusher's client events are fire-and-forget).
+    pub fn acks(self) -> bool {
+        self != Protocol::Pusher
     }
 
     async fn connect_inner(
         self,
         base: &str,
-        token: &str,
+        credentials: &Credentials<'_>,
         source: Option<IpAddr>,
     ) -> anyhow::Result<Ws> {
+        let token = credentials.token;
         let authority = base
             .strip_prefix("ws://")
             .ok_or_else(|| anyhow!("target {base} must start with ws://"))?
@@ -114,6 +198,15 @@ impl Protocol {
         let url = match self {
             Protocol::Chat => format!("ws://{authority}/ws"),
             Protocol::Socketio => format!("ws://{authority}/socket.io/?EIO=4&transport=websocket"),
+            Protocol::Pusher => {
+                let (app, _) = credentials.pusher.ok_or_else(|| {
+                    anyhow!("the pusher protocol needs --pusher-key and --pusher-secret")
+                })?;
+                format!(
+                    "ws://{authority}/app/{}?protocol=7&client=loadgen&version=0.1",
+                    app.key
+                )
+            }
         };
         let mut request = url.into_client_request()?;
         if self == Protocol::Chat {
@@ -159,6 +252,7 @@ impl Protocol {
                     bail!("socket.io connect refused: {}", truncate(&reply));
                 }
             }
+            Protocol::Pusher => pusher_handshake(&mut ws, credentials).await?,
         }
         Ok(ws)
     }
@@ -173,6 +267,12 @@ impl Protocol {
             // Event with an ack id: the server's ack comes back as `43<ack id>[...]`. The ack id is
             // independent of our client id; the harness always uses 1 and reads our id from the ack.
             Protocol::Socketio => format!("421[\"send\",{payload}]"),
+            Protocol::Pusher => serde_json::json!({
+                "event": "client-message",
+                "channel": to,
+                "data": { "id": id, "body": body },
+            })
+            .to_string(),
         }
     }
 
@@ -181,6 +281,7 @@ impl Protocol {
         match self {
             Protocol::Chat => None,
             Protocol::Socketio => Some("3"),
+            Protocol::Pusher => Some(PUSHER_PONG),
         }
     }
 
@@ -209,6 +310,49 @@ impl Protocol {
                 }
                 Incoming::Other
             }
+            Protocol::Pusher => {
+                let Ok(frame) = serde_json::from_str::<serde_json::Value>(text) else {
+                    return Incoming::Other;
+                };
+                match frame["event"].as_str() {
+                    Some("client-message") => match pusher_data(&frame["data"])["body"].as_str() {
+                        Some(body) => Incoming::Message(Cow::Owned(body.to_string())),
+                        None => Incoming::Other,
+                    },
+                    Some("pusher:ping") => Incoming::Ping,
+                    Some("pusher:error") => Incoming::Error(None),
+                    _ => Incoming::Other,
+                }
+            }
+        }
+    }
+}
+
+/// After the upgrade: wait for `pusher:connection_established`, then subscribe to the private
+/// channel (signed with the app secret) and wait for the subscription to succeed.
+async fn pusher_handshake(ws: &mut Ws, credentials: &Credentials<'_>) -> anyhow::Result<()> {
+    let established: serde_json::Value = serde_json::from_str(&next_text(ws).await?)?;
+    if established["event"] != "pusher:connection_established" {
+        bail!("expected pusher:connection_established, got {established}");
+    }
+    let data = pusher_data(&established["data"]);
+    let socket_id = data["socket_id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no socket_id in {established}"))?;
+    let Some((app, Some(channel))) = credentials.pusher else {
+        return Ok(());
+    };
+    let subscribe = serde_json::json!({
+        "event": "pusher:subscribe",
+        "data": { "channel": channel, "auth": app.channel_auth(socket_id, channel)? },
+    });
+    ws.send(Message::text(subscribe.to_string())).await?;
+    loop {
+        let reply: serde_json::Value = serde_json::from_str(&next_text(ws).await?)?;
+        match reply["event"].as_str() {
+            Some("pusher_internal:subscription_succeeded") => return Ok(()),
+            Some("pusher:ping") => ws.send(Message::text(PUSHER_PONG)).await?,
+            _ => bail!("pusher subscription refused: {reply}"),
         }
     }
 }
@@ -275,5 +419,44 @@ mod tests {
         assert!(send.starts_with("421[\"send\","));
         let json: serde_json::Value = serde_json::from_str(&send[3..]).expect("json");
         assert_eq!(json[1]["id"], "1.2");
+    }
+
+    /// Pusher client events decode whether `data` is a string or an object; pings are seen.
+    #[test]
+    fn decodes_pusher_frames() {
+        let p = Protocol::Pusher;
+        assert_eq!(
+            p.decode(
+                r#"{"event":"client-message","channel":"private-x","data":"{\"body\":\"01ab\"}"}"#
+            ),
+            Incoming::Message("01ab".into())
+        );
+        assert_eq!(
+            p.decode(r#"{"event":"client-message","channel":"private-x","data":{"body":"01ab"}}"#),
+            Incoming::Message("01ab".into())
+        );
+        assert_eq!(
+            p.decode(r#"{"event":"pusher:ping","data":{}}"#),
+            Incoming::Ping
+        );
+        assert!(!p.acks());
+        let send: serde_json::Value =
+            serde_json::from_str(&p.encode_send("1.2", "private-x", "b")).expect("json");
+        assert_eq!(send["channel"], "private-x");
+        assert_eq!(send["data"]["body"], "b");
+    }
+
+    /// The channel signature matches the example in Pusher's channel authentication docs.
+    #[test]
+    fn pusher_channel_auth_matches_the_spec_example() {
+        let app = PusherApp {
+            key: "278d425bdf160c739803".into(),
+            secret: "7ad3773142a6692b25b8".into(),
+        };
+        assert_eq!(
+            app.channel_auth("1234.1234", "private-foobar")
+                .expect("auth"),
+            "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4"
+        );
     }
 }

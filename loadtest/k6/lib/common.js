@@ -63,3 +63,15 @@ export function wsUrl(i, token) {
 export function sendFrame(id, to, body) {
   return JSON.stringify({ type: 'send', id, to, body });
 }
+
+// This VU's user and its partner: VUs pair off (1 with 2, 3 with 4, ...), as setup() registered
+// them; `me` is the VU's index into data.users.
+export function pairOf(data) {
+  const me = __VU - 1;
+  return { me, user: data.users[me], partner: data.users[me ^ 1] };
+}
+
+// Milliseconds between one connection's sends for `rate` messages/s over `pairs` pairs.
+export function sendInterval(pairs, rate) {
+  return Math.max(1, (1000 * pairs * 2) / Math.max(rate, 1));
+}
