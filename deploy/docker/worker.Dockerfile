@@ -1,0 +1,42 @@
+# The persistence worker image. Build from the repository root:
+#   docker build -f deploy/docker/worker.Dockerfile -t chat-persistence-worker:0.1.0 .
+# Stage 1 builds the workspace's dependencies against stub sources, so that layer is reused
+# until Cargo.toml or Cargo.lock change; stage 2 builds the real code; the runtime stage holds
+# only the binary and runs as a numeric non-root user.
+
+FROM rust:1.95.0-slim-bookworm AS deps
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY chat-core/Cargo.toml chat-core/
+COPY gateway/Cargo.toml gateway/
+COPY persistence-worker/Cargo.toml persistence-worker/
+COPY loadtest/harness/Cargo.toml loadtest/harness/
+# Stub crate roots: every member must have its targets for the workspace to load.
+RUN for d in chat-core gateway persistence-worker; do mkdir -p "$d/src" && touch "$d/src/lib.rs"; done \
+ && for d in gateway persistence-worker loadtest/harness; do mkdir -p "$d/src" && echo 'fn main() {}' > "$d/src/main.rs"; done \
+ && cargo build --release --locked -p persistence-worker --bin persistence-worker
+
+FROM deps AS build
+COPY chat-core chat-core
+COPY gateway gateway
+COPY persistence-worker persistence-worker
+COPY loadtest/harness loadtest/harness
+# COPY keeps the files' own mtimes, which may be older than the stub build: touch the crate
+# roots so Cargo rebuilds the workspace crates instead of reusing the stubs.
+RUN touch chat-core/src/lib.rs persistence-worker/src/lib.rs persistence-worker/src/main.rs \
+ && cargo build --release --locked -p persistence-worker --bin persistence-worker \
+ && install -m 0755 target/release/persistence-worker /usr/local/bin/persistence-worker
+
+FROM debian:12.11-slim AS runtime
+COPY --from=build /usr/local/bin/persistence-worker /usr/local/bin/persistence-worker
+COPY deploy/docker/healthcheck.sh /usr/local/bin/chat-healthcheck
+# Any uid works; 10001 matches runAsUser in the Helm chart and k8s/ manifests.
+USER 10001:10001
+# Internal: /healthz, /readyz, /metrics (worker_internal_listen). The worker has no public port.
+EXPOSE 9091
+ENV CHAT_LOG_FORMAT=json
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["/usr/local/bin/chat-healthcheck", "worker"]
+# SIGTERM: each partition loop finishes the batch in hand, acks it and exits.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/persistence-worker"]
