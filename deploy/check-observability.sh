@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Checks the alerting rules, their unit tests, the Grafana dashboard and the runbooks, without
+# any running service:
+#   - promtool check rules / promtool test rules on deploy/prometheus/;
+#   - the dashboard's panel queries parse (promtool, as recording rules);
+#   - deploy/checks/observability_check.py: every alert has severity, summary, description and
+#     runbook_url; alerts and docs/runbooks/*.md match one to one, each runbook has its five
+#     sections; every metric the rules, the dashboard and the runbooks name is defined in
+#     gateway/src/metrics.rs or persistence-worker/src/metrics.rs.
+# Installs promtool (Debian's prometheus package) and PyYAML when they are missing.
+# Prints one line per check; exits 1 if any fails. Usage: deploy/check-observability.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'check-observability: %s\n' "$*" >&2; }
+
+apt_install() { # package...
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 || {
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  }
+}
+
+if ! command -v promtool >/dev/null; then
+  log "installing promtool (apt-get install prometheus)"
+  # Where init scripts run, the package would start a Prometheus on :9090 (the gateway's default
+  # internal port). A policy-rc.d that says 101 stops that; remove it again if we made it.
+  policy=/usr/sbin/policy-rc.d made_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+  fi
+  status=0
+  apt_install prometheus || status=$?
+  if [ -n "$made_policy" ]; then rm -f "$policy"; fi
+  [ "$status" -eq 0 ] || { log "could not install prometheus"; exit "$status"; }
+fi
+
+if ! python3 -c 'import yaml' 2>/dev/null; then
+  log "installing PyYAML (pip)"
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  # Debian's own Python refuses system-wide installs without --break-system-packages.
+  python3 -m pip install -q pyyaml 2>/dev/null || python3 -m pip install -q --break-system-packages pyyaml
+fi
+
+TMP=$(mktemp -d /tmp/chat-check-observability.XXXXXX)
+trap 'rm -rf "$TMP"' EXIT
+failed=0
+
+run() { # label command...: one line; the command's output only when it fails
+  if "${@:2}" >"$TMP/out" 2>&1; then
+    printf 'ok    %s\n' "$1"
+  else
+    printf 'FAIL  %s\n' "$1"
+    sed 's/^/        /' "$TMP/out"
+    failed=1
+  fi
+}
+
+run "promtool check rules deploy/prometheus/rules/chat-alerts.yaml" \
+  promtool check rules deploy/prometheus/rules/chat-alerts.yaml
+run "promtool test rules deploy/prometheus/tests/chat-alerts.test.yaml" \
+  promtool test rules deploy/prometheus/tests/chat-alerts.test.yaml
+run "dashboard panel queries parse" \
+  sh -c "python3 deploy/checks/observability_check.py --dashboard-rules '$TMP/dashboard-rules.yaml' &&
+         promtool check rules '$TMP/dashboard-rules.yaml'"
+python3 deploy/checks/observability_check.py || failed=1
+
+if [ "$failed" -ne 0 ]; then
+  log "failed"
+  exit 1
+fi
+log "all checks passed"
