@@ -5,8 +5,14 @@ use std::str::FromStr;
 use tokio_postgres::NoTls;
 
 /// The migrations, in order. Never edit one that has shipped; add a new file.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "conversations",
+        include_str!("../migrations/0002_conversations.sql"),
+    ),
+];
 
 /// Arbitrary constant key for the migration advisory lock.
 const MIGRATION_LOCK_KEY: i64 = 0x6368_6174_6d69_6772; // "chatmigr"

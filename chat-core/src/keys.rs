@@ -59,16 +59,55 @@ impl KeySchema {
         format!("{}:{{p{}}}:seq:{}", self.prefix, p, conversation_id)
     }
 
+    /// The recent tail of one conversation: a stream whose entry ids are `<seq>-0` and whose one
+    /// field is the `message` frame, capped in length and expiring when idle. History and sync
+    /// read it so an acked message is visible before the worker has written it to Postgres.
+    pub fn tail(&self, conversation_id: Uuid) -> String {
+        let p = self.partition_of(conversation_id);
+        format!("{}:{{p{}}}:tail:{}", self.prefix, p, conversation_id)
+    }
+
+    /// The two members of a direct conversation (`<low>:<high>`), written with its first message,
+    /// so a node can resolve a direct `conversation_id` before Postgres has the conversation.
+    pub fn pair(&self, conversation_id: Uuid) -> String {
+        let p = self.partition_of(conversation_id);
+        format!("{}:{{p{}}}:pair:{}", self.prefix, p, conversation_id)
+    }
+
     /// The pub/sub channel carrying frames for every connection of one user.
     pub fn user_channel(&self, user_id: Uuid) -> String {
         format!("{}:user:{}", self.prefix, user_id)
     }
 
-    /// The user id a channel from [`Self::user_channel`] belongs to.
-    pub fn parse_user_channel(&self, channel: &str) -> Option<Uuid> {
-        let rest = channel.strip_prefix(&self.prefix)?.strip_prefix(":user:")?;
-        Uuid::parse_str(rest).ok()
+    /// The pub/sub channel of one room: its messages, receipts, typing and membership events.
+    pub fn room_channel(&self, room_id: Uuid) -> String {
+        format!("{}:room:{}", self.prefix, room_id)
     }
+
+    /// The channel name of a topic.
+    pub fn channel(&self, topic: Topic) -> String {
+        match topic {
+            Topic::User(u) => self.user_channel(u),
+            Topic::Room(r) => self.room_channel(r),
+        }
+    }
+
+    /// The topic a channel from [`Self::channel`] belongs to; `None` for foreign names.
+    pub fn parse_channel(&self, channel: &str) -> Option<Topic> {
+        let rest = channel.strip_prefix(&self.prefix)?;
+        if let Some(user) = rest.strip_prefix(":user:") {
+            return Uuid::parse_str(user).ok().map(Topic::User);
+        }
+        let room = rest.strip_prefix(":room:")?;
+        Uuid::parse_str(room).ok().map(Topic::Room)
+    }
+}
+
+/// What a node subscribes to: a user's own channel, or a room's channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    User(Uuid),
+    Room(Uuid),
 }
 
 #[cfg(test)]
@@ -89,16 +128,26 @@ mod tests {
         }
     }
 
-    /// Channel names round-trip to the user id, and foreign prefixes are not ours.
+    /// Channel names round-trip to their topic, and foreign prefixes are not ours.
     #[test]
-    fn user_channel_round_trips() {
+    fn channels_round_trip() {
         let keys = KeySchema::new("t1", 4);
-        let user = Uuid::now_v7();
-        assert_eq!(
-            keys.parse_user_channel(&keys.user_channel(user)),
-            Some(user)
-        );
+        let id = Uuid::now_v7();
+        for topic in [Topic::User(id), Topic::Room(id)] {
+            assert_eq!(keys.parse_channel(&keys.channel(topic)), Some(topic));
+        }
         let other = KeySchema::new("t2", 4);
-        assert_eq!(keys.parse_user_channel(&other.user_channel(user)), None);
+        assert_eq!(keys.parse_channel(&other.user_channel(id)), None);
+        assert_eq!(keys.parse_channel("t1:room:nope"), None);
+    }
+
+    /// The tail and pair keys live in the conversation's slot, beside its counter.
+    #[test]
+    fn tail_and_pair_share_the_counter_slot() {
+        let keys = KeySchema::new("chat", 8);
+        let conv = Uuid::new_v4();
+        let tag = format!("{{p{}}}", keys.partition_of(conv));
+        assert!(keys.tail(conv).contains(&tag));
+        assert!(keys.pair(conv).contains(&tag));
     }
 }

@@ -8,15 +8,68 @@ use uuid::Uuid;
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientFrame {
-    /// Send a direct message to another user.
+    /// Send a message: to a user (`to`, a direct message) or into a conversation
+    /// (`conversation_id`, a room or a direct conversation). Exactly one of the two.
     Send {
         /// Client-chosen id, echoed in the ack or error.
         id: String,
         /// Recipient user id.
-        to: Uuid,
+        #[serde(default)]
+        to: Option<Uuid>,
+        /// Target conversation.
+        #[serde(default)]
+        conversation_id: Option<Uuid>,
         /// Message text.
         body: String,
     },
+    /// Ask for the messages after `after_seq` in one conversation (`conversation_id`), or in
+    /// several (`conversations`). Answered with `message` frames, then one `synced` per
+    /// conversation.
+    Sync {
+        #[serde(default)]
+        conversation_id: Option<Uuid>,
+        #[serde(default)]
+        after_seq: Option<i64>,
+        #[serde(default)]
+        conversations: Option<Vec<SyncPoint>>,
+    },
+    /// The reader has read the conversation up to `seq`.
+    Read { conversation_id: Uuid, seq: i64 },
+    /// The user is typing in the conversation.
+    Typing { conversation_id: Uuid },
+}
+
+/// One conversation of a multi-conversation `sync`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncPoint {
+    pub conversation_id: Uuid,
+    #[serde(default)]
+    pub after_seq: i64,
+}
+
+/// The `message` frame, as history answers and sync send it. Live deliveries carry the same
+/// fields in the same order, built once per message by [`crate::stream`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "message")]
+pub struct MessageFrame {
+    pub msg_id: Uuid,
+    pub conversation_id: Uuid,
+    pub seq: i64,
+    pub from: Uuid,
+    /// The recipient of a direct message; absent in rooms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Uuid>,
+    pub body: String,
+    pub ts: i64,
+}
+
+/// How a room's membership changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipChange {
+    Added,
+    Removed,
 }
 
 /// Frames the server sends, other than `message` (which is pre-serialized once per message, see
@@ -39,6 +92,32 @@ pub enum ServerFrame {
         conversation_id: Uuid,
         seq: i64,
         ts: i64,
+    },
+    /// The end of a sync for one conversation: every message up to `last_seq` has been sent
+    /// (by this sync or live). When `complete` is false, more remain: sync again from `last_seq`.
+    Synced {
+        conversation_id: Uuid,
+        last_seq: i64,
+        complete: bool,
+    },
+    /// A member read the conversation up to `seq` (also sent to the reader's other devices).
+    Read {
+        conversation_id: Uuid,
+        user_id: Uuid,
+        seq: i64,
+    },
+    /// A member is typing.
+    Typing {
+        conversation_id: Uuid,
+        user_id: Uuid,
+    },
+    /// A room member was added or removed (`by` did it). Sent to the room's members and to the
+    /// affected user; a user who is added should sync the room.
+    Membership {
+        conversation_id: Uuid,
+        user_id: Uuid,
+        change: MembershipChange,
+        by: Uuid,
     },
     /// A frame could not be processed; the connection stays usable.
     Error {
@@ -216,6 +295,23 @@ mod tests {
         for c in CloseCode::ALL {
             assert!(seen.insert(c.code()), "duplicate {}", c.code());
             assert!((1000..=1015).contains(&c.code()) || (4000..=4199).contains(&c.code()));
+        }
+    }
+
+    /// Every frame type a client may send parses, and a sync names its conversations.
+    #[test]
+    fn client_frames_parse() {
+        let conv = "0190c8a4-0000-7000-8000-000000000000";
+        for text in [
+            format!(r#"{{"type":"send","id":"1","conversation_id":"{conv}","body":"x"}}"#),
+            format!(r#"{{"type":"sync","conversation_id":"{conv}","after_seq":3}}"#),
+            format!(
+                r#"{{"type":"sync","conversations":[{{"conversation_id":"{conv}","after_seq":0}}]}}"#
+            ),
+            format!(r#"{{"type":"read","conversation_id":"{conv}","seq":3}}"#),
+            format!(r#"{{"type":"typing","conversation_id":"{conv}"}}"#),
+        ] {
+            assert!(serde_json::from_str::<ClientFrame>(&text).is_ok(), "{text}");
         }
     }
 

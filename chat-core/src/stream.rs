@@ -25,7 +25,8 @@ pub struct NewMessage {
     pub msg_id: Uuid,
     pub conversation_id: Uuid,
     pub from: Uuid,
-    pub to: Uuid,
+    /// The recipient of a direct message; `None` in a room.
+    pub to: Option<Uuid>,
     pub body: String,
     pub ts: i64,
 }
@@ -37,9 +38,24 @@ pub struct StoredMessage {
     pub conversation_id: Uuid,
     pub seq: i64,
     pub from: Uuid,
-    pub to: Uuid,
+    /// The recipient of a direct message; `None` in a room (the entry's `to` is empty).
+    pub to: Option<Uuid>,
     pub body: String,
     pub ts: i64,
+}
+
+impl From<StoredMessage> for crate::protocol::MessageFrame {
+    fn from(m: StoredMessage) -> Self {
+        crate::protocol::MessageFrame {
+            msg_id: m.msg_id,
+            conversation_id: m.conversation_id,
+            seq: m.seq,
+            from: m.from,
+            to: m.to,
+            body: m.body,
+            ts: m.ts,
+        }
+    }
 }
 
 /// Why a stream entry could not be decoded.
@@ -80,7 +96,10 @@ impl StoredMessage {
             conversation_id: uuid(fields, field::CONVERSATION)?,
             seq: int(fields, field::SEQ)?,
             from: uuid(fields, field::FROM)?,
-            to: uuid(fields, field::TO)?,
+            to: match text(fields, field::TO)?.as_str() {
+                "" => None,
+                to => Some(Uuid::parse_str(to).map_err(|_| DecodeError::Malformed(field::TO))?),
+            },
             body: text(fields, field::BODY)?,
             ts: int(fields, field::TS)?,
         })
@@ -95,11 +114,29 @@ fn frame_parts(msg: &NewMessage) -> (String, String) {
         "{{\"type\":\"message\",\"msg_id\":\"{}\",\"conversation_id\":\"{}\",\"seq\":",
         msg.msg_id, msg.conversation_id
     );
+    let to = msg
+        .to
+        .map(|to| format!(",\"to\":\"{to}\""))
+        .unwrap_or_default();
     let tail = format!(
-        ",\"from\":\"{}\",\"to\":\"{}\",\"body\":{},\"ts\":{}}}",
-        msg.from, msg.to, body, msg.ts
+        ",\"from\":\"{}\"{},\"body\":{},\"ts\":{}}}",
+        msg.from, to, body, msg.ts
     );
     (head, tail)
+}
+
+/// The conversation id and seq of a `message` frame built by this module, read from their fixed
+/// positions without parsing the JSON (this runs for every live frame a connection writes).
+pub fn frame_conversation_seq(frame: &str) -> Option<(Uuid, i64)> {
+    const HEAD: &str = "{\"type\":\"message\",\"msg_id\":\"";
+    const CONV: &str = "\",\"conversation_id\":\"";
+    const SEQ: &str = "\",\"seq\":";
+    let rest = frame.strip_prefix(HEAD)?;
+    let rest = rest.get(36..)?.strip_prefix(CONV)?;
+    let conversation = Uuid::parse_str(rest.get(..36)?).ok()?;
+    let rest = rest.get(36..)?.strip_prefix(SEQ)?;
+    let end = rest.find(',')?;
+    Some((conversation, rest[..end].parse().ok()?))
 }
 
 /// Splits a published payload into the origin connection id and the frame text.
@@ -110,32 +147,59 @@ pub fn split_published(payload: &[u8]) -> Option<(Uuid, &[u8])> {
     Some((Uuid::parse_str(origin).ok()?, &payload[newline + 1..]))
 }
 
-/// Assigns the next seq, appends the entry to the partition stream and publishes the frame to
-/// both members' channels. Every key is in one slot: KEYS[1] the counter, KEYS[2] the stream.
+/// Assigns the next seq, appends the entry to the partition stream and to the conversation's
+/// tail, records a direct conversation's members with its first message, and publishes the frame
+/// to every channel given (both users' channels, or the room's). Every key is in one slot:
+/// KEYS[1] the counter, KEYS[2] the partition stream, KEYS[3] the tail, KEYS[4] the pair.
+/// The tail is a cache: if its XADD fails (its last id is above `seq` after a Redis data loss),
+/// the message is still accepted, and history reads notice the hole (see `docs/architecture.md`).
 const APPEND_LUA: &str = r#"
 local seq = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], '*',
   'msg_id', ARGV[1], 'conv', ARGV[2], 'seq', seq, 'from', ARGV[3], 'to', ARGV[4],
   'body', ARGV[5], 'ts', ARGV[6])
-local payload = ARGV[7] .. seq .. ARGV[8]
-redis.call('PUBLISH', ARGV[9], payload)
-redis.call('PUBLISH', ARGV[10], payload)
+local frame = ARGV[7] .. seq .. ARGV[8]
+redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], seq .. '-0', 'f', frame)
+redis.call('PEXPIRE', KEYS[3], ARGV[11])
+if seq == 1 and ARGV[12] ~= '' then redis.call('SET', KEYS[4], ARGV[12]) end
+local payload = ARGV[9] .. '\n' .. frame
+for i = 13, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end
 return seq
 "#;
+
+/// Default length of a conversation's tail (entries kept in Redis for history and sync).
+pub const DEFAULT_TAIL_LEN: u32 = 1000;
+/// Default idle lifetime of a conversation's tail.
+pub const DEFAULT_TAIL_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// The append script, loaded once and run with EVALSHA (falling back to EVAL after a flush).
 #[derive(Clone)]
 pub struct Appender {
     script: std::sync::Arc<redis::Script>,
     keys: KeySchema,
+    tail_len: u32,
+    tail_ttl_ms: u64,
 }
 
 impl Appender {
     pub fn new(keys: KeySchema) -> Self {
+        Self::with_tail(keys, DEFAULT_TAIL_LEN, DEFAULT_TAIL_TTL_MS)
+    }
+
+    /// An appender keeping `tail_len` recent messages per conversation for `tail_ttl_ms` after the
+    /// conversation's last message.
+    pub fn with_tail(keys: KeySchema, tail_len: u32, tail_ttl_ms: u64) -> Self {
         Appender {
             script: std::sync::Arc::new(redis::Script::new(APPEND_LUA)),
             keys,
+            tail_len,
+            tail_ttl_ms,
         }
+    }
+
+    /// The key schema this appender writes with.
+    pub fn keys(&self) -> &KeySchema {
+        &self.keys
     }
 
     /// Appends `msg` durably (to the extent Redis persistence is configured) and publishes it.
@@ -151,22 +215,42 @@ impl Appender {
         C: redis::aio::ConnectionLike + Send,
     {
         let (head, tail) = frame_parts(msg);
-        let p = self.keys.partition_of(msg.conversation_id);
-        self.script
-            .key(self.keys.seq(msg.conversation_id))
+        let conv = msg.conversation_id;
+        let p = self.keys.partition_of(conv);
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(self.keys.seq(conv))
             .key(self.keys.stream(p))
+            .key(self.keys.tail(conv))
+            .key(self.keys.pair(conv))
             .arg(msg.msg_id.to_string())
-            .arg(msg.conversation_id.to_string())
+            .arg(conv.to_string())
             .arg(msg.from.to_string())
-            .arg(msg.to.to_string())
+            .arg(msg.to.map(|t| t.to_string()).unwrap_or_default())
             .arg(msg.body.as_str())
             .arg(msg.ts)
-            .arg(format!("{origin}\n{head}"))
+            .arg(head)
             .arg(tail)
-            .arg(self.keys.user_channel(msg.to))
-            .arg(self.keys.user_channel(msg.from))
-            .invoke_async(conn)
-            .await
+            .arg(origin.to_string())
+            .arg(self.tail_len)
+            .arg(self.tail_ttl_ms);
+        match msg.to {
+            Some(to) => {
+                let (low, high) = if msg.from <= to {
+                    (msg.from, to)
+                } else {
+                    (to, msg.from)
+                };
+                invocation
+                    .arg(format!("{low}:{high}"))
+                    .arg(self.keys.user_channel(to))
+                    .arg(self.keys.user_channel(msg.from));
+            }
+            None => {
+                invocation.arg("").arg(self.keys.room_channel(conv));
+            }
+        }
+        invocation.invoke_async(conn).await
     }
 }
 
@@ -182,18 +266,39 @@ mod tests {
             msg_id: Uuid::now_v7(),
             conversation_id: Uuid::new_v4(),
             from: Uuid::now_v7(),
-            to: Uuid::now_v7(),
+            to: Some(Uuid::now_v7()),
             body: "quote \" backslash \\ newline \n unicode é 🙂".into(),
             ts: 1_700_000_000_123,
         };
         let (head, tail) = frame_parts(&msg);
         let text = format!("{head}42{tail}");
+        let parsed: crate::protocol::MessageFrame =
+            serde_json::from_str(&text).expect("the live frame is a MessageFrame");
+        assert_eq!(
+            serde_json::to_string(&parsed).expect("serialize"),
+            text,
+            "history and sync frames are byte-identical to live ones"
+        );
         let v: serde_json::Value = serde_json::from_str(&text).expect("valid json");
         assert_eq!(v["type"], "message");
         assert_eq!(v["seq"], 42);
         assert_eq!(v["body"], msg.body.as_str());
         assert_eq!(v["from"], msg.from.to_string());
-        assert_eq!(v["to"], msg.to.to_string());
+        assert_eq!(v["to"], msg.to.expect("direct").to_string());
+        assert_eq!(
+            frame_conversation_seq(&text),
+            Some((msg.conversation_id, 42))
+        );
+        let room = NewMessage { to: None, ..msg };
+        let (head, tail) = frame_parts(&room);
+        let text = format!("{head}7{tail}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("valid json");
+        assert!(v.get("to").is_none(), "room messages carry no recipient");
+        assert_eq!(
+            frame_conversation_seq(&text),
+            Some((room.conversation_id, 7))
+        );
+        assert_eq!(frame_conversation_seq("{\"type\":\"ack\"}"), None);
         assert_eq!(v["ts"], msg.ts);
         assert_eq!(v["msg_id"], msg.msg_id.to_string());
         assert_eq!(v["conversation_id"], msg.conversation_id.to_string());
@@ -229,7 +334,7 @@ mod frame_ts_tests {
             msg_id: Uuid::now_v7(),
             conversation_id: Uuid::new_v4(),
             from: Uuid::now_v7(),
-            to: Uuid::now_v7(),
+            to: Some(Uuid::now_v7()),
             body: "\"ts\":5}".into(),
             ts: 1_700_000_000_999,
         };

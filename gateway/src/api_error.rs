@@ -94,6 +94,19 @@ pub fn json_body_error(
     api.into()
 }
 
+/// Maps a bad query string to a JSON `400 bad_request`.
+pub fn query_error(
+    err: actix_web::error::QueryPayloadError,
+    _req: &actix_web::HttpRequest,
+) -> actix_web::Error {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::BadRequest,
+        format!("invalid query string: {err}"),
+    )
+    .into()
+}
+
 /// The answer for unknown routes.
 pub async fn not_found() -> HttpResponse {
     ApiError::new(

@@ -11,7 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use bytestring::ByteString;
 use chat_core::backoff::Backoff;
-use chat_core::keys::KeySchema;
+use chat_core::keys::{KeySchema, Topic};
+use chat_core::protocol::{MembershipChange, ServerFrame};
 use chat_core::stream::{frame_ts, split_published, Appender, NewMessage};
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -44,13 +45,13 @@ pub enum BrokerError {
 }
 
 enum Command {
-    /// Make sure the user's channel is subscribed; answer when it is.
+    /// Make sure the topics' channels are subscribed; answer when they are (if anyone waits).
     Ensure {
-        user: Uuid,
-        done: oneshot::Sender<()>,
+        topics: Vec<Topic>,
+        done: Option<oneshot::Sender<()>>,
     },
-    /// The user's last local connection closed; unsubscribe unless they came back.
-    Release { user: Uuid },
+    /// Nothing here may need these topics any more; unsubscribe those the hub no longer needs.
+    Release { topics: Vec<Topic> },
 }
 
 /// Cloneable handle to the node's Redis messaging.
@@ -73,7 +74,7 @@ impl Broker {
     /// Starts the subscription manager; it runs until `shutdown` is cancelled.
     pub fn start(
         redis_url: &str,
-        keys: KeySchema,
+        appender: Appender,
         hub: Arc<Hub>,
         metrics: Metrics,
         subscribe_timeout: Duration,
@@ -83,9 +84,10 @@ impl Broker {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let pubsub_up = Arc::new(AtomicBool::new(false));
         let manager = Manager {
+            own_commands: tx.clone(),
             pubsub_up: pubsub_up.clone(),
             client: client.clone(),
-            keys: keys.clone(),
+            keys: appender.keys().clone(),
             hub,
             metrics: metrics.clone(),
             commands: rx,
@@ -96,7 +98,7 @@ impl Broker {
             Broker {
                 commands: tx,
                 pubsub_up,
-                appender: Appender::new(keys),
+                appender,
                 client,
                 commands_conn: Arc::new(tokio::sync::OnceCell::new()),
                 metrics,
@@ -111,12 +113,16 @@ impl Broker {
         self.pubsub_up.clone()
     }
 
-    /// Returns once this node receives `user`'s channel. Call after registering in the hub.
-    pub async fn ensure_subscribed(&self, user: Uuid) -> Result<(), BrokerError> {
+    /// Returns once this node receives the topics' channels. Call after the hub needs them
+    /// (a registered connection, a joined room).
+    pub async fn ensure_subscribed(&self, topics: Vec<Topic>) -> Result<(), BrokerError> {
         let (done, confirmed) = oneshot::channel();
         let wait = async {
             self.commands
-                .send(Command::Ensure { user, done })
+                .send(Command::Ensure {
+                    topics,
+                    done: Some(done),
+                })
                 .await
                 .map_err(|_| BrokerError::Stopped)?;
             confirmed.await.map_err(|_| BrokerError::Stopped)
@@ -126,9 +132,59 @@ impl Broker {
             .map_err(|_| BrokerError::SubscribeTimeout)?
     }
 
-    /// Call after the user's last local connection unregistered.
-    pub async fn release(&self, user: Uuid) {
-        let _ = self.commands.send(Command::Release { user }).await;
+    /// Call with the topics the hub released (a user's last local connection closed).
+    pub async fn release(&self, topics: Vec<Topic>) {
+        if !topics.is_empty() {
+            let _ = self.commands.send(Command::Release { topics }).await;
+        }
+    }
+
+    /// Publishes client frames (`<origin>\n<frame>`) to channels, in order, in one pipeline:
+    /// receipts, typing and membership events. Membership events name the affected user's
+    /// channel first, so every node updates its room index before the room's next message.
+    pub async fn publish(
+        &self,
+        channels: &[String],
+        origin: Uuid,
+        frame: &str,
+    ) -> Result<(), BrokerError> {
+        let payload = format!("{origin}\n{frame}");
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.cmd("PUBLISH").arg(channel).arg(&payload).ignore();
+        }
+        self.run(&pipe).await
+    }
+
+    /// Runs a pipeline on the shared command connection, within the append timeout.
+    pub async fn run(&self, pipe: &redis::Pipeline) -> Result<(), BrokerError> {
+        self.query(pipe).await
+    }
+
+    /// Runs a pipeline on the shared command connection and returns its replies.
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, BrokerError> {
+        let attempt = async {
+            let mut conn = self.commands_conn().await?;
+            Ok::<_, BrokerError>(pipe.query_async(&mut conn).await?)
+        };
+        let result = tokio::time::timeout(APPEND_TIMEOUT, attempt)
+            .await
+            .unwrap_or(Err(BrokerError::Timeout));
+        if result.is_err() {
+            self.metrics
+                .redis_errors
+                .with_label_values(&["command"])
+                .inc();
+        }
+        result
+    }
+
+    /// The key schema of this deployment.
+    pub fn keys(&self) -> &KeySchema {
+        self.appender.keys()
     }
 
     /// The shared command connection, connecting it on first use.
@@ -166,8 +222,10 @@ impl Broker {
     }
 }
 
-/// Owns the pub/sub connection and the set of subscribed users.
+/// Owns the pub/sub connection and the set of subscribed topics.
 struct Manager {
+    /// Handed to the reader, which asks for room subscriptions when membership events arrive.
+    own_commands: mpsc::Sender<Command>,
     client: redis::Client,
     pubsub_up: Arc<AtomicBool>,
     keys: KeySchema,
@@ -200,9 +258,9 @@ impl Manager {
                     continue;
                 }
             };
-            // Everyone connected here must be subscribed again on the new connection.
+            // Every topic needed here must be subscribed again on the new connection.
             let mut subscribed = HashSet::new();
-            let local = self.hub.users();
+            let local = self.hub.topics();
             if let Err(e) = self.set_subscribed(&sink, &local, true).await {
                 tracing::warn!(error = %e, "re-subscribe failed");
                 if self.sleep(backoff.next_delay()).await {
@@ -217,7 +275,7 @@ impl Manager {
             if connected_before {
                 self.metrics.pubsub_reconnects.inc();
                 tracing::warn!(
-                    users = subscribed.len(),
+                    topics = subscribed.len(),
                     "pub/sub reconnected and re-subscribed"
                 );
             }
@@ -230,6 +288,7 @@ impl Manager {
                 self.keys.clone(),
                 self.hub.clone(),
                 self.metrics.clone(),
+                self.own_commands.clone(),
             ));
             loop {
                 tokio::select! {
@@ -276,17 +335,17 @@ impl Manager {
         }
     }
 
-    /// SUBSCRIBE (or UNSUBSCRIBE) each user's channel, one command per channel, pipelined: the
+    /// SUBSCRIBE (or UNSUBSCRIBE) each topic's channel, one command per channel, pipelined: the
     /// client pairs one reply with one command, so a multi-channel command would be mis-paired.
     async fn set_subscribed(
         &self,
         sink: &redis::aio::PubSubSink,
-        users: &[Uuid],
+        topics: &[Topic],
         subscribe: bool,
     ) -> redis::RedisResult<()> {
-        let calls = users.iter().map(|user| {
+        let calls = topics.iter().map(|topic| {
             let mut sink = sink.clone();
-            let channel = self.keys.user_channel(*user);
+            let channel = self.keys.channel(*topic);
             async move {
                 if subscribe {
                     sink.subscribe(channel).await
@@ -305,7 +364,7 @@ impl Manager {
     async fn reconcile(
         &self,
         sink: &redis::aio::PubSubSink,
-        subscribed: &mut HashSet<Uuid>,
+        subscribed: &mut HashSet<Topic>,
         batch: Vec<Command>,
     ) -> redis::RedisResult<()> {
         let mut to_subscribe = Vec::new();
@@ -314,22 +373,26 @@ impl Manager {
         for cmd in batch {
             match cmd {
                 // The handshake gave up waiting (timeout): nothing to do for it.
-                Command::Ensure { done, .. } if done.is_closed() => {}
-                Command::Ensure { user, done } => {
-                    if !subscribed.contains(&user) && !to_subscribe.contains(&user) {
-                        to_subscribe.push(user);
+                Command::Ensure {
+                    done: Some(done), ..
+                } if done.is_closed() => {}
+                Command::Ensure { topics, done } => {
+                    for topic in topics {
+                        if !subscribed.contains(&topic) && !to_subscribe.contains(&topic) {
+                            to_subscribe.push(topic);
+                        }
                     }
-                    waiting.push(done);
+                    waiting.extend(done);
                 }
-                Command::Release { user } => {
-                    released.insert(user);
+                Command::Release { topics } => {
+                    released.extend(topics);
                 }
             }
         }
-        // Decided by the hub alone: a user with no local connection must not stay subscribed,
-        // even if an (abandoned) ensure for them came in the same batch.
-        to_subscribe.retain(|u| self.hub.has_local(*u));
-        let to_unsubscribe: Vec<Uuid> = released
+        // Decided by the hub alone: a topic nobody here needs must not stay subscribed, even if
+        // an (abandoned) ensure for it came in the same batch.
+        to_subscribe.retain(|t| self.hub.has_local(*t));
+        let to_unsubscribe: Vec<Topic> = released
             .into_iter()
             .filter(|u| subscribed.contains(u) && !self.hub.has_local(*u))
             .collect();
@@ -349,15 +412,21 @@ impl Manager {
     }
 }
 
-/// Forwards every published frame to the hub until the connection ends.
+/// The start of a membership event frame, which the node acts on before forwarding it.
+const MEMBERSHIP_PREFIX: &str = "{\"type\":\"membership\"";
+
+/// Forwards every published frame to the hub until the connection ends. Membership events on a
+/// user's channel update the room index (and the room subscriptions) before anything else of
+/// that room is read.
 async fn read(
     mut stream: redis::aio::PubSubStream,
     keys: KeySchema,
     hub: Arc<Hub>,
     metrics: Metrics,
+    commands: mpsc::Sender<Command>,
 ) {
     while let Some(msg) = stream.next().await {
-        let Some(user) = keys.parse_user_channel(msg.get_channel_name()) else {
+        let Some(topic) = keys.parse_channel(msg.get_channel_name()) else {
             continue;
         };
         let Some((origin, frame)) = split_published(msg.get_payload_bytes()) else {
@@ -369,10 +438,48 @@ async fn read(
             tracing::warn!("non-UTF-8 pub/sub payload dropped");
             continue;
         };
-        if let Some(ts) = frame_ts(&frame) {
+        let mut skip_user = None;
+        if frame.starts_with(MEMBERSHIP_PREFIX) {
+            match serde_json::from_str::<ServerFrame>(&frame) {
+                Ok(ServerFrame::Membership {
+                    conversation_id,
+                    user_id,
+                    change,
+                    ..
+                }) => {
+                    match topic {
+                        Topic::User(_) => {
+                            let command = match change {
+                                MembershipChange::Added => {
+                                    let new = hub.join(user_id, &[conversation_id]);
+                                    (!new.is_empty()).then(|| Command::Ensure {
+                                        topics: vec![Topic::Room(conversation_id)],
+                                        done: None,
+                                    })
+                                }
+                                MembershipChange::Removed => hub
+                                    .leave(user_id, conversation_id)
+                                    .then(|| Command::Release {
+                                        topics: vec![Topic::Room(conversation_id)],
+                                    }),
+                            };
+                            if let Some(command) = command {
+                                let _ = commands.send(command).await;
+                            }
+                        }
+                        // The affected user gets the event on their own channel.
+                        Topic::Room(_) => skip_user = Some(user_id),
+                    }
+                }
+                _ => {
+                    tracing::warn!("malformed membership event dropped");
+                    continue;
+                }
+            }
+        } else if let Some(ts) = frame_ts(&frame) {
             let age_ms = (chat_core::now_ms() - ts).max(0);
             metrics.delivery_latency.observe(age_ms as f64 / 1000.0);
         }
-        hub.deliver(user, origin, &frame);
+        hub.deliver(topic, origin, skip_user, &frame);
     }
 }

@@ -43,6 +43,15 @@ pub struct GatewayConfig {
     pub gateway_subscribe_timeout_ms: u64,
     /// How long SIGTERM waits for connections to close before exiting.
     pub gateway_shutdown_grace_secs: u64,
+    /// Recent messages kept per conversation in Redis (the tail history and sync read before
+    /// the worker has written them to Postgres).
+    pub gateway_history_tail_len: u32,
+    /// How long a conversation's tail lives in Redis after its last message.
+    pub gateway_history_tail_ttl_secs: u64,
+    /// Most members a room may have.
+    pub gateway_max_room_members: usize,
+    /// Most rooms a user may be a member of.
+    pub gateway_max_rooms_per_user: usize,
 }
 
 impl Default for GatewayConfig {
@@ -70,6 +79,10 @@ impl Default for GatewayConfig {
             gateway_pg_pool_size: 16,
             gateway_subscribe_timeout_ms: 3000,
             gateway_shutdown_grace_secs: 20,
+            gateway_history_tail_len: chat_core::stream::DEFAULT_TAIL_LEN,
+            gateway_history_tail_ttl_secs: chat_core::stream::DEFAULT_TAIL_TTL_MS / 1000,
+            gateway_max_room_members: 10_000,
+            gateway_max_rooms_per_user: 1_000,
         }
     }
 }
@@ -119,6 +132,19 @@ impl GatewayConfig {
             (
                 "gateway_subscribe_timeout_ms",
                 self.gateway_subscribe_timeout_ms as usize,
+            ),
+            (
+                "gateway_history_tail_len",
+                self.gateway_history_tail_len as usize,
+            ),
+            (
+                "gateway_history_tail_ttl_secs",
+                self.gateway_history_tail_ttl_secs as usize,
+            ),
+            ("gateway_max_room_members", self.gateway_max_room_members),
+            (
+                "gateway_max_rooms_per_user",
+                self.gateway_max_rooms_per_user,
             ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {

@@ -1,10 +1,11 @@
 //! The node's local connection registry: which users have connections here, and the bounded
 //! outbound queue of each. Delivery hands the same frame bytes to every local recipient.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use bytestring::ByteString;
+use chat_core::keys::Topic;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -20,62 +21,161 @@ pub struct LocalConn {
     pub kick: CancellationToken,
 }
 
-/// Registry of local connections by user. The lock is never held across an `.await`.
+/// What the hub guards with its one lock.
+#[derive(Default)]
+struct State {
+    /// Local connections by user.
+    users: HashMap<Uuid, Vec<LocalConn>>,
+    /// Local users in each room (only users with a connection here).
+    room_members: HashMap<Uuid, HashSet<Uuid>>,
+    /// The rooms of each local user: the reverse of `room_members`.
+    rooms_of: HashMap<Uuid, HashSet<Uuid>>,
+}
+
+/// Registry of local connections by user and of local users by room. The lock is never held
+/// across an `.await`.
 pub struct Hub {
-    users: Mutex<HashMap<Uuid, Vec<LocalConn>>>,
+    state: Mutex<State>,
     metrics: Metrics,
 }
 
 impl Hub {
     pub fn new(metrics: Metrics) -> Self {
         Hub {
-            users: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
             metrics,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Vec<LocalConn>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock would be a bug in this module; the map stays usable.
-        self.users
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Adds a connection.
     pub fn register(&self, user: Uuid, conn: LocalConn) {
-        self.lock().entry(user).or_default().push(conn);
+        self.lock().users.entry(user).or_default().push(conn);
     }
 
-    /// Removes a connection; returns true if it was the user's last one on this node.
-    pub fn unregister(&self, user: Uuid, conn_id: Uuid) -> bool {
-        let mut users = self.lock();
-        let Some(conns) = users.get_mut(&user) else {
-            return true;
-        };
-        conns.retain(|c| c.conn_id != conn_id);
-        if conns.is_empty() {
-            users.remove(&user);
-            true
-        } else {
-            false
+    /// Removes a connection. When it was the user's last one here, the user leaves every room
+    /// index too, and the topics nobody here needs any more are returned (to unsubscribe).
+    pub fn unregister(&self, user: Uuid, conn_id: Uuid) -> Vec<Topic> {
+        let mut state = self.lock();
+        if let Some(conns) = state.users.get_mut(&user) {
+            conns.retain(|c| c.conn_id != conn_id);
+            if !conns.is_empty() {
+                return Vec::new();
+            }
+        }
+        state.users.remove(&user);
+        let mut released = vec![Topic::User(user)];
+        for room in state.rooms_of.remove(&user).unwrap_or_default() {
+            if let Some(members) = state.room_members.get_mut(&room) {
+                members.remove(&user);
+                if members.is_empty() {
+                    state.room_members.remove(&room);
+                    released.push(Topic::Room(room));
+                }
+            }
+        }
+        released
+    }
+
+    /// Records that local `user` is a member of `rooms`; returns the rooms that had no local
+    /// member before (to subscribe). Does nothing for a user with no connection here.
+    pub fn join(&self, user: Uuid, rooms: &[Uuid]) -> Vec<Uuid> {
+        let mut state = self.lock();
+        if !state.users.contains_key(&user) {
+            return Vec::new();
+        }
+        let mut new_rooms = Vec::new();
+        for room in rooms {
+            let members = state.room_members.entry(*room).or_default();
+            if members.is_empty() {
+                new_rooms.push(*room);
+            }
+            members.insert(user);
+            state.rooms_of.entry(user).or_default().insert(*room);
+        }
+        new_rooms
+    }
+
+    /// Records that `user` left `room`; returns true when no local member is left in it.
+    pub fn leave(&self, user: Uuid, room: Uuid) -> bool {
+        let mut state = self.lock();
+        if let Some(rooms) = state.rooms_of.get_mut(&user) {
+            rooms.remove(&room);
+        }
+        match state.room_members.get_mut(&room) {
+            Some(members) => {
+                members.remove(&user);
+                if members.is_empty() {
+                    state.room_members.remove(&room);
+                    true
+                } else {
+                    false
+                }
+            }
+            None => false,
         }
     }
 
-    /// Whether `user` has any connection on this node.
-    pub fn has_local(&self, user: Uuid) -> bool {
-        self.lock().contains_key(&user)
+    /// Whether local `user` is a member of `room` as this node knows it.
+    pub fn is_member(&self, user: Uuid, room: Uuid) -> bool {
+        self.lock()
+            .rooms_of
+            .get(&user)
+            .is_some_and(|rooms| rooms.contains(&room))
     }
 
-    /// Every user with a local connection (for re-subscribing after a pub/sub reconnect).
-    pub fn users(&self) -> Vec<Uuid> {
-        self.lock().keys().copied().collect()
+    /// Whether anything here needs `topic`: a local connection of the user, or a local member
+    /// of the room.
+    pub fn has_local(&self, topic: Topic) -> bool {
+        let state = self.lock();
+        match topic {
+            Topic::User(u) => state.users.contains_key(&u),
+            Topic::Room(r) => state.room_members.contains_key(&r),
+        }
     }
 
-    /// Queues `frame` for every local connection of `user` except `origin`.
+    /// Every topic needed here (for re-subscribing after a pub/sub reconnect).
+    pub fn topics(&self) -> Vec<Topic> {
+        let state = self.lock();
+        state
+            .users
+            .keys()
+            .map(|u| Topic::User(*u))
+            .chain(state.room_members.keys().map(|r| Topic::Room(*r)))
+            .collect()
+    }
+
+    /// Queues `frame` for every local connection the topic reaches (the user's, or every local
+    /// member's of the room) except `origin` and except the connections of `skip_user`.
     /// Returns how many connections it was queued for.
-    pub fn deliver(&self, user: Uuid, origin: Uuid, frame: &ByteString) -> usize {
-        let users = self.lock();
-        let Some(conns) = users.get(&user) else {
+    pub fn deliver(
+        &self,
+        topic: Topic,
+        origin: Uuid,
+        skip_user: Option<Uuid>,
+        frame: &ByteString,
+    ) -> usize {
+        let state = self.lock();
+        match topic {
+            Topic::User(user) => self.queue(&state, user, origin, frame),
+            Topic::Room(room) => state.room_members.get(&room).map_or(0, |members| {
+                members
+                    .iter()
+                    .filter(|u| Some(**u) != skip_user)
+                    .map(|u| self.queue(&state, *u, origin, frame))
+                    .sum()
+            }),
+        }
+    }
+
+    fn queue(&self, state: &State, user: Uuid, origin: Uuid, frame: &ByteString) -> usize {
+        let Some(conns) = state.users.get(&user) else {
             return 0;
         };
         let mut queued = 0;
@@ -127,7 +227,8 @@ mod tests {
         hub.register(user, c);
 
         let frame = ByteString::from_static("{}");
-        assert_eq!(hub.deliver(user, a_id, &frame), 2);
+        let user_topic = Topic::User(user);
+        assert_eq!(hub.deliver(user_topic, a_id, None, &frame), 2);
         assert!(
             rx_a.try_recv().is_err(),
             "origin must not get its own message"
@@ -135,8 +236,8 @@ mod tests {
         assert!(rx_b.try_recv().is_ok());
         assert!(rx_c.try_recv().is_ok());
 
-        hub.deliver(user, a_id, &frame); // fills b (capacity 1)
-        hub.deliver(user, a_id, &frame); // overflows b
+        hub.deliver(user_topic, a_id, None, &frame); // fills b (capacity 1)
+        hub.deliver(user_topic, a_id, None, &frame); // overflows b
         assert!(b_kick.is_cancelled());
         assert_eq!(rx_c.len(), 2, "the fast connection got every frame");
     }
@@ -151,9 +252,46 @@ mod tests {
         let (a_id, b_id) = (a.conn_id, b.conn_id);
         hub.register(user, a);
         hub.register(user, b);
-        assert!(!hub.unregister(user, a_id));
-        assert!(hub.has_local(user));
-        assert!(hub.unregister(user, b_id));
-        assert!(!hub.has_local(user));
+        assert!(hub.unregister(user, a_id).is_empty());
+        assert!(hub.has_local(Topic::User(user)));
+        assert_eq!(hub.unregister(user, b_id), vec![Topic::User(user)]);
+        assert!(!hub.has_local(Topic::User(user)));
+    }
+
+    /// Room delivery reaches local members only; leaving stops it at once, and the last local
+    /// member leaving releases the room.
+    #[test]
+    fn rooms_deliver_to_local_members_until_they_leave() {
+        let hub = Hub::new(Metrics::new().expect("metrics"));
+        let (alice, bob, room) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let (a, mut rx_a) = conn(8);
+        let (b, mut rx_b) = conn(8);
+        let b_id = b.conn_id;
+        hub.register(alice, a);
+        hub.register(bob, b);
+        assert_eq!(hub.join(alice, &[room]), vec![room], "first local member");
+        assert!(hub.join(bob, &[room]).is_empty());
+        assert!(
+            hub.join(Uuid::now_v7(), &[room]).is_empty(),
+            "not local: ignored"
+        );
+        let frame = ByteString::from_static("{}");
+        assert_eq!(hub.deliver(Topic::Room(room), Uuid::nil(), None, &frame), 2);
+        assert_eq!(
+            hub.deliver(Topic::Room(room), Uuid::nil(), Some(bob), &frame),
+            1
+        );
+        assert!(!hub.leave(alice, room));
+        assert!(!hub.is_member(alice, room));
+        assert_eq!(hub.deliver(Topic::Room(room), Uuid::nil(), None, &frame), 1);
+        assert_eq!(rx_a.len(), 2, "alice got nothing after leaving");
+        assert_eq!(rx_b.len(), 2);
+        while rx_b.try_recv().is_ok() {}
+        assert_eq!(
+            hub.unregister(bob, b_id),
+            vec![Topic::User(bob), Topic::Room(room)]
+        );
+        assert!(!hub.has_local(Topic::Room(room)));
+        let _ = rx_a.try_recv();
     }
 }

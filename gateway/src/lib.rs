@@ -8,6 +8,9 @@
 //! - [`hub`]: local connections by user, bounded outbound queues.
 //! - [`broker`]: Redis append script and the node's pub/sub subscriptions.
 //! - [`accounts`]: register, login, `users/me`, recipient directory.
+//! - [`conversations`]: membership directory, conversation list, history endpoint.
+//! - [`history`]: a seq range merged from the Redis tail and Postgres.
+//! - [`rooms`]: room creation and membership.
 //! - [`auth`]: argon2id and HS256 JWT.
 //! - [`api_error`]: JSON error responses.
 //! - [`metrics`]: every `chat_gateway_*` metric.
@@ -18,9 +21,12 @@ pub mod api_error;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod conversations;
+pub mod history;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod rooms;
 pub mod session;
 
 use std::net::TcpListener;
@@ -30,6 +36,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpServer};
 use chat_core::admin::{self, Lifecycle, Readiness};
 use chat_core::keys::KeySchema;
+use chat_core::stream::Appender;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::UserDirectory;
@@ -91,9 +98,14 @@ pub async fn run(
     let lifecycle = Lifecycle::default();
     let keys = KeySchema::new(cfg.redis_prefix.clone(), cfg.redis_partitions);
     let hub = Arc::new(Hub::new(metrics.clone()));
+    let appender = Appender::with_tail(
+        keys,
+        cfg.gateway_history_tail_len,
+        cfg.gateway_history_tail_ttl_secs.saturating_mul(1000),
+    );
     let (broker, broker_task) = Broker::start(
         &cfg.redis_url,
-        keys,
+        appender,
         hub.clone(),
         metrics.clone(),
         Duration::from_millis(cfg.gateway_subscribe_timeout_ms),
@@ -138,6 +150,7 @@ pub async fn run(
         hub,
         broker,
         directory: UserDirectory::new(DIRECTORY_CACHE_USERS),
+        conversations: conversations::Directory::new(DIRECTORY_CACHE_USERS),
         metrics,
         shutdown: shutdown.clone(),
     });
@@ -151,12 +164,25 @@ pub async fn run(
                     .limit(MAX_JSON_BODY_BYTES)
                     .error_handler(api_error::json_body_error),
             )
+            .app_data(web::QueryConfig::default().error_handler(api_error::query_error))
             .route("/ws", web::get().to(session::handshake))
             .service(
                 web::scope("/api/v1")
                     .route("/auth/register", web::post().to(accounts::register))
                     .route("/auth/login", web::post().to(accounts::login))
-                    .route("/users/me", web::get().to(accounts::me)),
+                    .route("/users/me", web::get().to(accounts::me))
+                    .route("/conversations", web::get().to(conversations::list))
+                    .route(
+                        "/conversations/{id}/messages",
+                        web::get().to(conversations::messages),
+                    )
+                    .route("/rooms", web::post().to(rooms::create))
+                    .route("/rooms/{id}", web::get().to(rooms::show))
+                    .route("/rooms/{id}/members", web::post().to(rooms::add_members))
+                    .route(
+                        "/rooms/{id}/members/{user_id}",
+                        web::delete().to(rooms::remove_member),
+                    ),
             )
             .default_service(web::to(api_error::not_found))
     })

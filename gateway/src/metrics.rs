@@ -24,6 +24,7 @@ pub struct Metrics {
     pub pubsub_subscriptions: IntGauge,
     pub pubsub_reconnects: IntCounter,
     pub outbound_dropped: IntCounter,
+    pub history_incomplete: IntCounter,
     pub send_latency: Histogram,
     pub delivery_latency: Histogram,
 }
@@ -109,7 +110,7 @@ impl Metrics {
             )?,
             pubsub_subscriptions: gauge(
                 "chat_gateway_pubsub_subscriptions",
-                "User channels this node is subscribed to",
+                "Channels (users' and rooms') this node is subscribed to",
             )?,
             pubsub_reconnects: counter(
                 "chat_gateway_pubsub_reconnects_total",
@@ -118,6 +119,10 @@ impl Metrics {
             outbound_dropped: counter(
                 "chat_gateway_outbound_queue_overflows_total",
                 "Connections whose outbound queue overflowed (closed as slow consumers)",
+            )?,
+            history_incomplete: counter(
+                "chat_gateway_history_incomplete_total",
+                "History and sync reads refused because a message was neither in the Redis tail nor yet in Postgres",
             )?,
             send_latency: histogram(
                 "chat_gateway_send_latency_seconds",

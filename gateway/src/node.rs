@@ -25,6 +25,8 @@ pub struct Node {
     pub broker: Broker,
     /// Cached "does this recipient exist".
     pub directory: UserDirectory,
+    /// Who may use a conversation.
+    pub conversations: crate::conversations::Directory,
     pub metrics: Metrics,
     /// Cancelled when the node starts to drain; every session watches it.
     pub shutdown: CancellationToken,

@@ -1,6 +1,7 @@
 //! One WebSocket connection: the handshake (Origin, token, subscription), then a single loop over
 //! client frames, queued deliveries, heartbeats, token expiry and shutdown.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
@@ -10,14 +11,17 @@ use actix_ws::{
 };
 use bytestring::ByteString;
 use chat_core::conversation::direct_conversation_id;
-use chat_core::protocol::{ClientFrame, CloseCode, ErrorCode, ServerFrame};
-use chat_core::stream::NewMessage;
+use chat_core::keys::Topic;
+use chat_core::protocol::{ClientFrame, CloseCode, ErrorCode, ServerFrame, SyncPoint};
+use chat_core::stream::{frame_conversation_seq, NewMessage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::accounts::authenticate;
 use crate::api_error::ApiError;
+use crate::conversations::{self, Membership};
+use crate::history;
 use crate::hub::LocalConn;
 use crate::node::Node;
 
@@ -26,6 +30,14 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest client message id accepted.
 const MAX_CLIENT_ID_BYTES: usize = 128;
+/// Most conversations one `sync` frame may name.
+const MAX_SYNC_CONVERSATIONS: usize = 100;
+/// Most messages one `sync` sends per conversation; `synced.complete` is false beyond it.
+const SYNC_PAGE: i64 = 500;
+/// At most one `typing` relayed per conversation per connection in this interval.
+const TYPING_INTERVAL: Duration = Duration::from_secs(1);
+/// Conversations a connection remembers typing times for, before forgetting the old ones.
+const MAX_TYPING_ENTRIES: usize = 64;
 
 /// `GET /ws`: checks Origin and token, subscribes the user, then upgrades.
 pub async fn handshake(
@@ -77,13 +89,13 @@ async fn accept(
             kick: kick.clone(),
         },
     );
-    // Hello goes out only once this node receives the user's channel: nothing sent to the user
-    // after the hello can be missed.
-    if let Err(e) = node.broker.ensure_subscribed(user_id).await {
+    // Hello goes out only once this node receives the user's channel and their rooms' channels:
+    // nothing sent to the user after the hello can be missed. The user's channel comes first, so
+    // a membership change made while the rooms load arrives as an event, after the query.
+    if let Err(e) = subscribe_user_and_rooms(node, user_id).await {
         tracing::warn!(error = %e, %conn_id, "subscription failed during handshake");
-        if node.hub.unregister(user_id, conn_id) {
-            node.broker.release(user_id).await;
-        }
+        let released = node.hub.unregister(user_id, conn_id);
+        node.broker.release(released).await;
         return Err(ApiError::unavailable("messaging"));
     }
 
@@ -101,6 +113,45 @@ async fn accept(
     tracing::debug!(%conn_id, %user_id, "connection open");
     actix_web::rt::spawn(connection.run(session, stream, outbound, kick));
     Ok(response)
+}
+
+/// Why a handshake could not subscribe the user.
+#[derive(Debug, thiserror::Error)]
+enum SubscribeError {
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error("loading rooms: {0}")]
+    Rooms(String),
+}
+
+async fn subscribe_user_and_rooms(node: &Node, user: Uuid) -> Result<(), SubscribeError> {
+    node.broker
+        .ensure_subscribed(vec![Topic::User(user)])
+        .await?;
+    let client = node
+        .db
+        .get()
+        .await
+        .map_err(|e| SubscribeError::Rooms(chat_core::db::describe_pool(&e)))?;
+    let max_rooms = node.config.raw.gateway_max_rooms_per_user as i64;
+    let rooms: Vec<Uuid> = client
+        .query(
+            "SELECT m.conversation_id FROM conversation_members m
+             JOIN conversations c ON c.id = m.conversation_id
+             WHERE m.user_id = $1 AND c.kind = 'room' LIMIT $2",
+            &[&user, &max_rooms],
+        )
+        .await
+        .map_err(|e| SubscribeError::Rooms(chat_core::db::describe(&e)))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let new_rooms = node.hub.join(user, &rooms);
+    if !new_rooms.is_empty() {
+        let topics = new_rooms.into_iter().map(Topic::Room).collect();
+        node.broker.ensure_subscribed(topics).await?;
+    }
+    Ok(())
 }
 
 /// Refuses browsers from Origins not on the allow-list (cross-site WebSocket hijacking).
@@ -131,6 +182,37 @@ struct Connection {
     user_id: Uuid,
     conn_id: Uuid,
     token_exp: u64,
+}
+
+/// What one connection remembers about the frames it wrote, so a sync and live delivery
+/// together send every message of a conversation exactly once on this connection.
+#[derive(Default)]
+struct Delivered {
+    /// The seq of the first live `message` written here, per conversation. Live delivery on a
+    /// connection is in seq order and gap-free from there, so a sync stops below it.
+    first_live: HashMap<Uuid, i64>,
+    /// The highest seq a sync sent for a conversation with no live message yet: queued live
+    /// frames at or below it are dropped instead of written twice.
+    synced_through: HashMap<Uuid, i64>,
+    /// When this connection last relayed `typing`, per conversation.
+    typing_at: HashMap<Uuid, Instant>,
+}
+
+impl Delivered {
+    /// Whether a live frame should be written; records the first live seq of its conversation.
+    fn admit(&mut self, frame: &str) -> bool {
+        let Some((conversation, seq)) = frame_conversation_seq(frame) else {
+            return true;
+        };
+        if let Some(through) = self.synced_through.get(&conversation) {
+            if seq <= *through {
+                return false;
+            }
+            self.synced_through.remove(&conversation);
+        }
+        self.first_live.entry(conversation).or_insert(seq);
+        true
+    }
 }
 
 /// How the loop ended: close with a code, or the peer is already gone.
@@ -170,6 +252,7 @@ impl Connection {
         let expiry = tokio::time::sleep(Duration::from_secs(until_expiry));
         tokio::pin!(expiry);
         let shutdown = self.node.shutdown.clone();
+        let mut delivered = Delivered::default();
 
         while end.is_none() {
             end = tokio::select! {
@@ -177,6 +260,7 @@ impl Connection {
                 _ = kick.cancelled() => Some(End::Close(CloseCode::SlowConsumer)),
                 _ = &mut expiry => Some(End::Close(CloseCode::TokenExpired)),
                 frame = outbound.recv() => match frame {
+                    Some(frame) if !delivered.admit(&frame) => None,
                     Some(frame) => match tokio::time::timeout(WRITE_TIMEOUT, session.text(frame)).await {
                         Ok(Ok(())) => {
                             self.node.metrics.messages_delivered.inc();
@@ -201,14 +285,13 @@ impl Connection {
                 }
                 msg = stream.recv() => {
                     last_heard = Instant::now();
-                    self.on_client_message(&mut session, msg).await
+                    self.on_client_message(&mut session, msg, &mut delivered).await
                 }
             };
         }
 
-        if self.node.hub.unregister(self.user_id, self.conn_id) {
-            self.node.broker.release(self.user_id).await;
-        }
+        let released = self.node.hub.unregister(self.user_id, self.conn_id);
+        self.node.broker.release(released).await;
         self.node.metrics.connections_open.dec();
         let reason = match end {
             Some(End::Close(code)) => {
@@ -243,6 +326,7 @@ impl Connection {
         &self,
         session: &mut Session,
         msg: Option<Result<AggregatedMessage, ProtocolError>>,
+        delivered: &mut Delivered,
     ) -> Option<End> {
         let msg = match msg {
             None => return Some(End::Gone),
@@ -261,7 +345,7 @@ impl Connection {
             }
         };
         let sent = match msg {
-            AggregatedMessage::Text(text) => self.on_text(session, &text).await,
+            AggregatedMessage::Text(text) => self.on_text(session, &text, delivered).await,
             AggregatedMessage::Binary(_) => {
                 self.node
                     .metrics
@@ -287,7 +371,12 @@ impl Connection {
         sent.err().map(|_| End::Gone)
     }
 
-    async fn on_text(&self, session: &mut Session, text: &str) -> Result<(), Closed> {
+    async fn on_text(
+        &self,
+        session: &mut Session,
+        text: &str,
+        delivered: &mut Delivered,
+    ) -> Result<(), Closed> {
         let received = Instant::now();
         let frame = match serde_json::from_str::<ClientFrame>(text) {
             Ok(f) => f,
@@ -307,9 +396,14 @@ impl Connection {
             }
         };
         match frame {
-            ClientFrame::Send { id, to, body } => {
+            ClientFrame::Send {
+                id,
+                to,
+                conversation_id,
+                body,
+            } => {
                 self.node.metrics.frames_in_send.inc();
-                let reply = match self.accept_send(&id, to, body).await {
+                let reply = match self.accept_send(&id, to, conversation_id, body).await {
                     Ok(ack) => ack,
                     Err((code, message)) => ServerFrame::error(Some(id), code, message),
                 };
@@ -322,14 +416,275 @@ impl Connection {
                 }
                 sent
             }
+            ClientFrame::Sync {
+                conversation_id,
+                after_seq,
+                conversations,
+            } => {
+                self.count_in("sync");
+                let points = match (conversation_id, conversations) {
+                    (Some(conversation_id), None) => vec![SyncPoint {
+                        conversation_id,
+                        after_seq: after_seq.unwrap_or(0),
+                    }],
+                    (None, Some(points)) if after_seq.is_none() => points,
+                    _ => {
+                        let message = "give conversation_id (and after_seq) or conversations";
+                        return self
+                            .reply_error(session, ErrorCode::BadRequest, message)
+                            .await;
+                    }
+                };
+                if points.is_empty() || points.len() > MAX_SYNC_CONVERSATIONS {
+                    let message = format!("sync 1 to {MAX_SYNC_CONVERSATIONS} conversations");
+                    return self
+                        .reply_error(session, ErrorCode::BadRequest, message)
+                        .await;
+                }
+                for point in points {
+                    self.sync(session, point, delivered).await?;
+                }
+                Ok(())
+            }
+            ClientFrame::Read {
+                conversation_id,
+                seq,
+            } => {
+                self.count_in("read");
+                match self.mark_read(conversation_id, seq).await {
+                    Ok(()) => Ok(()),
+                    Err((code, message)) => self.reply_error(session, code, message).await,
+                }
+            }
+            ClientFrame::Typing { conversation_id } => {
+                self.count_in("typing");
+                match self.relay_typing(conversation_id, delivered).await {
+                    Ok(()) => Ok(()),
+                    Err((code, message)) => self.reply_error(session, code, message).await,
+                }
+            }
         }
+    }
+
+    fn count_in(&self, frame_type: &str) {
+        self.node
+            .metrics
+            .frames_in
+            .with_label_values(&[frame_type])
+            .inc();
+    }
+
+    async fn reply_error(
+        &self,
+        session: &mut Session,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Result<(), Closed> {
+        self.send(session, &ServerFrame::error(None, code, message))
+            .await
+    }
+
+    /// The caller's membership of a conversation, or the error to answer.
+    async fn membership(&self, conversation: Uuid) -> Result<Membership, (ErrorCode, String)> {
+        match self
+            .node
+            .conversations
+            .resolve(&self.node, self.user_id, conversation)
+            .await
+        {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err((
+                ErrorCode::Forbidden,
+                format!("not a member of conversation {conversation}"),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, conn_id = %self.conn_id, "membership lookup failed");
+                Err((
+                    ErrorCode::Unavailable,
+                    "cannot check membership now; retry".into(),
+                ))
+            }
+        }
+    }
+
+    /// Sends the messages after `point.after_seq` that this connection has not had, then
+    /// `synced`. At most `SYNC_PAGE` messages per conversation per request.
+    async fn sync(
+        &self,
+        session: &mut Session,
+        point: SyncPoint,
+        delivered: &mut Delivered,
+    ) -> Result<(), Closed> {
+        let conversation = point.conversation_id;
+        let after = point.after_seq;
+        if after < 0 {
+            return self
+                .reply_error(
+                    session,
+                    ErrorCode::BadRequest,
+                    "after_seq must be at least 0",
+                )
+                .await;
+        }
+        if let Err((code, message)) = self.membership(conversation).await {
+            return self.reply_error(session, code, message).await;
+        }
+        // From the first live message on, live delivery covers the conversation.
+        let upper = match delivered.first_live.get(&conversation) {
+            Some(first) => first - 1,
+            None => match history::last_seq(&self.node, conversation).await {
+                Ok(last) => last,
+                Err(e) => return self.reply_history_error(session, e).await,
+            },
+        };
+        let hi = upper.min(after.saturating_add(SYNC_PAGE));
+        let messages = match history::read_range(&self.node, conversation, after + 1, hi).await {
+            Ok(m) => m,
+            Err(e) => return self.reply_history_error(session, e).await,
+        };
+        for message in &messages {
+            let text = serde_json::to_string(message).unwrap_or_default();
+            match tokio::time::timeout(WRITE_TIMEOUT, session.text(text)).await {
+                Ok(Ok(())) => self.node.metrics.frames_out_message.inc(),
+                _ => return Err(Closed),
+            }
+        }
+        let complete = hi >= upper;
+        let last_seq = if complete { upper.max(after) } else { hi };
+        if !delivered.first_live.contains_key(&conversation) {
+            delivered.synced_through.insert(conversation, last_seq);
+        }
+        let synced = ServerFrame::Synced {
+            conversation_id: conversation,
+            last_seq,
+            complete,
+        };
+        self.send(session, &synced).await
+    }
+
+    async fn reply_history_error(
+        &self,
+        session: &mut Session,
+        e: history::HistoryError,
+    ) -> Result<(), Closed> {
+        tracing::warn!(error = %e, conn_id = %self.conn_id, "sync read failed");
+        let message = match e {
+            history::HistoryError::CatchingUp => "history is catching up; sync again shortly",
+            history::HistoryError::Postgres(_) => "history is unavailable; sync again later",
+        };
+        self.reply_error(session, ErrorCode::Unavailable, message)
+            .await
+    }
+
+    /// Stores the caller's read position (never backwards) and relays it when it moved.
+    async fn mark_read(&self, conversation: Uuid, seq: i64) -> Result<(), (ErrorCode, String)> {
+        if seq < 1 {
+            return Err((ErrorCode::BadRequest, "seq must be at least 1".into()));
+        }
+        let membership = self.membership(conversation).await?;
+        let unavailable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(error = %e, conn_id = %self.conn_id, "read receipt failed");
+            (
+                ErrorCode::Unavailable,
+                "cannot store the read position now; retry".to_string(),
+            )
+        };
+        let last = history::last_seq(&self.node, conversation)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if seq > last {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("seq {seq} is beyond the conversation's last message ({last})"),
+            ));
+        }
+        let client = self
+            .node
+            .db
+            .get()
+            .await
+            .map_err(|e| unavailable(&chat_core::db::describe_pool(&e)))?;
+        if let Membership::Direct { peer } = membership {
+            // The worker may not have written the conversation yet; the rows are the same ones
+            // it would write.
+            client
+                .execute(
+                    "WITH c AS (INSERT INTO conversations (id, kind) VALUES ($1, 'direct')
+                                ON CONFLICT (id) DO NOTHING)
+                     INSERT INTO conversation_members (conversation_id, user_id)
+                     VALUES ($1, $2), ($1, $3) ON CONFLICT DO NOTHING",
+                    &[&conversation, &self.user_id, &peer],
+                )
+                .await
+                .map_err(|e| unavailable(&chat_core::db::describe(&e)))?;
+        }
+        let moved = client
+            .execute(
+                "UPDATE conversation_members SET last_read_seq = $3
+                 WHERE conversation_id = $1 AND user_id = $2 AND last_read_seq < $3",
+                &[&conversation, &self.user_id, &seq],
+            )
+            .await
+            .map_err(|e| unavailable(&chat_core::db::describe(&e)))?;
+        if moved == 0 {
+            return Ok(());
+        }
+        let frame = ServerFrame::Read {
+            conversation_id: conversation,
+            user_id: self.user_id,
+            seq,
+        };
+        let channels = conversations::channels(&self.node, self.user_id, conversation, membership);
+        self.node
+            .broker
+            .publish(&channels, self.conn_id, &frame.to_json())
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+
+    /// Relays `typing` to the conversation's other members, at most once per conversation per
+    /// `TYPING_INTERVAL` from this connection (more are dropped without an error).
+    async fn relay_typing(
+        &self,
+        conversation: Uuid,
+        delivered: &mut Delivered,
+    ) -> Result<(), (ErrorCode, String)> {
+        let membership = self.membership(conversation).await?;
+        let now = Instant::now();
+        if delivered
+            .typing_at
+            .get(&conversation)
+            .is_some_and(|at| now.duration_since(*at) < TYPING_INTERVAL)
+        {
+            return Ok(());
+        }
+        if delivered.typing_at.len() >= MAX_TYPING_ENTRIES {
+            delivered
+                .typing_at
+                .retain(|_, at| now.duration_since(*at) < TYPING_INTERVAL);
+        }
+        delivered.typing_at.insert(conversation, now);
+        let frame = ServerFrame::Typing {
+            conversation_id: conversation,
+            user_id: self.user_id,
+        };
+        let channels = conversations::channels(&self.node, self.user_id, conversation, membership);
+        self.node
+            .broker
+            .publish(&channels, self.conn_id, &frame.to_json())
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, conn_id = %self.conn_id, "typing relay failed");
+                (ErrorCode::Unavailable, "typing not relayed".to_string())
+            })
     }
 
     /// Validates and appends one message; the ack to send, or the error code and message.
     async fn accept_send(
         &self,
         id: &str,
-        to: Uuid,
+        to: Option<Uuid>,
+        conversation_id: Option<Uuid>,
         body: String,
     ) -> Result<ServerFrame, (ErrorCode, String)> {
         let max_body = self.node.config.raw.gateway_max_body_bytes;
@@ -354,26 +709,25 @@ impl Connection {
                 format!("body exceeds {max_body} bytes"),
             ));
         }
-        if to == self.user_id {
-            return Err((
-                ErrorCode::BadRequest,
-                "cannot send a direct message to yourself".into(),
-            ));
-        }
-        match self.node.directory.exists(&self.node.db, to).await {
-            Ok(true) => {}
-            Ok(false) => return Err((ErrorCode::NotFound, "no such recipient".into())),
-            Err(e) => {
-                tracing::warn!(error = %e, conn_id = %self.conn_id, "recipient lookup failed");
-                return Err((
-                    ErrorCode::Unavailable,
-                    "cannot check the recipient now; retry".into(),
-                ));
+        let (conversation_id, to) = match (to, conversation_id) {
+            (Some(to), None) => {
+                self.check_recipient(to).await?;
+                (direct_conversation_id(self.user_id, to), Some(to))
             }
-        }
+            (None, Some(conversation)) => match self.membership(conversation).await? {
+                Membership::Direct { peer } => (conversation, Some(peer)),
+                Membership::Room => (conversation, None),
+            },
+            _ => {
+                return Err((
+                    ErrorCode::BadRequest,
+                    "give exactly one of to and conversation_id".into(),
+                ))
+            }
+        };
         let msg = NewMessage {
             msg_id: Uuid::now_v7(),
-            conversation_id: direct_conversation_id(self.user_id, to),
+            conversation_id,
             from: self.user_id,
             to,
             body,
@@ -397,11 +751,39 @@ impl Connection {
         }
     }
 
+    /// Checks a direct message's recipient: not the sender, and an existing user.
+    async fn check_recipient(&self, to: Uuid) -> Result<(), (ErrorCode, String)> {
+        if to == self.user_id {
+            return Err((
+                ErrorCode::BadRequest,
+                "cannot send a direct message to yourself".into(),
+            ));
+        }
+        match self.node.directory.exists(&self.node.db, to).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err((ErrorCode::NotFound, "no such recipient".into())),
+            Err(e) => {
+                tracing::warn!(error = %e, conn_id = %self.conn_id, "recipient lookup failed");
+                Err((
+                    ErrorCode::Unavailable,
+                    "cannot check the recipient now; retry".into(),
+                ))
+            }
+        }
+    }
+
     async fn send(&self, session: &mut Session, frame: &ServerFrame) -> Result<(), Closed> {
         let metrics = &self.node.metrics;
         match frame {
             ServerFrame::Ack { .. } => metrics.frames_out_ack.inc(),
             ServerFrame::Hello { .. } => metrics.frames_out.with_label_values(&["hello"]).inc(),
+            ServerFrame::Synced { .. } => metrics.frames_out.with_label_values(&["synced"]).inc(),
+            // Relayed frames are written by the delivery path; these arms count direct writes.
+            ServerFrame::Read { .. } => metrics.frames_out.with_label_values(&["read"]).inc(),
+            ServerFrame::Typing { .. } => metrics.frames_out.with_label_values(&["typing"]).inc(),
+            ServerFrame::Membership { .. } => {
+                metrics.frames_out.with_label_values(&["membership"]).inc()
+            }
             ServerFrame::Error { code, .. } => {
                 metrics
                     .errors_sent
@@ -432,7 +814,9 @@ fn describe_parse_error(text: &str, err: &serde_json::Error) -> (Option<String>,
         Some(v) if !v.is_object() => "a frame must be a JSON object".to_string(),
         Some(v) => match v.get("type").and_then(|t| t.as_str()) {
             None => "missing field `type`".to_string(),
-            Some(t) if !["send"].contains(&t) => "unknown frame type".to_string(),
+            Some(t) if !["send", "sync", "read", "typing"].contains(&t) => {
+                "unknown frame type".to_string()
+            }
             Some(_) => format!("invalid frame: {err}"),
         },
     };

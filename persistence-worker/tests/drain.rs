@@ -84,7 +84,7 @@ impl Fixture {
                     msg_id: Uuid::now_v7(),
                     conversation_id: direct_conversation_id(from, to),
                     from,
-                    to,
+                    to: Some(to),
                     body: format!("message {i}"),
                     ts: chat_core::now_ms(),
                 };

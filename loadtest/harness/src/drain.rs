@@ -304,7 +304,7 @@ pub async fn append_load(
                     msg_id: Uuid::now_v7(),
                     conversation_id: direct_conversation_id(from, to),
                     from,
-                    to,
+                    to: Some(to),
                     body: body.clone(),
                     ts: chat_core::now_ms(),
                 };
