@@ -49,6 +49,8 @@ use crate::node::Node;
 
 /// Largest JSON body the HTTP API accepts.
 const MAX_JSON_BODY_BYTES: usize = 16 * 1024;
+/// Largest JSON body the room endpoints accept (1,000 user ids with room to spare).
+const MAX_ROOM_JSON_BODY_BYTES: usize = 64 * 1024;
 /// Bound of the "recipient exists" cache.
 const DIRECTORY_CACHE_USERS: usize = 100_000;
 
@@ -176,12 +178,21 @@ pub async fn run(
                         "/conversations/{id}/messages",
                         web::get().to(conversations::messages),
                     )
-                    .route("/rooms", web::post().to(rooms::create))
-                    .route("/rooms/{id}", web::get().to(rooms::show))
-                    .route("/rooms/{id}/members", web::post().to(rooms::add_members))
-                    .route(
-                        "/rooms/{id}/members/{user_id}",
-                        web::delete().to(rooms::remove_member),
+                    .service(
+                        // Up to 1,000 user ids per request need more than the default limit.
+                        web::scope("/rooms")
+                            .app_data(
+                                web::JsonConfig::default()
+                                    .limit(MAX_ROOM_JSON_BODY_BYTES)
+                                    .error_handler(api_error::json_body_error),
+                            )
+                            .route("", web::post().to(rooms::create))
+                            .route("/{id}", web::get().to(rooms::show))
+                            .route("/{id}/members", web::post().to(rooms::add_members))
+                            .route(
+                                "/{id}/members/{user_id}",
+                                web::delete().to(rooms::remove_member),
+                            ),
                     ),
             )
             .default_service(web::to(api_error::not_found))

@@ -224,3 +224,67 @@ pub async fn send_json(ws: &mut Ws, v: Value) {
 pub fn send_frame(id: &str, to: Uuid, body: &str) -> Value {
     json!({"type": "send", "id": id, "to": to, "body": body})
 }
+
+/// A user inserted straight into the database with a token minted with the test secret: for
+/// tests that need hundreds of users (registering hashes a password each time).
+pub async fn quick_user(db: &tokio_postgres::Client, auth: &gateway::auth::Auth) -> User {
+    let id = chat_core::testing::insert_user(db, "member").await;
+    User {
+        id,
+        token: auth.issue(id).expect("token"),
+    }
+}
+
+/// Token issuing with the test secret.
+pub fn test_auth() -> gateway::auth::Auth {
+    gateway::auth::Auth::new(SECRET, 3600).expect("auth")
+}
+
+/// Sends an HTTP request with a bearer token and an optional JSON body; status and JSON body.
+pub async fn call(
+    method: reqwest::Method,
+    node: &NodeHandle,
+    path: &str,
+    user: &User,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("http://{}{path}", node.http))
+        .bearer_auth(&user.token);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.expect("http");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Creates a room owned by `owner` with `members`; returns its id.
+pub async fn create_room(node: &NodeHandle, owner: &User, members: &[Uuid]) -> Uuid {
+    let (status, body) = call(
+        reqwest::Method::POST,
+        node,
+        "/api/v1/rooms",
+        owner,
+        Some(json!({"name": "room", "member_ids": members})),
+    )
+    .await;
+    assert_eq!(status, 201, "create room: {body}");
+    body["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("room id")
+}
+
+/// Frames until one matches `pred` (or 5 s pass); returns every frame read, the match last.
+pub async fn recv_until(ws: &mut Ws, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut frames = Vec::new();
+    while let Some(frame) = recv(ws).await {
+        let done = pred(&frame);
+        frames.push(frame);
+        if done {
+            break;
+        }
+    }
+    frames
+}
