@@ -14,30 +14,14 @@ cd "$(dirname "$0")/.."
 
 log() { printf 'check-observability: %s\n' "$*" >&2; }
 
-apt_install() { # package...
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 || {
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-  }
-}
-
-if ! command -v promtool >/dev/null; then
-  log "installing promtool (apt-get install prometheus)"
-  # Where init scripts run, the package would start a Prometheus on :9090 (the gateway's default
-  # internal port). A policy-rc.d that says 101 stops that; remove it again if we made it.
-  policy=/usr/sbin/policy-rc.d made_policy=
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
-  fi
-  status=0
-  apt_install prometheus || status=$?
-  if [ -n "$made_policy" ]; then rm -f "$policy"; fi
-  [ "$status" -eq 0 ] || { log "could not install prometheus"; exit "$status"; }
-fi
+# shellcheck source=deploy/lib/prometheus.sh
+source deploy/lib/prometheus.sh
+ensure_prometheus || { log "could not install prometheus"; exit 1; }
 
 if ! python3 -c 'import yaml' 2>/dev/null; then
   log "installing PyYAML (pip)"
-  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  python3 -m pip --version >/dev/null 2>&1 ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
   # Debian's own Python refuses system-wide installs without --break-system-packages.
   python3 -m pip install -q pyyaml 2>/dev/null || python3 -m pip install -q --break-system-packages pyyaml
 fi
