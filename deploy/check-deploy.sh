@@ -8,6 +8,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 START=$(date +%s)
+export PYTHONDONTWRITEBYTECODE=1  # leave no __pycache__ in deploy/checks
 
 VENV=${CHAT_DEPLOY_VENV:-/var/tmp/chat-deploy-venv}
 PACKAGES=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 yamllint==1.38.0 checkov==3.3.30)
