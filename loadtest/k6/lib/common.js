@@ -1,5 +1,5 @@
-// Shared by every k6 script: target URLs from the environment, user registration through our
-// HTTP API in setup(), and the frames of our protocol (docs/protocol.md).
+// Shared by every k6 script: target URLs from the environment, user registration (and rooms)
+// through our HTTP API in setup(), and the frames of our protocol (docs/protocol.md).
 import http from 'k6/http';
 import { check, fail } from 'k6';
 
@@ -62,6 +62,36 @@ export function wsUrl(i, token) {
 
 export function sendFrame(id, to, body) {
   return JSON.stringify({ type: 'send', id, to, body });
+}
+
+// A `send` to a room (or any conversation the sender is a member of).
+export function roomSendFrame(id, conversationId, body) {
+  return JSON.stringify({ type: 'send', id, conversation_id: conversationId, body });
+}
+
+// The API names at most this many user ids per room request.
+const ROOM_IDS_PER_REQUEST = 1000;
+
+// Creates a room owned by `owner` ({id, token}) with the users `memberIds` (the server adds the
+// owner itself): the first 1,000 ids in POST /api/v1/rooms, the rest 1,000 per request through
+// POST /api/v1/rooms/{id}/members. Returns the room's id; fails the test on any error.
+export function createRoom(owner, name, memberIds) {
+  const base = HTTP_URLS[0];
+  const headers = { 'content-type': 'application/json', authorization: `Bearer ${owner.token}` };
+  let res = http.post(`${base}/api/v1/rooms`,
+    JSON.stringify({ name, member_ids: memberIds.slice(0, ROOM_IDS_PER_REQUEST) }),
+    { headers, tags: { name: 'create_room' } });
+  if (!check(res, { 'room 201': (r) => r.status === 201 })) fail(`room creation failed: ${res.status} ${res.body}`);
+  const id = res.json().id;
+  for (let start = ROOM_IDS_PER_REQUEST; start < memberIds.length; start += ROOM_IDS_PER_REQUEST) {
+    res = http.post(`${base}/api/v1/rooms/${id}/members`,
+      JSON.stringify({ user_ids: memberIds.slice(start, start + ROOM_IDS_PER_REQUEST) }),
+      { headers, tags: { name: 'add_room_members' } });
+    if (!check(res, { 'members 200': (r) => r.status === 200 })) fail(`adding room members failed: ${res.status} ${res.body}`);
+  }
+  const count = res.json().member_count;
+  if (count !== memberIds.length + 1) fail(`room ${id} has ${count} members, wanted ${memberIds.length + 1}`);
+  return id;
 }
 
 // This VU's user and its partner: VUs pair off (1 with 2, 3 with 4, ...), as setup() registered
