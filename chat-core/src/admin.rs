@@ -102,6 +102,8 @@ impl Readiness {
 struct AdminState {
     registry: prometheus::Registry,
     readiness: Readiness,
+    /// 1 when `/readyz` would answer 200; evaluated on every probe and every scrape.
+    ready: prometheus::IntGauge,
 }
 
 async fn healthz() -> HttpResponse {
@@ -110,6 +112,7 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     let failing = state.readiness.failing().await;
+    state.ready.set(i64::from(failing.is_empty()));
     if failing.is_empty() {
         HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
     } else {
@@ -119,6 +122,8 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    let ready = state.readiness.failing().await.is_empty();
+    state.ready.set(i64::from(ready));
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&state.registry.gather(), &mut buf) {
         Ok(()) => HttpResponse::Ok()
@@ -129,14 +134,22 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
 }
 
 /// Starts the admin server on `listener` (one worker thread; it serves probes and scrapes only).
+/// Registers `ready_metric` (a gauge, 1 while ready) in `registry`.
 pub fn serve(
     listener: std::net::TcpListener,
     registry: prometheus::Registry,
     readiness: Readiness,
+    ready_metric: &str,
 ) -> std::io::Result<actix_web::dev::Server> {
+    let ready = prometheus::IntGauge::new(ready_metric, "1 when /readyz answers 200, else 0")
+        .map_err(std::io::Error::other)?;
+    registry
+        .register(Box::new(ready.clone()))
+        .map_err(std::io::Error::other)?;
     let state = web::Data::new(AdminState {
         registry,
         readiness,
+        ready,
     });
     Ok(HttpServer::new(move || {
         App::new()

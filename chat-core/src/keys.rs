@@ -84,11 +84,29 @@ impl KeySchema {
         format!("{}:room:{}", self.prefix, room_id)
     }
 
+    /// The pub/sub channel of one user's presence changes, for connections that watch them.
+    pub fn presence_channel(&self, user_id: Uuid) -> String {
+        format!("{}:presence:{}", self.prefix, user_id)
+    }
+
+    /// A user's presence: a sorted set of the nodes holding a connection of theirs, each scored
+    /// with the (Redis clock) time its entry expires unless the node refreshes it.
+    pub fn presence(&self, user_id: Uuid) -> String {
+        format!("{}:presence:u:{}", self.prefix, user_id)
+    }
+
+    /// Every present user, scored with the latest expiry of their nodes' entries: the index
+    /// the sweeper walks to find users whose nodes died.
+    pub fn presence_deadlines(&self) -> String {
+        format!("{}:presence:deadlines", self.prefix)
+    }
+
     /// The channel name of a topic.
     pub fn channel(&self, topic: Topic) -> String {
         match topic {
             Topic::User(u) => self.user_channel(u),
             Topic::Room(r) => self.room_channel(r),
+            Topic::Presence(u) => self.presence_channel(u),
         }
     }
 
@@ -98,16 +116,21 @@ impl KeySchema {
         if let Some(user) = rest.strip_prefix(":user:") {
             return Uuid::parse_str(user).ok().map(Topic::User);
         }
+        if let Some(user) = rest.strip_prefix(":presence:") {
+            return Uuid::parse_str(user).ok().map(Topic::Presence);
+        }
         let room = rest.strip_prefix(":room:")?;
         Uuid::parse_str(room).ok().map(Topic::Room)
     }
 }
 
-/// What a node subscribes to: a user's own channel, or a room's channel.
+/// What a node subscribes to: a user's own channel, a room's channel, or the presence changes
+/// of a user that a local connection watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Topic {
     User(Uuid),
     Room(Uuid),
+    Presence(Uuid),
 }
 
 #[cfg(test)]
@@ -133,7 +156,7 @@ mod tests {
     fn channels_round_trip() {
         let keys = KeySchema::new("t1", 4);
         let id = Uuid::now_v7();
-        for topic in [Topic::User(id), Topic::Room(id)] {
+        for topic in [Topic::User(id), Topic::Room(id), Topic::Presence(id)] {
             assert_eq!(keys.parse_channel(&keys.channel(topic)), Some(topic));
         }
         let other = KeySchema::new("t2", 4);

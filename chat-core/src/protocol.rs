@@ -37,6 +37,20 @@ pub enum ClientFrame {
     Read { conversation_id: Uuid, seq: i64 },
     /// The user is typing in the conversation.
     Typing { conversation_id: Uuid },
+    /// Receive presence changes of these users (besides those sharing a conversation).
+    #[serde(rename = "presence.watch")]
+    PresenceWatch { user_ids: Vec<Uuid> },
+    /// Stop receiving presence changes of these users through a watch.
+    #[serde(rename = "presence.unwatch")]
+    PresenceUnwatch { user_ids: Vec<Uuid> },
+}
+
+/// Whether a user has a live connection anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceStatus {
+    Online,
+    Offline,
 }
 
 /// One conversation of a multi-conversation `sync`.
@@ -118,6 +132,13 @@ pub enum ServerFrame {
         user_id: Uuid,
         change: MembershipChange,
         by: Uuid,
+    },
+    /// A user came online (first connection anywhere) or went offline (last one closed, or
+    /// their node stopped refreshing them). `ts` is when it was noticed, Unix ms.
+    Presence {
+        user_id: Uuid,
+        status: PresenceStatus,
+        ts: i64,
     },
     /// A frame could not be processed; the connection stays usable.
     Error {
@@ -310,6 +331,8 @@ mod tests {
             ),
             format!(r#"{{"type":"read","conversation_id":"{conv}","seq":3}}"#),
             format!(r#"{{"type":"typing","conversation_id":"{conv}"}}"#),
+            format!(r#"{{"type":"presence.watch","user_ids":["{conv}"]}}"#),
+            format!(r#"{{"type":"presence.unwatch","user_ids":["{conv}"]}}"#),
         ] {
             assert!(serde_json::from_str::<ClientFrame>(&text).is_ok(), "{text}");
         }

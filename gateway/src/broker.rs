@@ -166,9 +166,28 @@ impl Broker {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, BrokerError> {
+        self.on_command_conn(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs a script on the shared command connection and returns its reply.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, BrokerError> {
+        self.on_command_conn(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs `op` on the shared command connection within the append timeout; counts failures.
+    async fn on_command_conn<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let attempt = async {
-            let mut conn = self.commands_conn().await?;
-            Ok::<_, BrokerError>(pipe.query_async(&mut conn).await?)
+            let conn = self.commands_conn().await?;
+            Ok::<_, BrokerError>(op(conn).await?)
         };
         let result = tokio::time::timeout(APPEND_TIMEOUT, attempt)
             .await
@@ -414,6 +433,8 @@ impl Manager {
 
 /// The start of a membership event frame, which the node acts on before forwarding it.
 const MEMBERSHIP_PREFIX: &str = "{\"type\":\"membership\"";
+/// The start of a presence event frame; in a room it skips the user it is about.
+const PRESENCE_PREFIX: &str = "{\"type\":\"presence\"";
 
 /// Forwards every published frame to the hub until the connection ends. Membership events on a
 /// user's channel update the room index (and the room subscriptions) before anything else of
@@ -468,13 +489,17 @@ async fn read(
                             }
                         }
                         // The affected user gets the event on their own channel.
-                        Topic::Room(_) => skip_user = Some(user_id),
+                        Topic::Room(_) | Topic::Presence(_) => skip_user = Some(user_id),
                     }
                 }
                 _ => {
                     tracing::warn!("malformed membership event dropped");
                     continue;
                 }
+            }
+        } else if frame.starts_with(PRESENCE_PREFIX) {
+            if let Ok(ServerFrame::Presence { user_id, .. }) = serde_json::from_str(&frame) {
+                skip_user = Some(user_id);
             }
         } else if let Some(ts) = frame_ts(&frame) {
             let age_ms = (chat_core::now_ms() - ts).max(0);

@@ -52,6 +52,19 @@ pub struct GatewayConfig {
     pub gateway_max_room_members: usize,
     /// Most rooms a user may be a member of.
     pub gateway_max_rooms_per_user: usize,
+    /// Most WebSocket connections this node holds; handshakes beyond it get 503.
+    pub gateway_max_connections: usize,
+    /// Sustained `send` frames per second per connection (token bucket; bursts of twice this).
+    pub gateway_send_rate_per_sec: u32,
+    /// Most users one connection may watch with `presence.watch`.
+    pub gateway_max_watched_users: usize,
+    /// Presence events go to the members of a user's rooms only when a room has at most this
+    /// many members (bigger rooms would turn every connect into a storm).
+    pub gateway_presence_room_max_members: usize,
+    /// How long a node's presence entry for a user lives without a refresh.
+    pub presence_ttl_secs: u64,
+    /// How often a node refreshes its users' presence and sweeps users of dead nodes.
+    pub presence_heartbeat_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -83,6 +96,12 @@ impl Default for GatewayConfig {
             gateway_history_tail_ttl_secs: chat_core::stream::DEFAULT_TAIL_TTL_MS / 1000,
             gateway_max_room_members: 10_000,
             gateway_max_rooms_per_user: 1_000,
+            gateway_max_connections: 20_000,
+            gateway_send_rate_per_sec: 50,
+            gateway_max_watched_users: 1_000,
+            gateway_presence_room_max_members: 100,
+            presence_ttl_secs: 30,
+            presence_heartbeat_secs: 10,
         }
     }
 }
@@ -154,6 +173,12 @@ impl GatewayConfig {
             return Err(SettingsError::invalid(
                 "gateway_client_timeout_secs",
                 "must be greater than gateway_heartbeat_secs",
+            ));
+        }
+        if self.presence_ttl_secs <= self.presence_heartbeat_secs {
+            return Err(SettingsError::invalid(
+                "presence_ttl_secs",
+                "must be greater than presence_heartbeat_secs",
             ));
         }
         if self.gateway_max_frame_bytes < self.gateway_max_body_bytes + 512 {

@@ -30,6 +30,37 @@ struct State {
     room_members: HashMap<Uuid, HashSet<Uuid>>,
     /// The rooms of each local user: the reverse of `room_members`.
     rooms_of: HashMap<Uuid, HashSet<Uuid>>,
+    /// Local connections (user, connection) watching each user's presence.
+    watchers: HashMap<Uuid, Vec<(Uuid, Uuid)>>,
+    /// The users each local connection watches: the reverse of `watchers`.
+    watches_of: HashMap<Uuid, HashSet<Uuid>>,
+}
+
+impl State {
+    /// Drops `watched` from connection `conn`'s watches; returns the presence topics nobody
+    /// here watches any more.
+    fn unwatch(&mut self, conn: Uuid, watched: &[Uuid]) -> Vec<Topic> {
+        let mut released = Vec::new();
+        let Some(mine) = self.watches_of.get_mut(&conn) else {
+            return released;
+        };
+        for user in watched {
+            if !mine.remove(user) {
+                continue;
+            }
+            if let Some(list) = self.watchers.get_mut(user) {
+                list.retain(|(_, c)| *c != conn);
+                if list.is_empty() {
+                    self.watchers.remove(user);
+                    released.push(Topic::Presence(*user));
+                }
+            }
+        }
+        if mine.is_empty() {
+            self.watches_of.remove(&conn);
+        }
+        released
+    }
 }
 
 /// Registry of local connections by user and of local users by room. The lock is never held
@@ -63,14 +94,20 @@ impl Hub {
     /// index too, and the topics nobody here needs any more are returned (to unsubscribe).
     pub fn unregister(&self, user: Uuid, conn_id: Uuid) -> Vec<Topic> {
         let mut state = self.lock();
+        let watched: Vec<Uuid> = state
+            .watches_of
+            .get(&conn_id)
+            .map(|w| w.iter().copied().collect())
+            .unwrap_or_default();
+        let mut released = state.unwatch(conn_id, &watched);
         if let Some(conns) = state.users.get_mut(&user) {
             conns.retain(|c| c.conn_id != conn_id);
             if !conns.is_empty() {
-                return Vec::new();
+                return released;
             }
         }
         state.users.remove(&user);
-        let mut released = vec![Topic::User(user)];
+        released.push(Topic::User(user));
         for room in state.rooms_of.remove(&user).unwrap_or_default() {
             if let Some(members) = state.room_members.get_mut(&room) {
                 members.remove(&user);
@@ -122,6 +159,47 @@ impl Hub {
         }
     }
 
+    /// Adds `watched` to the presence watches of connection `conn` of `user`, unless that would
+    /// make more than `max` watches on it; returns the users nobody here watched before (to
+    /// subscribe), or `None` when over the limit.
+    pub fn watch(&self, user: Uuid, conn: Uuid, watched: &[Uuid], max: usize) -> Option<Vec<Uuid>> {
+        let mut state = self.lock();
+        let mine = state.watches_of.entry(conn).or_default();
+        let adding: Vec<Uuid> = watched
+            .iter()
+            .filter(|w| !mine.contains(w))
+            .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if mine.len() + adding.len() > max {
+            if mine.is_empty() {
+                state.watches_of.remove(&conn);
+            }
+            return None;
+        }
+        mine.extend(adding.iter().copied());
+        let mut new_topics = Vec::new();
+        for w in adding {
+            let list = state.watchers.entry(w).or_default();
+            if list.is_empty() {
+                new_topics.push(w);
+            }
+            list.push((user, conn));
+        }
+        Some(new_topics)
+    }
+
+    /// Removes watches of connection `conn`; returns the presence topics nobody here needs.
+    pub fn unwatch(&self, conn: Uuid, watched: &[Uuid]) -> Vec<Topic> {
+        self.lock().unwatch(conn, watched)
+    }
+
+    /// Every user with a connection here (for presence heartbeats).
+    pub fn local_users(&self) -> Vec<Uuid> {
+        self.lock().users.keys().copied().collect()
+    }
+
     /// Whether local `user` is a member of `room` as this node knows it.
     pub fn is_member(&self, user: Uuid, room: Uuid) -> bool {
         self.lock()
@@ -137,6 +215,7 @@ impl Hub {
         match topic {
             Topic::User(u) => state.users.contains_key(&u),
             Topic::Room(r) => state.room_members.contains_key(&r),
+            Topic::Presence(u) => state.watchers.contains_key(&u),
         }
     }
 
@@ -148,6 +227,7 @@ impl Hub {
             .keys()
             .map(|u| Topic::User(*u))
             .chain(state.room_members.keys().map(|r| Topic::Room(*r)))
+            .chain(state.watchers.keys().map(|u| Topic::Presence(*u)))
             .collect()
     }
 
@@ -163,23 +243,35 @@ impl Hub {
     ) -> usize {
         let state = self.lock();
         match topic {
-            Topic::User(user) => self.queue(&state, user, origin, frame),
+            Topic::User(user) => self.queue(&state, user, |c| c != origin, frame),
             Topic::Room(room) => state.room_members.get(&room).map_or(0, |members| {
                 members
                     .iter()
                     .filter(|u| Some(**u) != skip_user)
-                    .map(|u| self.queue(&state, *u, origin, frame))
+                    .map(|u| self.queue(&state, *u, |c| c != origin, frame))
+                    .sum()
+            }),
+            Topic::Presence(watched) => state.watchers.get(&watched).map_or(0, |list| {
+                list.iter()
+                    .map(|(user, conn)| self.queue(&state, *user, |c| c == *conn, frame))
                     .sum()
             }),
         }
     }
 
-    fn queue(&self, state: &State, user: Uuid, origin: Uuid, frame: &ByteString) -> usize {
+    /// Queues `frame` for the connections of `user` that `pick` accepts.
+    fn queue(
+        &self,
+        state: &State,
+        user: Uuid,
+        pick: impl Fn(Uuid) -> bool,
+        frame: &ByteString,
+    ) -> usize {
         let Some(conns) = state.users.get(&user) else {
             return 0;
         };
         let mut queued = 0;
-        for conn in conns.iter().filter(|c| c.conn_id != origin) {
+        for conn in conns.iter().filter(|c| pick(c.conn_id)) {
             match conn.outbound.try_send(frame.clone()) {
                 Ok(()) => queued += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -293,5 +385,32 @@ mod tests {
         );
         assert!(!hub.has_local(Topic::Room(room)));
         let _ = rx_a.try_recv();
+    }
+
+    /// Watches are bounded per connection, deliver only to the watching connection, and are
+    /// released when the connection goes.
+    #[test]
+    fn presence_watches_follow_connections() {
+        let hub = Hub::new(Metrics::new().expect("metrics"));
+        let (alice, watched) = (Uuid::now_v7(), Uuid::now_v7());
+        let (a1, mut rx1) = conn(8);
+        let (a2, mut rx2) = conn(8);
+        let (id1, id2) = (a1.conn_id, a2.conn_id);
+        hub.register(alice, a1);
+        hub.register(alice, a2);
+        assert_eq!(hub.watch(alice, id1, &[watched], 2), Some(vec![watched]));
+        assert_eq!(
+            hub.watch(alice, id1, &[Uuid::now_v7(), Uuid::now_v7()], 2),
+            None
+        );
+        let frame = ByteString::from_static("{}");
+        assert_eq!(
+            hub.deliver(Topic::Presence(watched), Uuid::nil(), None, &frame),
+            1
+        );
+        assert_eq!((rx1.len(), rx2.len()), (1, 0));
+        assert_eq!(hub.unregister(alice, id1), vec![Topic::Presence(watched)]);
+        assert!(!hub.has_local(Topic::Presence(watched)));
+        let _ = (rx1.try_recv(), rx2.try_recv(), id2);
     }
 }

@@ -11,6 +11,7 @@
 //! - [`conversations`]: membership directory, conversation list, history endpoint.
 //! - [`history`]: a seq range merged from the Redis tail and Postgres.
 //! - [`rooms`]: room creation and membership.
+//! - [`presence`]: who is online (Redis, TTL heartbeats, sweeper), users list, batch status.
 //! - [`auth`]: argon2id and HS256 JWT.
 //! - [`api_error`]: JSON error responses.
 //! - [`metrics`]: every `chat_gateway_*` metric.
@@ -26,6 +27,7 @@ pub mod history;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod rooms;
 pub mod session;
 
@@ -124,6 +126,7 @@ pub async fn run(
             lifecycle: lifecycle.clone(),
             flags: vec![("pubsub", broker.pubsub_up())],
         },
+        metrics::READY_METRIC,
     )?;
     let admin_handle = admin_server.handle();
     let admin_task = actix_web::rt::spawn(admin_server);
@@ -145,6 +148,14 @@ pub async fn run(
         cfg.gateway_workers
     };
     let public_addr = listeners.public.local_addr()?;
+    let presence = presence::Presence::new(
+        KeySchema::new(cfg.redis_prefix.clone(), cfg.redis_partitions),
+        config.node_id.clone(),
+        Duration::from_secs(cfg.presence_ttl_secs),
+    );
+    metrics
+        .connections_limit
+        .set(i64::try_from(cfg.gateway_max_connections).unwrap_or(i64::MAX));
     let node = web::Data::new(Node {
         config: Arc::new(config),
         auth,
@@ -153,6 +164,7 @@ pub async fn run(
         broker,
         directory: UserDirectory::new(DIRECTORY_CACHE_USERS),
         conversations: conversations::Directory::new(DIRECTORY_CACHE_USERS),
+        presence,
         metrics,
         shutdown: shutdown.clone(),
     });
@@ -173,6 +185,8 @@ pub async fn run(
                     .route("/auth/register", web::post().to(accounts::register))
                     .route("/auth/login", web::post().to(accounts::login))
                     .route("/users/me", web::get().to(accounts::me))
+                    .route("/users", web::get().to(presence::list_users))
+                    .route("/presence", web::get().to(presence::batch))
                     .route("/conversations", web::get().to(conversations::list))
                     .route(
                         "/conversations/{id}/messages",
@@ -213,6 +227,7 @@ pub async fn run(
         "gateway listening"
     );
 
+    let heartbeats = actix_web::rt::spawn(presence::run_heartbeats(node.clone(), shutdown.clone()));
     lifecycle.serving();
 
     shutdown.cancelled().await;
@@ -226,6 +241,7 @@ pub async fn run(
     }
     server_handle.stop(true).await;
     let _ = server_task.await;
+    let _ = heartbeats.await;
     admin_handle.stop(true).await;
     let _ = admin_task.await;
     let _ = broker_task.await;

@@ -3,6 +3,10 @@
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
+/// The readiness gauge (1 while `/readyz` answers 200), registered by the admin server, which
+/// evaluates readiness on every probe and scrape.
+pub const READY_METRIC: &str = "chat_gateway_ready";
+
 /// The gateway's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -25,6 +29,10 @@ pub struct Metrics {
     pub pubsub_reconnects: IntCounter,
     pub outbound_dropped: IntCounter,
     pub history_incomplete: IntCounter,
+    pub connections_limit: IntGauge,
+    pub rate_limited: IntCounterVec,
+    pub presence_transitions: IntCounterVec,
+    pub presence_heartbeat_duration: Histogram,
     pub send_latency: Histogram,
     pub delivery_latency: Histogram,
 }
@@ -124,6 +132,24 @@ impl Metrics {
                 "chat_gateway_history_incomplete_total",
                 "History and sync reads refused because a message was neither in the Redis tail nor yet in Postgres",
             )?,
+            connections_limit: gauge(
+                "chat_gateway_connections_limit",
+                "Most WebSocket connections this node accepts (gateway_max_connections)",
+            )?,
+            rate_limited: counter_vec(
+                "chat_gateway_rate_limited_total",
+                "Frames or handshakes refused by a limit, by limit",
+                &["limit"],
+            )?,
+            presence_transitions: counter_vec(
+                "chat_gateway_presence_transitions_total",
+                "Presence changes this node announced, by status",
+                &["status"],
+            )?,
+            presence_heartbeat_duration: histogram(
+                "chat_gateway_presence_heartbeat_seconds",
+                "Time to refresh every local user's presence and sweep expired users, per heartbeat",
+            )?,
             send_latency: histogram(
                 "chat_gateway_send_latency_seconds",
                 "Send frame received to ack written",
@@ -133,6 +159,22 @@ impl Metrics {
                 "Message ts to frame queued for local recipients, measured on the delivering node",
             )?,
             registry,
-        })
+        }
+        .with_known_labels())
+    }
+
+    /// Creates the children every dashboard and alert expects, at 0, so `rate()` sees the first
+    /// event and the series exist before it.
+    fn with_known_labels(self) -> Self {
+        for op in ["append", "command", "pubsub_connect", "pubsub"] {
+            self.redis_errors.with_label_values(&[op]);
+        }
+        for limit in ["send", "connections"] {
+            self.rate_limited.with_label_values(&[limit]);
+        }
+        for status in ["online", "offline"] {
+            self.presence_transitions.with_label_values(&[status]);
+        }
+        self
     }
 }

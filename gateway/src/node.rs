@@ -27,6 +27,8 @@ pub struct Node {
     pub directory: UserDirectory,
     /// Who may use a conversation.
     pub conversations: crate::conversations::Directory,
+    /// Who is online.
+    pub presence: crate::presence::Presence,
     pub metrics: Metrics,
     /// Cancelled when the node starts to drain; every session watches it.
     pub shutdown: CancellationToken,

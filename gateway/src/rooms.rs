@@ -241,9 +241,11 @@ pub async fn create(
     let mut client = node.db.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
     check_users(&node, &tx, &members, "member_ids").await?;
+    let count = i32::try_from(members.len()).unwrap_or(i32::MAX);
     tx.execute(
-        "INSERT INTO conversations (id, kind, name, owner_id) VALUES ($1, 'room', $2, $3)",
-        &[&room, &name, &identity.user_id],
+        "INSERT INTO conversations (id, kind, name, owner_id, member_count)
+         VALUES ($1, 'room', $2, $3, $4)",
+        &[&room, &name, &identity.user_id, &count],
     )
     .await
     .map_err(db_error)?;
@@ -312,10 +314,17 @@ pub async fn add_members(
         return Err(validation("user_ids", "room_full"));
     }
     check_users(&node, &tx, &users, "user_ids").await?;
+    let added = tx
+        .execute(
+            "INSERT INTO conversation_members (conversation_id, user_id)
+             SELECT $1, u FROM unnest($2::uuid[]) AS t(u) ON CONFLICT DO NOTHING",
+            &[&room, &users],
+        )
+        .await
+        .map_err(db_error)?;
     tx.execute(
-        "INSERT INTO conversation_members (conversation_id, user_id)
-         SELECT $1, u FROM unnest($2::uuid[]) AS t(u) ON CONFLICT DO NOTHING",
-        &[&room, &users],
+        "UPDATE conversations SET member_count = member_count + $2 WHERE id = $1",
+        &[&room, &i32::try_from(added).unwrap_or(i32::MAX)],
     )
     .await
     .map_err(db_error)?;
@@ -342,7 +351,7 @@ pub async fn remove_member(
     let (room, user) = path.into_inner();
     let room = parse_id(&room)?;
     let user = Uuid::parse_str(&user).map_err(|_| not_found())?;
-    let client = node.db.get().await.map_err(pool_error)?;
+    let mut client = node.db.get().await.map_err(pool_error)?;
     if user != identity.user_id {
         let owner = member_of(&client, room, identity.user_id, false).await?;
         if owner != Some(identity.user_id) {
@@ -352,26 +361,33 @@ pub async fn remove_member(
                 "only the room's owner can remove other members",
             ));
         }
-    } else {
-        // Leaving is repeatable (a retry after a 503): the room only has to exist.
-        let exists = client
-            .query_opt(
-                "SELECT 1 FROM conversations WHERE id = $1 AND kind = 'room'",
-                &[&room],
-            )
-            .await
-            .map_err(db_error)?;
-        if exists.is_none() {
-            return Err(not_found());
-        }
     }
-    client
+    // The room row first, then the member row: the order the worker's batches take them in.
+    let tx = client.transaction().await.map_err(db_error)?;
+    let exists = tx
+        .query_opt(
+            "SELECT 1 FROM conversations WHERE id = $1 AND kind = 'room' FOR UPDATE",
+            &[&room],
+        )
+        .await
+        .map_err(db_error)?;
+    if exists.is_none() {
+        return Err(not_found());
+    }
+    let removed = tx
         .execute(
             "DELETE FROM conversation_members WHERE conversation_id = $1 AND user_id = $2",
             &[&room, &user],
         )
         .await
         .map_err(db_error)?;
+    tx.execute(
+        "UPDATE conversations SET member_count = member_count - $2 WHERE id = $1",
+        &[&room, &i32::try_from(removed).unwrap_or(0)],
+    )
+    .await
+    .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
     announce(
         &node,
         room,

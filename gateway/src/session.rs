@@ -12,7 +12,9 @@ use actix_ws::{
 use bytestring::ByteString;
 use chat_core::conversation::direct_conversation_id;
 use chat_core::keys::Topic;
-use chat_core::protocol::{ClientFrame, CloseCode, ErrorCode, ServerFrame, SyncPoint};
+use chat_core::protocol::{
+    ClientFrame, CloseCode, ErrorCode, PresenceStatus, ServerFrame, SyncPoint,
+};
 use chat_core::stream::{frame_conversation_seq, NewMessage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,7 @@ use crate::conversations::{self, Membership};
 use crate::history;
 use crate::hub::LocalConn;
 use crate::node::Node;
+use crate::presence;
 
 /// Longest a single write to the socket may wait before the client counts as a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +41,19 @@ const SYNC_PAGE: i64 = 500;
 const TYPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Conversations a connection remembers typing times for, before forgetting the old ones.
 const MAX_TYPING_ENTRIES: usize = 64;
+/// Every client frame type, for error messages.
+const KNOWN_FRAME_TYPES: [&str; 6] = [
+    "send",
+    "sync",
+    "read",
+    "typing",
+    "presence.watch",
+    "presence.unwatch",
+];
+/// Users a connection remembers the last presence status of, before starting over.
+const MAX_PRESENCE_SEEN: usize = 10_000;
+/// The start of a presence frame.
+const PRESENCE_PREFIX: &str = "{\"type\":\"presence\"";
 
 /// `GET /ws`: checks Origin and token, subscribes the user, then upgrades.
 pub async fn handshake(
@@ -66,6 +82,17 @@ async fn accept(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
             "this node is draining; connect to another node",
+        ));
+    }
+    if node.metrics.connections_open.get() >= node.metrics.connections_limit.get() {
+        node.metrics
+            .rate_limited
+            .with_label_values(&["connections"])
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "this node is full; connect to another node",
         ));
     }
     let (response, session, stream) = actix_ws::handle(req, body).map_err(|_| {
@@ -196,12 +223,53 @@ struct Delivered {
     synced_through: HashMap<Uuid, i64>,
     /// When this connection last relayed `typing`, per conversation.
     typing_at: HashMap<Uuid, Instant>,
+    /// The last presence status written here per user: a change reaches a connection once even
+    /// when several channels carry it (a watch and a shared room).
+    presence_seen: HashMap<Uuid, PresenceStatus>,
+    /// Tokens for `send` frames: refilled at `gateway_send_rate_per_sec`, up to twice that.
+    send_tokens: f64,
+    tokens_at: Option<Instant>,
+}
+
+impl Delivered {
+    /// Records `status` for `user`; false when this connection already has it.
+    fn presence_changed(&mut self, user: Uuid, status: PresenceStatus) -> bool {
+        if self.presence_seen.len() >= MAX_PRESENCE_SEEN {
+            self.presence_seen.clear();
+        }
+        self.presence_seen.insert(user, status) != Some(status)
+    }
+
+    /// Takes one send token; false when the connection sends faster than `rate` per second.
+    fn take_send_token(&mut self, rate: u32) -> bool {
+        let now = Instant::now();
+        let burst = f64::from(rate) * 2.0;
+        let elapsed = self.tokens_at.map_or(burst, |at| {
+            now.duration_since(at).as_secs_f64() * f64::from(rate)
+        });
+        self.send_tokens = (self.send_tokens + elapsed).min(burst);
+        self.tokens_at = Some(now);
+        if self.send_tokens >= 1.0 {
+            self.send_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Delivered {
     /// Whether a live frame should be written; records the first live seq of its conversation.
     fn admit(&mut self, frame: &str) -> bool {
         let Some((conversation, seq)) = frame_conversation_seq(frame) else {
+            if frame.starts_with(PRESENCE_PREFIX) {
+                if let Ok(ServerFrame::Presence {
+                    user_id, status, ..
+                }) = serde_json::from_str(frame)
+                {
+                    return self.presence_changed(user_id, status);
+                }
+            }
             return true;
         };
         if let Some(through) = self.synced_through.get(&conversation) {
@@ -253,6 +321,21 @@ impl Connection {
         tokio::pin!(expiry);
         let shutdown = self.node.shutdown.clone();
         let mut delivered = Delivered::default();
+        if end.is_none() {
+            match self.node.presence.join(&self.node, self.user_id).await {
+                // Announced beside the session: a reconnect storm must not hold up the frames.
+                Ok(true) => {
+                    let (node, user) = (self.node.clone(), self.user_id);
+                    actix_web::rt::spawn(async move {
+                        presence::announce(&node, user, PresenceStatus::Online).await
+                    });
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, conn_id = %self.conn_id, "presence join failed")
+                }
+            }
+        }
 
         while end.is_none() {
             end = tokio::select! {
@@ -291,8 +374,20 @@ impl Connection {
         }
 
         let released = self.node.hub.unregister(self.user_id, self.conn_id);
+        let last_here = released.contains(&Topic::User(self.user_id));
         self.node.broker.release(released).await;
         self.node.metrics.connections_open.dec();
+        if last_here {
+            match self.node.presence.leave(&self.node, self.user_id).await {
+                Ok(true) => {
+                    presence::announce(&self.node, self.user_id, PresenceStatus::Offline).await
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, conn_id = %self.conn_id, "presence leave failed")
+                }
+            }
+        }
         let reason = match end {
             Some(End::Close(code)) => {
                 self.node
@@ -403,9 +498,20 @@ impl Connection {
                 body,
             } => {
                 self.node.metrics.frames_in_send.inc();
-                let reply = match self.accept_send(&id, to, conversation_id, body).await {
-                    Ok(ack) => ack,
-                    Err((code, message)) => ServerFrame::error(Some(id), code, message),
+                let rate = self.node.config.raw.gateway_send_rate_per_sec;
+                let reply = if !delivered.take_send_token(rate) {
+                    self.node
+                        .metrics
+                        .rate_limited
+                        .with_label_values(&["send"])
+                        .inc();
+                    let message = format!("more than {rate} messages per second; slow down");
+                    ServerFrame::error(Some(id), ErrorCode::RateLimited, message)
+                } else {
+                    match self.accept_send(&id, to, conversation_id, body).await {
+                        Ok(ack) => ack,
+                        Err((code, message)) => ServerFrame::error(Some(id), code, message),
+                    }
                 };
                 let sent = self.send(session, &reply).await;
                 if matches!(reply, ServerFrame::Ack { .. }) {
@@ -456,6 +562,16 @@ impl Connection {
                     Err((code, message)) => self.reply_error(session, code, message).await,
                 }
             }
+            ClientFrame::PresenceWatch { user_ids } => {
+                self.count_in("presence.watch");
+                self.watch(session, user_ids, delivered).await
+            }
+            ClientFrame::PresenceUnwatch { user_ids } => {
+                self.count_in("presence.unwatch");
+                let released = self.node.hub.unwatch(self.conn_id, &user_ids);
+                self.node.broker.release(released).await;
+                Ok(())
+            }
             ClientFrame::Typing { conversation_id } => {
                 self.count_in("typing");
                 match self.relay_typing(conversation_id, delivered).await {
@@ -464,6 +580,62 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Starts watching users' presence, then answers their current status, one `presence`
+    /// frame each.
+    async fn watch(
+        &self,
+        session: &mut Session,
+        user_ids: Vec<Uuid>,
+        delivered: &mut Delivered,
+    ) -> Result<(), Closed> {
+        let max = self.node.config.raw.gateway_max_watched_users;
+        let Some(new) = self
+            .node
+            .hub
+            .watch(self.user_id, self.conn_id, &user_ids, max)
+        else {
+            let message = format!("a connection may watch at most {max} users");
+            return self
+                .reply_error(session, ErrorCode::BadRequest, message)
+                .await;
+        };
+        if !new.is_empty() {
+            let topics = new.into_iter().map(Topic::Presence).collect();
+            if let Err(e) = self.node.broker.ensure_subscribed(topics).await {
+                tracing::warn!(error = %e, conn_id = %self.conn_id, "watch subscription failed");
+                return self
+                    .reply_error(session, ErrorCode::Unavailable, "cannot watch now; retry")
+                    .await;
+            }
+        }
+        let online = match self.node.presence.online(&self.node, &user_ids).await {
+            Ok(online) => online,
+            Err(e) => {
+                tracing::warn!(error = %e, conn_id = %self.conn_id, "presence read failed");
+                return self
+                    .reply_error(session, ErrorCode::Unavailable, "cannot read presence now")
+                    .await;
+            }
+        };
+        let ts = chat_core::now_ms();
+        for (user_id, online) in user_ids.into_iter().zip(online) {
+            let status = if online {
+                PresenceStatus::Online
+            } else {
+                PresenceStatus::Offline
+            };
+            if delivered.presence_changed(user_id, status) {
+                let frame = ServerFrame::Presence {
+                    user_id,
+                    status,
+                    ts,
+                };
+                self.send(session, &frame).await?;
+            }
+        }
+        Ok(())
     }
 
     fn count_in(&self, frame_type: &str) {
@@ -598,34 +770,45 @@ impl Connection {
                 format!("seq {seq} is beyond the conversation's last message ({last})"),
             ));
         }
-        let client = self
+        let mut client = self
             .node
             .db
             .get()
             .await
             .map_err(|e| unavailable(&chat_core::db::describe_pool(&e)))?;
+        let db = |e: tokio_postgres::Error| unavailable(&chat_core::db::describe(&e));
+        let tx = client.transaction().await.map_err(db)?;
         if let Membership::Direct { peer } = membership {
-            // The worker may not have written the conversation yet; the rows are the same ones
-            // it would write.
-            client
-                .execute(
-                    "WITH c AS (INSERT INTO conversations (id, kind) VALUES ($1, 'direct')
-                                ON CONFLICT (id) DO NOTHING)
-                     INSERT INTO conversation_members (conversation_id, user_id)
-                     VALUES ($1, $2), ($1, $3) ON CONFLICT DO NOTHING",
-                    &[&conversation, &self.user_id, &peer],
-                )
-                .await
-                .map_err(|e| unavailable(&chat_core::db::describe(&e)))?;
+            // The worker may not have written the conversation yet; these are the rows it would
+            // write, taken in its order (conversation, then members by id) so neither deadlocks.
+            let (low, high) = if self.user_id < peer {
+                (self.user_id, peer)
+            } else {
+                (peer, self.user_id)
+            };
+            tx.execute(
+                "INSERT INTO conversations (id, kind) VALUES ($1, 'direct') ON CONFLICT DO NOTHING",
+                &[&conversation],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO conversation_members (conversation_id, user_id)
+                 VALUES ($1, $2), ($1, $3) ON CONFLICT DO NOTHING",
+                &[&conversation, &low, &high],
+            )
+            .await
+            .map_err(db)?;
         }
-        let moved = client
+        let moved = tx
             .execute(
                 "UPDATE conversation_members SET last_read_seq = $3
                  WHERE conversation_id = $1 AND user_id = $2 AND last_read_seq < $3",
                 &[&conversation, &self.user_id, &seq],
             )
             .await
-            .map_err(|e| unavailable(&chat_core::db::describe(&e)))?;
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
         if moved == 0 {
             return Ok(());
         }
@@ -781,6 +964,9 @@ impl Connection {
             // Relayed frames are written by the delivery path; these arms count direct writes.
             ServerFrame::Read { .. } => metrics.frames_out.with_label_values(&["read"]).inc(),
             ServerFrame::Typing { .. } => metrics.frames_out.with_label_values(&["typing"]).inc(),
+            ServerFrame::Presence { .. } => {
+                metrics.frames_out.with_label_values(&["presence"]).inc()
+            }
             ServerFrame::Membership { .. } => {
                 metrics.frames_out.with_label_values(&["membership"]).inc()
             }
@@ -814,9 +1000,7 @@ fn describe_parse_error(text: &str, err: &serde_json::Error) -> (Option<String>,
         Some(v) if !v.is_object() => "a frame must be a JSON object".to_string(),
         Some(v) => match v.get("type").and_then(|t| t.as_str()) {
             None => "missing field `type`".to_string(),
-            Some(t) if !["send", "sync", "read", "typing"].contains(&t) => {
-                "unknown frame type".to_string()
-            }
+            Some(t) if !KNOWN_FRAME_TYPES.contains(&t) => "unknown frame type".to_string(),
             Some(_) => format!("invalid frame: {err}"),
         },
     };

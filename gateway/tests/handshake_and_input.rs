@@ -356,3 +356,71 @@ async fn admin_port_and_shutdown_close_code() {
     assert_eq!(code, Some(1001));
     let _ = node.task.await;
 }
+
+/// Sends beyond the per-connection rate get `rate_limited` with their id and are not stored;
+/// the connection stays usable and recovers as tokens refill; a full node refuses handshakes
+/// with 503.
+#[actix_rt::test]
+async fn send_rate_and_connection_limits() {
+    let cluster = Cluster::new().await;
+    let node = cluster
+        .start_with(gateway::config::GatewayConfig {
+            gateway_send_rate_per_sec: 5,
+            gateway_max_connections: 2,
+            ..cluster.config("node-a")
+        })
+        .await;
+    let alice = register(&node, "alice").await;
+    let bob = register(&node, "bob").await;
+    let (mut ws, _) = connect(&node, &alice).await;
+    for i in 0..20 {
+        send_json(&mut ws, send_frame(&format!("s{i}"), bob.id, "hi")).await;
+    }
+    let mut acks = 0;
+    let mut limited = Vec::new();
+    for _ in 0..20 {
+        let reply = recv(&mut ws).await.expect("reply");
+        match reply["type"].as_str() {
+            Some("ack") => acks += 1,
+            Some("error") => {
+                assert_eq!(reply["code"], "rate_limited", "{reply}");
+                limited.push(reply["id"].as_str().unwrap_or_default().to_string());
+            }
+            _ => panic!("unexpected {reply}"),
+        }
+    }
+    assert_eq!(acks, 10, "a burst of twice the rate is accepted");
+    assert_eq!(limited.len(), 10);
+    assert!(limited.contains(&"s19".to_string()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send_json(&mut ws, send_frame("later", bob.id, "hi")).await;
+    let reply = recv(&mut ws).await.expect("reply");
+    assert_eq!(
+        (reply["type"].clone(), reply["seq"].clone()),
+        (json!("ack"), json!(11))
+    );
+
+    let _second = connect(&node, &bob).await;
+    let (status, body) = refused(
+        &format!("ws://{}/ws", node.http),
+        &[("Authorization", format!("Bearer {}", bob.token))],
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (503, json!("unavailable"))
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", node.internal))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("chat_gateway_rate_limited_total{limit=\"send\"} 10"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("chat_gateway_rate_limited_total{limit=\"connections\"} 1"));
+    assert!(metrics.contains("chat_gateway_connections_limit 2"));
+    assert!(metrics.contains("chat_gateway_ready 1"));
+}

@@ -39,7 +39,10 @@ stack_wait_ready() { # url
 }
 
 stack_env=(CHAT_REDIS_URL=redis://127.0.0.1:6379 CHAT_DATABASE_URL="$STACK_DB_URL" CHAT_REDIS_PREFIX="$STACK_PREFIX"
-  CHAT_JWT_SECRET="$STACK_SECRET" CHAT_LOG_FORMAT=text)
+  CHAT_JWT_SECRET="$STACK_SECRET" CHAT_LOG_FORMAT=text
+  # Load generators send far faster per connection than a person; measure the gateway, not the
+  # per-connection send limit (50/s by default).
+  CHAT_GATEWAY_SEND_RATE_PER_SEC=1000000)
 
 stack_gateway() { # name port admin-port
   env "${stack_env[@]}" CHAT_GATEWAY_NODE_ID="$1" CHAT_GATEWAY_LISTEN="127.0.0.1:$2" \

@@ -59,6 +59,7 @@ pub async fn run(
             lifecycle: lifecycle.clone(),
             flags: Vec::new(),
         },
+        metrics::READY_METRIC,
     )?;
     let admin_handle = admin_server.handle();
     let admin_task = actix_web::rt::spawn(admin_server);

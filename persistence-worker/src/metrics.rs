@@ -4,6 +4,10 @@ use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
+/// The readiness gauge (1 while `/readyz` answers 200), registered by the admin server, which
+/// evaluates readiness on every probe and scrape.
+pub const READY_METRIC: &str = "chat_worker_ready";
+
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
@@ -41,6 +45,10 @@ impl Metrics {
             &["dependency"],
         )?;
         registry.register(Box::new(errors.clone()))?;
+        // Exported at 0 from the start, so rate() sees the first error.
+        for dependency in ["redis", "postgres"] {
+            errors.with_label_values(&[dependency]);
+        }
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("chat_worker_batch_size", "Entries per written batch")
                 .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),

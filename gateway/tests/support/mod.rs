@@ -51,6 +51,8 @@ impl Cluster {
             gateway_internal_listen: "127.0.0.1:0".into(),
             gateway_node_id: Some(node_id.into()),
             gateway_workers: 1,
+            // Tests blast hundreds of sends from one connection; the limit has its own test.
+            gateway_send_rate_per_sec: 100_000,
             ..GatewayConfig::default()
         }
     }
@@ -156,7 +158,12 @@ pub async fn post(node: &NodeHandle, path: &str, body: Value) -> (u16, Value) {
 
 /// Opens a WebSocket with the token in the Authorization header and returns it after the hello.
 pub async fn connect(node: &NodeHandle, user: &User) -> (Ws, Value) {
-    let mut req = format!("ws://{}/ws", node.http)
+    connect_to(node.http, user).await
+}
+
+/// [`connect`] to a node by address (a node running as its own process).
+pub async fn connect_to(addr: SocketAddr, user: &User) -> (Ws, Value) {
+    let mut req = format!("ws://{addr}/ws")
         .into_client_request()
         .expect("request");
     req.headers_mut().insert(

@@ -1,0 +1,310 @@
+//! Presence across gateway nodes against real Redis and Postgres: transitions only, several
+//! devices, watches, a SIGKILLed node process, the users list and batch status.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use support::*;
+use uuid::Uuid;
+
+/// Short presence timings so expiry tests run in seconds: entries live 3 s, refreshed every 1 s.
+fn fast(cluster: &Cluster, node_id: &str) -> gateway::config::GatewayConfig {
+    gateway::config::GatewayConfig {
+        presence_ttl_secs: 3,
+        presence_heartbeat_secs: 1,
+        ..cluster.config(node_id)
+    }
+}
+
+fn is_presence_of(frame: &Value, user: &User, status: &str) -> bool {
+    frame["type"] == "presence"
+        && frame["user_id"] == user.id.to_string()
+        && frame["status"] == status
+}
+
+/// Presence frames about `user` that arrive on `ws` within `window`.
+async fn presence_frames(ws: &mut Ws, user: &User, window: Duration) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return out;
+        }
+        match recv_within(ws, left).await {
+            Some(f) if f["type"] == "presence" && f["user_id"] == user.id.to_string() => {
+                out.push(f)
+            }
+            Some(_) => {}
+            None => return out,
+        }
+    }
+}
+
+/// The first frame matching `pred` within `window`.
+async fn recv_until_within(
+    ws: &mut Ws,
+    window: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + window;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match recv_within(ws, left).await {
+            Some(f) if pred(&f) => return Some(f),
+            Some(_) => {}
+            None => return None,
+        }
+    }
+}
+
+/// Online when the first device connects anywhere, nothing for a second device or for the first
+/// one leaving, offline when the last leaves; each within a second, and `last_seen` recorded.
+#[actix_rt::test]
+async fn transitions_only_across_devices_and_nodes() {
+    let cluster = Cluster::new().await;
+    let a = cluster.start_with(fast(&cluster, "node-a")).await;
+    let b = cluster.start_with(fast(&cluster, "node-b")).await;
+    let alice = register(&a, "alice").await;
+    let bob = register(&b, "bob").await;
+    create_room(&a, &alice, &[bob.id]).await;
+    let (mut bob_ws, _) = connect(&b, &bob).await;
+
+    let (phone, _) = connect(&a, &alice).await;
+    let frames = presence_frames(&mut bob_ws, &alice, Duration::from_secs(1)).await;
+    assert!(
+        frames.len() == 1 && is_presence_of(&frames[0], &alice, "online"),
+        "{frames:?}"
+    );
+    let (laptop, _) = connect(&b, &alice).await;
+    drop(phone);
+    let frames = presence_frames(&mut bob_ws, &alice, Duration::from_millis(1500)).await;
+    assert!(
+        frames.is_empty(),
+        "a second device or the first leaving: {frames:?}"
+    );
+    drop(laptop);
+    let frames = presence_frames(&mut bob_ws, &alice, Duration::from_secs(1)).await;
+    assert!(
+        frames.len() == 1 && is_presence_of(&frames[0], &alice, "offline"),
+        "{frames:?}"
+    );
+    let db = chat_core::testing::connect(&cluster.db_url).await;
+    let row = db
+        .query_one(
+            "SELECT last_seen IS NOT NULL FROM users WHERE id = $1",
+            &[&alice.id],
+        )
+        .await
+        .expect("user");
+    assert!(row.get::<_, bool>(0), "last_seen recorded");
+}
+
+/// A watch answers the current status, then delivers changes until unwatched; a connection may
+/// not watch more than its limit.
+#[actix_rt::test]
+async fn watch_and_unwatch() {
+    let cluster = Cluster::new().await;
+    let a = cluster
+        .start_with(gateway::config::GatewayConfig {
+            gateway_max_watched_users: 2,
+            ..fast(&cluster, "node-a")
+        })
+        .await;
+    let b = cluster.start_with(fast(&cluster, "node-b")).await;
+    let alice = register(&a, "alice").await;
+    let carol = register(&a, "carol").await;
+    let (mut carol_ws, _) = connect(&a, &carol).await;
+
+    send_json(
+        &mut carol_ws,
+        json!({"type": "presence.watch", "user_ids": [alice.id]}),
+    )
+    .await;
+    let frames = presence_frames(&mut carol_ws, &alice, Duration::from_secs(1)).await;
+    assert!(
+        frames.len() == 1 && is_presence_of(&frames[0], &alice, "offline"),
+        "the watch answers the current status: {frames:?}"
+    );
+    let (alice_ws, _) = connect(&b, &alice).await;
+    let frames = presence_frames(&mut carol_ws, &alice, Duration::from_secs(1)).await;
+    assert!(
+        frames.len() == 1 && is_presence_of(&frames[0], &alice, "online"),
+        "{frames:?}"
+    );
+
+    let too_many = json!({"type": "presence.watch", "user_ids": [Uuid::now_v7(), Uuid::now_v7()]});
+    send_json(&mut carol_ws, too_many).await;
+    let error = recv(&mut carol_ws).await.expect("error");
+    assert_eq!(error["code"], "bad_request", "{error}");
+
+    send_json(
+        &mut carol_ws,
+        json!({"type": "presence.unwatch", "user_ids": [alice.id]}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(alice_ws);
+    let frames = presence_frames(&mut carol_ws, &alice, Duration::from_millis(1500)).await;
+    assert!(frames.is_empty(), "unwatched: {frames:?}");
+}
+
+/// A gateway process in its own process, killed with SIGKILL when dropped.
+struct NodeProcess(std::process::Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spare_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("spare port")
+}
+
+/// A node process killed with SIGKILL: its user turns offline within TTL + one heartbeat, and
+/// each watcher connection on the live nodes hears it exactly once, also one that both shares
+/// a room with the user and watches them.
+#[actix_rt::test]
+async fn sigkilled_node_users_go_offline_once_per_watcher() {
+    let cluster = Cluster::new().await;
+    let a = cluster.start_with(fast(&cluster, "node-a")).await;
+    let b = cluster.start_with(fast(&cluster, "node-b")).await;
+    let alice = register(&a, "alice").await;
+    let bob = register(&a, "bob").await;
+    let carol = register(&b, "carol").await;
+    create_room(&a, &alice, &[bob.id]).await;
+
+    let (public, internal) = (spare_addr(), spare_addr());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .env("CHAT_REDIS_URL", chat_core::testing::redis_url())
+        .env("CHAT_DATABASE_URL", &cluster.db_url)
+        .env("CHAT_REDIS_PREFIX", &cluster.prefix)
+        .env("CHAT_REDIS_PARTITIONS", "4")
+        .env("CHAT_JWT_SECRET", SECRET)
+        .env("CHAT_GATEWAY_LISTEN", public.to_string())
+        .env("CHAT_GATEWAY_INTERNAL_LISTEN", internal.to_string())
+        .env("CHAT_GATEWAY_NODE_ID", "node-doomed")
+        .env("CHAT_GATEWAY_WORKERS", "1")
+        .env("CHAT_PRESENCE_TTL_SECS", "3")
+        .env("CHAT_PRESENCE_HEARTBEAT_SECS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn gateway");
+    let mut doomed = NodeProcess(child);
+    let ready = chat_core::testing::eventually(Duration::from_secs(20), || async move {
+        matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
+    })
+    .await;
+    assert!(ready, "the gateway process became ready");
+
+    let (mut bob_ws, _) = connect(&a, &bob).await;
+    let (mut carol_ws, _) = connect(&b, &carol).await;
+    for ws in [&mut bob_ws, &mut carol_ws] {
+        send_json(
+            ws,
+            json!({"type": "presence.watch", "user_ids": [alice.id]}),
+        )
+        .await;
+        let frames = presence_frames(ws, &alice, Duration::from_millis(500)).await;
+        assert_eq!(frames.len(), 1, "snapshot: {frames:?}");
+    }
+    let (_alice_ws, _) = connect_to(public, &alice).await;
+    for ws in [&mut bob_ws, &mut carol_ws] {
+        let frames = presence_frames(ws, &alice, Duration::from_secs(1)).await;
+        assert!(
+            frames.len() == 1 && is_presence_of(&frames[0], &alice, "online"),
+            "{frames:?}"
+        );
+    }
+
+    let _ = doomed.0.kill();
+    let _ = doomed.0.wait();
+    let killed = tokio::time::Instant::now();
+    // TTL 3 s + heartbeat 1 s, with a little slack for the sweep and the publish.
+    let bound = Duration::from_millis(4500);
+    for ws in [&mut bob_ws, &mut carol_ws] {
+        let left = bound.saturating_sub(killed.elapsed());
+        let frame = recv_until_within(ws, left, |f| f["type"] == "presence").await;
+        assert!(
+            frame
+                .as_ref()
+                .is_some_and(|f| is_presence_of(f, &alice, "offline")),
+            "offline within {bound:?}: {frame:?}"
+        );
+    }
+    for ws in [&mut bob_ws, &mut carol_ws] {
+        let frames = presence_frames(ws, &alice, Duration::from_secs(2)).await;
+        assert!(frames.is_empty(), "a second offline: {frames:?}");
+    }
+}
+
+/// The users list filters by presence and name and pages by cursor; batch status answers
+/// online and last_seen; bad input gets 400.
+#[actix_rt::test]
+async fn users_list_and_batch_status() {
+    let (_cluster, a, b, alice, bob) = Cluster::two_nodes().await;
+    let carol = register(&a, "carol").await;
+    let (_alice_ws, _) = connect(&b, &alice).await;
+    let get = |path: String| {
+        let a = &a;
+        let carol = &carol;
+        async move { call(Method::GET, a, &path, carol, None).await }
+    };
+    let names = |page: &Value| -> Vec<String> {
+        page["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .map(|u| u["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let (status, online) = get("/api/v1/users?online=true".into()).await;
+    assert_eq!(status, 200, "{online}");
+    assert_eq!(names(&online), vec!["alice"]);
+    assert_eq!(online["users"][0]["online"], true);
+    let (_, offline) = get("/api/v1/users?online=false".into()).await;
+    assert_eq!(names(&offline), vec!["bob", "carol"]);
+    let (_, search) = get("/api/v1/users?q=AR".into()).await;
+    assert_eq!(names(&search), vec!["carol"]);
+    let (_, literal) = get("/api/v1/users?q=%25".into()).await;
+    assert_eq!(
+        names(&literal),
+        Vec::<String>::new(),
+        "% is matched literally"
+    );
+
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/users?limit=1".to_string();
+    loop {
+        let (_, page) = get(path.clone()).await;
+        seen.extend(names(&page));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/v1/users?limit=1&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec!["alice", "bob", "carol"]);
+
+    let (_, batch) = get(format!("/api/v1/presence?user_ids={},{}", alice.id, bob.id)).await;
+    assert_eq!(batch["users"][0]["online"], true);
+    assert_eq!(batch["users"][1]["online"], false);
+    assert_eq!(get("/api/v1/presence?user_ids=nope".into()).await.0, 400);
+    let many: Vec<String> = (0..101).map(|_| Uuid::now_v7().to_string()).collect();
+    assert_eq!(
+        get(format!("/api/v1/presence?user_ids={}", many.join(",")))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(get("/api/v1/users?limit=0".into()).await.0, 400);
+    assert_eq!(get("/api/v1/users?cursor=zz".into()).await.0, 400);
+}
