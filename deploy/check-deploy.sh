@@ -19,12 +19,20 @@ tools_ok() {
 }
 if ! tools_ok; then
   echo "check-deploy: installing ${PACKAGES[*]} into $VENV"
-  python3 -m venv "$VENV"
+  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    # Debian ships venv separately.
+    rm -rf "$VENV"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; } \
+      || { echo "check-deploy: python3 -m venv is unavailable and python3-venv could not be installed"; exit 1; }
+    python3 -m venv "$VENV"
+  fi
   "$PY" -m pip install -q --disable-pip-version-check "${PACKAGES[@]}"
 fi
 if ! command -v kubectl >/dev/null 2>&1; then
   echo "check-deploy: installing kubectl (for kubectl kustomize)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null; } \
+  # Debian names the package kubernetes-client; other repositories name it kubectl.
+  { apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null 2>&1 \
+      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; }; } \
     || { echo "check-deploy: kubectl is missing and could not be installed"; exit 1; }
 fi
 

@@ -21,6 +21,10 @@ drop_test_databases() {
 drop_test_databases
 trap drop_test_databases EXIT
 
+echo "== deploy checks (Dockerfiles, compose, Helm chart, kustomize manifests)"
+deploy/check-deploy.sh
+echo "== observability (promtool check/test rules, dashboard, runbooks, metric names)"
+deploy/check-observability.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
@@ -30,3 +34,5 @@ cargo test --workspace --locked
 echo "== k6 smoke (loadtest/k6/chat.js against two local gateway nodes)"
 cargo build --locked -p gateway -p persistence-worker
 STACK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" loadtest/k6-smoke.sh
+echo "== Prometheus scrapes a local gateway and worker"
+SCRAPE_STRICT=1 STACK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" deploy/checks/scrape-local-stack.sh
