@@ -308,3 +308,67 @@ async fn users_list_and_batch_status() {
     assert_eq!(get("/api/v1/users?limit=0".into()).await.0, 400);
     assert_eq!(get("/api/v1/users?cursor=zz".into()).await.0, 400);
 }
+
+/// How many users this node has announced online.
+async fn onlines(node: &NodeHandle) -> u64 {
+    let text = reqwest::get(format!("http://{}/metrics", node.internal))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("chat_gateway_presence_transitions_total{status=\"online\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("online transitions")
+}
+
+/// Presence state lost in Redis (a restart without persistence, a sweep during a long pause)
+/// comes back at the holding node's next heartbeat.
+#[actix_rt::test]
+async fn lost_presence_entries_are_restored_by_the_next_heartbeat() {
+    let cluster = Cluster::new().await;
+    let a = cluster.start_with(fast(&cluster, "node-a")).await;
+    let alice = register(&a, "alice").await;
+    let (_alice_ws, _) = connect(&a, &alice).await;
+    let status = || async {
+        let (_, body) = call(
+            Method::GET,
+            &a,
+            &format!("/api/v1/presence?user_ids={}", alice.id),
+            &alice,
+            None,
+        )
+        .await;
+        body["users"][0]["online"] == true
+    };
+    assert!(chat_core::testing::eventually(Duration::from_secs(2), status).await);
+    let online_before = onlines(&a).await;
+    let keys = chat_core::keys::KeySchema::new(cluster.prefix.clone(), 4);
+    let mut redis = redis::Client::open(chat_core::testing::redis_url())
+        .expect("redis")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(keys.presence(alice.id))
+        .ignore()
+        .cmd("ZREM")
+        .arg(keys.presence_deadlines())
+        .arg(alice.id.to_string())
+        .ignore()
+        .query_async(&mut redis)
+        .await
+        .expect("forget");
+    assert!(!status().await, "forgotten");
+    let announced = chat_core::testing::eventually(Duration::from_millis(1500), || async {
+        onlines(&a).await == online_before + 1
+    })
+    .await;
+    assert!(
+        announced,
+        "restored and announced online again within one heartbeat"
+    );
+    assert!(status().await);
+}
