@@ -1,0 +1,489 @@
+// End-to-end tests of the web client in headless Chromium, against real gateway nodes.
+// deploy/check-web.sh starts the stack and passes it in the environment:
+//   WEB_GATEWAY_A, WEB_GATEWAY_B   base URLs of two running gateway nodes (node ids WEB_NODE_A/B)
+//   WEB_GATEWAY_BIN                the gateway binary; the reconnect test runs a third node with it
+//   WEB_RESTART_PORT, WEB_RESTART_ADMIN_PORT   that node's public and admin ports
+//   WEB_RESTART_PID_FILE           where its pid is written, for the script's cleanup
+//   CHAT_*                         the stack's settings (Redis, database, prefix, JWT secret)
+// Screenshots go to web/tests/artifacts/.
+
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdir, readFile } from 'node:fs/promises';
+import { openSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import { chromium } from 'playwright-core';
+
+const env = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set: run these tests with deploy/check-web.sh`);
+  return v;
+};
+const GW_A = env('WEB_GATEWAY_A');
+const GW_B = env('WEB_GATEWAY_B');
+const NODE_A = process.env.WEB_NODE_A || null;
+const NODE_B = process.env.WEB_NODE_B || null;
+const WEB_DIR = new URL('../', import.meta.url);
+const ARTIFACTS = new URL('./artifacts/', import.meta.url);
+const RUN = `${Date.now().toString(36)}${process.pid}`;
+const PASSWORD = 'correct horse battery';
+const WAIT = { timeout: 15000 };
+
+const CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync'];
+
+// The four files the gateway embeds. When the gateway under test does not serve them yet, the
+// tests put a small server on 127.0.0.1 in front of it that serves them from web/ with the
+// gateway's Content-Security-Policy and passes every other request, WebSocket upgrades
+// included, through to the gateway unchanged: the page then runs as if the gateway served it.
+const ASSETS = {
+  '/': ['index.html', 'text/html; charset=utf-8'],
+  '/style.css': ['style.css', 'text/css; charset=utf-8'],
+  '/app.js': ['app.js', 'text/javascript; charset=utf-8'],
+  '/chat-client.js': ['chat-client.js', 'text/javascript; charset=utf-8'],
+};
+const CSP = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; style-src 'self' 'unsafe-inline'; " +
+  "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+let browser;
+let servedByGateway = false;
+const pageErrors = [];
+const fronts = new Map(); // gateway URL -> {server, url}
+
+before(async () => {
+  await mkdir(ARTIFACTS, { recursive: true });
+  servedByGateway = await gatewayServesTree(GW_A);
+  console.log(`# page served by ${servedByGateway ? 'the gateway' : 'a test server in front of the gateway: this gateway binary does not serve / or embeds other copies of web/'}`);
+  browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: CHROMIUM_ARGS });
+});
+
+after(async () => {
+  await browser?.close();
+  for (const { server } of fronts.values()) {
+    server.closeAllConnections();
+    server.close();
+  }
+});
+
+/** Whether the gateway serves the four files exactly as they are in web/ (it embeds them when
+ *  it is compiled, so an older binary serves older copies, or none). */
+async function gatewayServesTree(gateway) {
+  for (const [path, [file]] of Object.entries(ASSETS)) {
+    const res = await fetch(`${gateway}${path}`);
+    if (!res.ok || (await res.text()) !== (await readFile(new URL(file, WEB_DIR), 'utf8'))) return false;
+  }
+  return true;
+}
+
+/** Where the page for `gateway` is loaded from: the gateway itself, or a front for it. */
+async function pageOrigin(gateway) {
+  if (servedByGateway) return gateway;
+  if (fronts.has(gateway)) return fronts.get(gateway).url;
+  const upstream = new URL(gateway);
+  const target = { host: upstream.hostname, port: Number(upstream.port) };
+  const server = http.createServer(async (req, res) => {
+    const path = new URL(req.url, 'http://x').pathname;
+    if (req.method === 'GET' && path in ASSETS) {
+      const [file, type] = ASSETS[path];
+      res.writeHead(200, { 'content-type': type, 'content-security-policy': CSP, 'cache-control': 'no-cache' });
+      res.end(await readFile(new URL(file, WEB_DIR)));
+      return;
+    }
+    const proxied = http.request({ ...target, method: req.method, path: req.url, headers: req.headers }, (up) => {
+      res.writeHead(up.statusCode, up.headers);
+      up.pipe(res);
+    });
+    proxied.on('error', () => res.destroy());
+    req.pipe(proxied);
+  });
+  server.on('upgrade', (req, socket, head) => {
+    const up = net.connect(target, () => {
+      const lines = [`${req.method} ${req.url} HTTP/1.1`];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+      up.write(`${lines.join('\r\n')}\r\n\r\n`);
+      if (head.length) up.write(head);
+      up.pipe(socket);
+      socket.pipe(up);
+    });
+    up.on('error', () => socket.destroy());
+    socket.on('error', () => up.destroy());
+    up.on('close', () => socket.destroy());
+    socket.on('close', () => up.destroy());
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const url = `http://127.0.0.1:${server.address().port}`;
+  fronts.set(gateway, { server, url });
+  return url;
+}
+
+/** A browser context: one person's browser. */
+async function newBrowser(options = {}) {
+  return browser.newContext(options);
+}
+
+async function openPage(context, gateway, label) {
+  const page = await context.newPage();
+  page.on('pageerror', (err) => pageErrors.push(`${label}: ${err.message}`));
+  page.on('console', (msg) => {
+    if (msg.type() === 'error' && /Content Security Policy/.test(msg.text())) pageErrors.push(`${label}: ${msg.text()}`);
+  });
+  await page.goto(`${await pageOrigin(gateway)}/`);
+  return page;
+}
+
+async function shot(page, name) {
+  await page.screenshot({ path: new URL(`${name}.png`, ARTIFACTS).pathname, fullPage: true });
+}
+
+function email(name) {
+  return `${name.split(' ')[0].toLowerCase()}-${RUN}@example.com`;
+}
+
+async function register(page, name, { remember = false } = {}) {
+  await page.getByRole('link', { name: 'Sign up' }).click();
+  const form = page.locator('#register-form');
+  await form.getByLabel('Name', { exact: true }).fill(name);
+  await form.getByLabel('Email', { exact: true }).fill(email(name));
+  await form.getByLabel('Password', { exact: true }).fill(PASSWORD);
+  await form.getByLabel('Confirm password').fill(PASSWORD);
+  if (remember) await form.getByLabel('Remember me').check();
+  await form.getByRole('button', { name: 'Register' }).click();
+  await connected(page);
+}
+
+async function login(page, name, { remember = false } = {}) {
+  const form = page.locator('#login-form');
+  await form.getByLabel('Email', { exact: true }).fill(email(name));
+  await form.getByLabel('Password', { exact: true }).fill(PASSWORD);
+  if (remember) await form.getByLabel('Remember me').check();
+  await form.getByRole('button', { name: 'Log in' }).click();
+  await connected(page);
+}
+
+async function connected(page, node = null) {
+  await page.locator('#conn[data-state="online"]').waitFor(WAIT);
+  if (node) assert.equal(await page.locator('#conn').getAttribute('data-node'), node);
+}
+
+function person(page, name) {
+  return page.locator('#people-list button.person', { hasText: name });
+}
+
+function conversation(page, title) {
+  return page.locator('#conversation-list button.conv', { has: page.locator('.item-title', { hasText: title }) });
+}
+
+async function showPeople(page) {
+  await page.getByRole('tab', { name: 'People' }).click();
+}
+
+async function showChats(page) {
+  await page.getByRole('tab', { name: /^Chats/ }).click();
+}
+
+async function send(page, text) {
+  await page.getByLabel('Message', { exact: true }).fill(text);
+  await page.getByLabel('Message', { exact: true }).press('Enter');
+  await page.locator('#message-list li.msg.own .body', { hasText: text }).last().waitFor(WAIT);
+}
+
+/** The messages shown in the open conversation, in DOM order. */
+function shownMessages(page) {
+  return page.$$eval('#message-list li.msg', (items) =>
+    items.map((li) => ({ seq: Number(li.dataset.seq), body: li.querySelector('.body').textContent })),
+  );
+}
+
+async function waitForMessage(page, text) {
+  await page.locator('#message-list li.msg .body', { hasText: text }).first().waitFor(WAIT);
+}
+
+function assertNoPageErrors() {
+  assert.deepEqual(pageErrors, [], 'the pages raised errors');
+}
+
+describe('two people on two gateway nodes', () => {
+  test('register, presence, direct chat, typing, receipts, reload, rooms, going offline', async () => {
+    const alice = { name: `Alice ${RUN}` };
+    const bob = { name: `Bob ${RUN}` };
+    alice.context = await newBrowser();
+    bob.context = await newBrowser();
+    alice.page = await openPage(alice.context, GW_A, 'alice');
+    bob.page = await openPage(bob.context, GW_B, 'bob');
+    const A = alice.page;
+    const B = bob.page;
+
+    // The log-in, sign-up and forgot-password pages.
+    await A.getByRole('heading', { name: 'Log in' }).waitFor(WAIT);
+    await shot(A, 'login');
+    await A.getByRole('link', { name: 'Forgot password?' }).click();
+    await A.getByText('Resetting a password is not available yet').waitFor(WAIT);
+    await shot(A, 'forgot-password');
+    await A.getByRole('link', { name: 'Back to log in' }).click();
+
+    // Registration checks fields in the page and reports the server's verdict in words.
+    await A.getByRole('link', { name: 'Sign up' }).click();
+    const form = A.locator('#register-form');
+    await form.getByLabel('Name', { exact: true }).fill(alice.name);
+    await form.getByLabel('Email', { exact: true }).fill('not-an-email');
+    await form.getByLabel('Password', { exact: true }).fill('short');
+    await form.getByLabel('Confirm password').fill('different');
+    await form.getByRole('button', { name: 'Register' }).click();
+    await form.getByText('The two passwords do not match.').waitFor(WAIT);
+    await form.getByText('Use at least 8 characters.').waitFor(WAIT);
+    await form.getByLabel('Password', { exact: true }).fill(PASSWORD);
+    await form.getByLabel('Confirm password').fill(PASSWORD);
+    await form.getByRole('button', { name: 'Register' }).click();
+    await form.getByText('Please enter a valid email address').waitFor(WAIT);
+    await shot(A, 'register-errors');
+    await A.getByRole('link', { name: 'Log in' }).click();
+
+    // Alice registers on node A, Bob on node B.
+    await register(A, alice.name);
+    await connected(A, NODE_A);
+    await register(B, bob.name);
+    await connected(B, NODE_B);
+    assert.notEqual(await A.locator('#conn').getAttribute('data-node'), await B.locator('#conn').getAttribute('data-node'));
+    // Without "remember me" the token lives only as long as the tab.
+    assert.equal(await A.evaluate(() => localStorage.getItem('chat.session')), null);
+    assert.ok(await A.evaluate(() => sessionStorage.getItem('chat.session')));
+
+    // Each sees the other online.
+    await showPeople(B);
+    await person(B, alice.name).locator('.presence', { hasText: 'Online' }).waitFor(WAIT);
+    await showPeople(A);
+    await A.getByRole('button', { name: 'Refresh' }).click();
+    await person(A, bob.name).locator('.presence', { hasText: 'Online' }).waitFor(WAIT);
+    await shot(A, 'people');
+
+    // Bob logs out: Alice sees him go offline, live. He logs in again, remembered: online again.
+    await B.getByRole('button', { name: 'Log out' }).click();
+    await B.getByRole('heading', { name: 'Log in' }).waitFor(WAIT);
+    await person(A, bob.name).locator('.presence', { hasText: 'Offline, last seen just now' }).waitFor(WAIT);
+    await B.locator('#login-form').getByLabel('Email', { exact: true }).fill(email(bob.name));
+    await B.locator('#login-form').getByLabel('Password', { exact: true }).fill('wrong password');
+    await B.locator('#login-form').getByRole('button', { name: 'Log in' }).click();
+    await B.getByText('That email and password do not match an account.').waitFor(WAIT);
+    await login(B, bob.name, { remember: true });
+    assert.ok(await B.evaluate(() => localStorage.getItem('chat.session')));
+    await person(A, bob.name).locator('.presence', { hasText: 'Online' }).waitFor(WAIT);
+
+    // Alice starts a direct conversation from the People list.
+    await person(A, bob.name).click();
+    await A.getByRole('heading', { name: bob.name }).waitFor(WAIT);
+    await send(A, 'Hello Bob!');
+
+    // Bob gets it with an unread count, opens it; Alice sees "Seen".
+    await showChats(B);
+    const bobsConv = conversation(B, alice.name);
+    await bobsConv.locator('.badge', { hasText: '1' }).waitFor(WAIT);
+    await bobsConv.click();
+    await waitForMessage(B, 'Hello Bob!');
+    await A.locator('#message-list li.msg.own .receipt', { hasText: 'Seen' }).waitFor(WAIT);
+    assert.equal(await bobsConv.locator('.badge').count(), 0);
+
+    // Bob types: Alice sees it. Then they chat both ways.
+    await B.getByLabel('Message', { exact: true }).fill('Hi Al');
+    await A.getByText(`${bob.name} is typing…`).waitFor(WAIT);
+    await B.getByLabel('Message', { exact: true }).press('Enter');
+    await waitForMessage(A, 'Hi Al');
+    await send(A, 'How are you?');
+    await waitForMessage(B, 'How are you?');
+    await send(B, 'Fine, <b>thanks</b> & you?');
+    await waitForMessage(A, 'Fine, <b>thanks</b> & you?');
+    assert.equal(await A.locator('#message-list b').count(), 0, 'message text must not become markup');
+    await B.locator('#message-list li.msg.own .receipt', { hasText: 'Seen' }).waitFor(WAIT);
+    const expected = ['Hello Bob!', 'Hi Al', 'How are you?', 'Fine, <b>thanks</b> & you?'];
+    assert.deepEqual((await shownMessages(A)).map((m) => m.body), expected);
+    assert.deepEqual((await shownMessages(B)).map((m) => m.body), expected);
+    assert.deepEqual((await shownMessages(B)).map((m) => m.seq), [1, 2, 3, 4]);
+    await shot(A, 'chat-alice');
+    await shot(B, 'chat-bob');
+
+    // Alice reloads: still logged in (same tab), and the whole history is there.
+    await A.reload();
+    await connected(A);
+    await conversation(A, bob.name).click();
+    await waitForMessage(A, 'Fine, <b>thanks</b> & you?');
+    assert.deepEqual((await shownMessages(A)).map((m) => m.body), expected);
+    // Bob's remembered session survives a reload as well.
+    await B.reload();
+    await connected(B);
+
+    // Rooms: Alice creates one, adds Bob; they talk; Bob leaves.
+    const room = `Team ${RUN}`;
+    await showChats(A);
+    await A.getByRole('button', { name: 'New room' }).click();
+    await A.getByLabel('Room name').fill(room);
+    await A.getByRole('button', { name: 'Create room' }).click();
+    await A.getByRole('heading', { name: room }).waitFor(WAIT);
+    await A.getByText('1 member: you').waitFor(WAIT);
+    await A.getByRole('button', { name: 'Add people' }).click();
+    await A.getByRole('dialog').getByLabel(bob.name).check();
+    await A.getByRole('button', { name: 'Add', exact: true }).click();
+    await A.getByText(`${bob.name} was added by you.`).waitFor(WAIT);
+    await showChats(B);
+    await conversation(B, room).click();
+    await B.getByRole('heading', { name: room }).waitFor(WAIT);
+    await send(B, 'Hello room');
+    await waitForMessage(A, 'Hello room');
+    await send(A, 'Welcome, Bob');
+    await waitForMessage(B, 'Welcome, Bob');
+    await B.locator('#message-list li.msg.own .receipt', { hasText: `Seen by ${alice.name}` }).waitFor(WAIT);
+    await shot(A, 'room');
+    B.once('dialog', (d) => d.accept());
+    await B.getByRole('button', { name: 'Leave room' }).click();
+    await B.getByText(`You left ${room}.`).waitFor(WAIT);
+    assert.equal(await conversation(B, room).count(), 0);
+    await A.getByText(`${bob.name} left.`).waitFor(WAIT);
+
+    // Profile: shown, not editable (no API yet).
+    await A.getByRole('button', { name: 'Profile' }).click();
+    await A.getByText('Changing your name or avatar is not available yet').waitFor(WAIT);
+    await shot(A, 'profile');
+    await A.getByRole('button', { name: 'Close' }).click();
+
+    // Bob closes his browser: Alice sees him go offline.
+    await bob.context.close();
+    await showPeople(A);
+    await person(A, bob.name).locator('.presence', { hasText: 'Offline' }).waitFor({ timeout: 30000 });
+    await shot(A, 'people-bob-offline');
+    await alice.context.close();
+    assertNoPageErrors();
+  });
+
+  test('a phone-sized screen shows one pane at a time', async () => {
+    const context = await newBrowser({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
+    const page = await openPage(context, GW_A, 'phone');
+    const name = `Phoebe ${RUN}`;
+    await register(page, name);
+    await shot(page, 'phone-lists');
+    await page.getByRole('button', { name: 'New room' }).click();
+    await page.getByLabel('Room name').fill(`Phone room ${RUN}`);
+    await page.getByRole('button', { name: 'Create room' }).click();
+    await send(page, 'Typed on a phone');
+    assert.equal(await page.locator('nav.sidebar').isVisible(), false);
+    await shot(page, 'phone-chat');
+    await page.getByRole('button', { name: 'Back to the lists' }).click();
+    assert.equal(await page.locator('nav.sidebar').isVisible(), true);
+    const width = await page.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(width <= 390, `the page scrolls sideways (${width}px wide)`);
+    await context.close();
+    assertNoPageErrors();
+  });
+});
+
+/** A gateway node the test owns, so that it can kill it and start it again on the same port. */
+class RestartableGateway {
+  constructor() {
+    this.bin = env('WEB_GATEWAY_BIN');
+    this.port = env('WEB_RESTART_PORT');
+    this.admin = env('WEB_RESTART_ADMIN_PORT');
+    this.nodeId = 'web-restart';
+    this.url = `http://127.0.0.1:${this.port}`;
+    this.proc = null;
+    this.starts = 0;
+  }
+
+  async start() {
+    this.starts += 1;
+    const log = openSync(new URL(`gateway-restart-${this.starts}.log`, ARTIFACTS), 'w');
+    this.proc = spawn(this.bin, [], {
+      env: {
+        ...process.env,
+        CHAT_GATEWAY_NODE_ID: this.nodeId,
+        CHAT_GATEWAY_LISTEN: `127.0.0.1:${this.port}`,
+        CHAT_GATEWAY_INTERNAL_LISTEN: `127.0.0.1:${this.admin}`,
+      },
+      stdio: ['ignore', log, log],
+    });
+    if (process.env.WEB_RESTART_PID_FILE) writeFileSync(process.env.WEB_RESTART_PID_FILE, String(this.proc.pid));
+    const deadline = Date.now() + 30000;
+    while (Date.now() < deadline) {
+      if (this.proc.exitCode !== null) throw new Error(`the gateway exited with ${this.proc.exitCode}`);
+      try {
+        if ((await fetch(`http://127.0.0.1:${this.admin}/readyz`)).ok) return;
+      } catch {
+        // not listening yet
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    throw new Error('the restarted gateway never became ready');
+  }
+
+  /** Kills the node at once (SIGKILL): its connections drop without a close frame. */
+  async kill() {
+    const proc = this.proc;
+    if (!proc || proc.exitCode !== null) return;
+    const exited = new Promise((r) => proc.once('exit', r));
+    proc.kill('SIGKILL');
+    await exited;
+  }
+}
+
+describe('reconnect', () => {
+  const node = new RestartableGateway();
+  after(() => node.kill());
+
+  test('the page recovers every message sent while its gateway node was down', async () => {
+    await node.start();
+    const carol = { name: `Carol ${RUN}` };
+    const dave = { name: `Dave ${RUN}` };
+    carol.context = await newBrowser();
+    dave.context = await newBrowser();
+    const C = (carol.page = await openPage(carol.context, GW_A, 'carol'));
+    const D = (dave.page = await openPage(dave.context, node.url, 'dave'));
+    await register(D, dave.name, { remember: true });
+    await connected(D, node.nodeId);
+    await register(C, carol.name);
+    await showPeople(C);
+    await person(C, dave.name).click();
+
+    const total = 60; // more than one history page (50)
+    const bodies = Array.from({ length: total }, (_, i) => `message ${String(i + 1).padStart(2, '0')}`);
+    for (const body of bodies.slice(0, 10)) await send(C, body);
+    await showChats(D);
+    await conversation(D, carol.name).click();
+    await waitForMessage(D, 'message 10');
+
+    // Dave's node dies mid-conversation; Carol keeps writing.
+    await node.kill();
+    await D.locator('#conn[data-state="reconnecting"]').waitFor(WAIT);
+    await D.getByText('Connection lost.').waitFor(WAIT);
+    await shot(D, 'reconnect-down');
+    for (const body of bodies.slice(10, 40)) await send(C, body);
+
+    // The node comes back on the same port; the page reconnects by itself and syncs.
+    await node.start();
+    for (const body of bodies.slice(40, 50)) await send(C, body);
+    await connected(D, node.nodeId);
+    for (const body of bodies.slice(50)) await send(C, body);
+    await waitForMessage(D, bodies[total - 1]);
+    const shown = await shownMessages(D);
+    assert.deepEqual(shown.map((m) => m.seq), bodies.map((_, i) => i + 1), 'no gaps, no duplicates, in order');
+    assert.deepEqual(shown.map((m) => m.body), bodies);
+    await shot(D, 'reconnect-recovered');
+
+    // And the conversation goes on both ways.
+    await send(D, 'back again');
+    await waitForMessage(C, 'back again');
+
+    // A reload shows the newest page; paging upward brings back the rest, without duplicates.
+    await D.reload();
+    await connected(D, node.nodeId);
+    await conversation(D, carol.name).click();
+    await waitForMessage(D, 'back again');
+    assert.equal((await shownMessages(D)).length, 50);
+    await D.getByRole('button', { name: 'Load older messages' }).click();
+    await D.getByText('This is the start of the conversation.').waitFor(WAIT);
+    const all = await shownMessages(D);
+    assert.deepEqual(all.map((m) => m.seq), Array.from({ length: total + 1 }, (_, i) => i + 1));
+    assert.deepEqual(all.map((m) => m.body), [...bodies, 'back again']);
+
+    await carol.context.close();
+    await dave.context.close();
+    assertNoPageErrors();
+  });
+});
