@@ -65,6 +65,12 @@ pub struct GatewayConfig {
     pub presence_ttl_secs: u64,
     /// How often a node refreshes its users' presence and sweeps users of dead nodes.
     pub presence_heartbeat_secs: u64,
+    /// PEM certificate chain for native TLS on the public port; with the key, turns TLS on.
+    pub gateway_tls_cert_path: Option<String>,
+    /// PEM private key for native TLS.
+    pub gateway_tls_key_path: Option<String>,
+    /// How often the certificate files are checked for changes.
+    pub gateway_tls_reload_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -102,6 +108,9 @@ impl Default for GatewayConfig {
             gateway_presence_room_max_members: 100,
             presence_ttl_secs: 30,
             presence_heartbeat_secs: 10,
+            gateway_tls_cert_path: None,
+            gateway_tls_key_path: None,
+            gateway_tls_reload_secs: 30,
         }
     }
 }
@@ -117,6 +126,8 @@ pub struct Validated {
     pub allowed_origins: Vec<String>,
     /// True when the dev secret is in use (logged as a warning at start).
     pub insecure_dev_secret: bool,
+    /// Native TLS on the public port, when configured (checked to load).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl GatewayConfig {
@@ -201,6 +212,44 @@ impl GatewayConfig {
                 "is required (set CHAT_JWT_SECRET, or CHAT_DEV_MODE=true for local development)",
             )),
         };
+        let tls = match (
+            self.gateway_tls_cert_path
+                .as_deref()
+                .filter(|p| !p.is_empty()),
+            self.gateway_tls_key_path
+                .as_deref()
+                .filter(|p| !p.is_empty()),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                if self.gateway_tls_reload_secs == 0 {
+                    return Err(SettingsError::invalid(
+                        "gateway_tls_reload_secs",
+                        "must be greater than 0",
+                    ));
+                }
+                let files = crate::tls::TlsFiles {
+                    cert: cert.into(),
+                    key: key.into(),
+                    reload_every: std::time::Duration::from_secs(self.gateway_tls_reload_secs),
+                };
+                crate::tls::load(&files.cert, &files.key)
+                    .map_err(|e| SettingsError::invalid("gateway_tls_cert_path", e.to_string()))?;
+                Some(files)
+            }
+            (Some(_), None) => {
+                return Err(SettingsError::invalid(
+                    "gateway_tls_key_path",
+                    "is required when gateway_tls_cert_path is set",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::invalid(
+                    "gateway_tls_cert_path",
+                    "is required when gateway_tls_key_path is set",
+                ))
+            }
+        };
         let allowed_origins = self
             .gateway_allowed_origins
             .split(',')
@@ -220,6 +269,7 @@ impl GatewayConfig {
             jwt_secret,
             allowed_origins,
             insecure_dev_secret,
+            tls,
         })
     }
 }

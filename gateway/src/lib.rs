@@ -11,10 +11,12 @@
 //! - [`conversations`]: membership directory, conversation list, history endpoint.
 //! - [`history`]: a seq range merged from the Redis tail and Postgres.
 //! - [`rooms`]: room creation and membership.
+//! - [`web_client`]: the reference web client, embedded and served at `/`.
 //! - [`presence`]: who is online (Redis, TTL heartbeats, sweeper), users list, batch status.
 //! - [`auth`]: argon2id and HS256 JWT.
 //! - [`api_error`]: JSON error responses.
 //! - [`metrics`]: every `chat_gateway_*` metric.
+//! - [`tls`]: native TLS on the public port, certificates reloaded when their files change.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -30,6 +32,8 @@ pub mod node;
 pub mod presence;
 pub mod rooms;
 pub mod session;
+pub mod tls;
+pub mod web_client;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -71,6 +75,8 @@ pub enum GatewayError {
     Auth(String),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The two listening sockets, bound before `run` so tests can use port 0.
@@ -169,6 +175,15 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
 
+    let tls = match &node.config.tls {
+        Some(files) => {
+            let (server_config, slot) = tls::server_config(files)?;
+            let watcher = actix_web::rt::spawn(tls::watch(files.clone(), slot, shutdown.clone()));
+            Some((server_config, watcher))
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let app_node = node.clone();
     let server = HttpServer::new(move || {
         App::new()
@@ -180,6 +195,10 @@ pub async fn run(
             )
             .app_data(web::QueryConfig::default().error_handler(api_error::query_error))
             .route("/ws", web::get().to(session::handshake))
+            .route("/", web::get().to(crate::web_client::index))
+            .route("/style.css", web::get().to(crate::web_client::style))
+            .route("/app.js", web::get().to(crate::web_client::app))
+            .route("/chat-client.js", web::get().to(crate::web_client::client))
             .service(
                 web::scope("/api/v1")
                     .route("/auth/register", web::post().to(accounts::register))
@@ -215,14 +234,21 @@ pub async fn run(
     // Acks and deliveries are small writes; Nagle would hold them for the peer's delayed ACK.
     .tcp_nodelay(true)
     .disable_signals()
-    .shutdown_timeout(1)
-    .listen(listeners.public)?
-    .run();
+    .shutdown_timeout(1);
+    let (server, tls_watcher) = match tls {
+        Some((server_config, watcher)) => (
+            server.listen_rustls_0_23(listeners.public, server_config)?,
+            Some(watcher),
+        ),
+        None => (server.listen(listeners.public)?, None),
+    };
+    let server = server.run();
     let server_handle = server.handle();
     let server_task = actix_web::rt::spawn(server);
     tracing::info!(
         node_id = %node.config.node_id,
         public = %public_addr,
+        scheme,
         workers,
         "gateway listening"
     );
@@ -242,6 +268,9 @@ pub async fn run(
     server_handle.stop(true).await;
     let _ = server_task.await;
     let _ = heartbeats.await;
+    if let Some(watcher) = tls_watcher {
+        let _ = watcher.await;
+    }
     admin_handle.stop(true).await;
     let _ = admin_task.await;
     let _ = broker_task.await;
