@@ -21,6 +21,8 @@ COPY chat-core chat-core
 COPY gateway gateway
 COPY persistence-worker persistence-worker
 COPY loadtest/harness loadtest/harness
+# The web client is compiled into the gateway binary (gateway/src/web_client.rs).
+COPY web web
 # COPY keeps the files' own mtimes, which may be older than the stub build: touch the crate
 # roots so Cargo rebuilds the workspace crates instead of reusing the stubs.
 RUN touch chat-core/src/lib.rs gateway/src/lib.rs gateway/src/main.rs \
