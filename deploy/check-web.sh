@@ -60,7 +60,7 @@ env "${stack_env[@]}" \
   WEB_GATEWAY_B="http://127.0.0.1:$P_B" WEB_NODE_B=web-b \
   WEB_GATEWAY_BIN="$STACK_BIN/gateway" WEB_RESTART_PORT="$P_R" WEB_RESTART_ADMIN_PORT="$ADM_R" \
   WEB_RESTART_PID_FILE="$RESTART_PID_FILE" \
-  node --test --test-concurrency=1 web/tests/e2e.mjs || status=$?
+  node --test --test-concurrency=1 web/tests/chat-client.test.mjs web/tests/e2e.mjs || status=$?
 if [ "$status" -ne 0 ]; then
   echo "check-web: failed; gateway and worker logs in $LOGS, screenshots in web/tests/artifacts/" >&2
   exit "$status"

@@ -5,11 +5,13 @@
 //   WEB_RESTART_PORT, WEB_RESTART_ADMIN_PORT   that node's public and admin ports
 //   WEB_RESTART_PID_FILE           where its pid is written, for the script's cleanup
 //   CHAT_*                         the stack's settings (Redis, database, prefix, JWT secret)
+//   WEB_SERVE_FROM_TREE=1          serve web/ from the test's front even if the gateway serves it
 // Screenshots go to web/tests/artifacts/.
 
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { mkdir, readFile } from 'node:fs/promises';
 import { openSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
@@ -54,8 +56,9 @@ const fronts = new Map(); // gateway URL -> {server, url}
 
 before(async () => {
   await mkdir(ARTIFACTS, { recursive: true });
-  servedByGateway = await gatewayServesTree(GW_A);
-  console.log(`# page served by ${servedByGateway ? 'the gateway' : 'a test server in front of the gateway: this gateway binary does not serve / or embeds other copies of web/'}`);
+  servedByGateway = process.env.WEB_SERVE_FROM_TREE !== '1' && (await gatewayServesTree(GW_A));
+  const why = process.env.WEB_SERVE_FROM_TREE === '1' ? 'WEB_SERVE_FROM_TREE=1' : 'this gateway binary does not serve / or embeds other copies of web/';
+  console.log(`# page served by ${servedByGateway ? 'the gateway' : `a test server in front of the gateway (${why})`}`);
   browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: CHROMIUM_ARGS });
 });
 
@@ -370,6 +373,39 @@ describe('two people on two gateway nodes', () => {
     assert.equal(await page.locator('nav.sidebar').isVisible(), true);
     const width = await page.evaluate(() => document.documentElement.scrollWidth);
     assert.ok(width <= 390, `the page scrolls sideways (${width}px wide)`);
+    await context.close();
+    assertNoPageErrors();
+  });
+});
+
+describe('session end', () => {
+  test('a token that expires during the session (close 4100) brings back the login form', async () => {
+    const res = await fetch(`${GW_A}/api/v1/auth/register`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ name: `Erin ${RUN}`, email: email(`Erin ${RUN}`), password: PASSWORD }),
+    });
+    assert.equal(res.status, 201);
+    const { user } = await res.json();
+    // The same kind of token the gateway issues (HS256 with the stack's secret), expiring soon.
+    const now = Math.floor(Date.now() / 1000);
+    const part = (obj) => Buffer.from(JSON.stringify(obj)).toString('base64url');
+    const unsigned = `${part({ typ: 'JWT', alg: 'HS256' })}.${part({ sub: user.id, iat: now, exp: now + 4 })}`;
+    const token = `${unsigned}.${createHmac('sha256', env('CHAT_JWT_SECRET')).update(unsigned).digest('base64url')}`;
+
+    const context = await newBrowser();
+    await context.addInitScript(([session]) => {
+      if (!sessionStorage.getItem('seeded')) {
+        sessionStorage.setItem('seeded', '1');
+        localStorage.setItem('chat.session', session);
+      }
+    }, [JSON.stringify({ token, user })]);
+    const page = await openPage(context, GW_A, 'erin');
+    await connected(page, NODE_A);
+    await page.getByText('Your session has expired. Please log in again.').waitFor({ timeout: 20000 });
+    await page.getByRole('heading', { name: 'Log in' }).waitFor(WAIT);
+    assert.equal(await page.evaluate(() => localStorage.getItem('chat.session')), null);
+    await shot(page, 'session-expired');
     await context.close();
     assertNoPageErrors();
   });
