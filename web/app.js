@@ -372,6 +372,7 @@ function renderConnection({ state, retryInMs, nodeId }) {
   if (nodeId) conn.dataset.node = nodeId;
   else delete conn.dataset.node;
   $('conn-retry').hidden = state !== 'reconnecting' || !retryInMs;
+  conn.title = '';
   let text;
   switch (state) {
     case 'connecting':
