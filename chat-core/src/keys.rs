@@ -74,6 +74,16 @@ impl KeySchema {
         format!("{}:{{p{}}}:pair:{}", self.prefix, p, conversation_id)
     }
 
+    /// The record of a client id a user appended in a conversation (`<seq>:<msg_id>:<ts>`), kept
+    /// for the dedup window, so a repeated send gets the original ack.
+    pub fn sent(&self, conversation_id: Uuid, user_id: Uuid, client_id: &str) -> String {
+        let p = self.partition_of(conversation_id);
+        format!(
+            "{}:{{p{}}}:sent:{}:{}:{}",
+            self.prefix, p, conversation_id, user_id, client_id
+        )
+    }
+
     /// The pub/sub channel carrying frames for every connection of one user.
     pub fn user_channel(&self, user_id: Uuid) -> String {
         format!("{}:user:{}", self.prefix, user_id)
@@ -172,5 +182,6 @@ mod tests {
         let tag = format!("{{p{}}}", keys.partition_of(conv));
         assert!(keys.tail(conv).contains(&tag));
         assert!(keys.pair(conv).contains(&tag));
+        assert!(keys.sent(conv, Uuid::now_v7(), "c-1").contains(&tag));
     }
 }

@@ -147,13 +147,21 @@ pub fn split_published(payload: &[u8]) -> Option<(Uuid, &[u8])> {
     Some((Uuid::parse_str(origin).ok()?, &payload[newline + 1..]))
 }
 
-/// Assigns the next seq, appends the entry to the partition stream and to the conversation's
-/// tail, records a direct conversation's members with its first message, and publishes the frame
-/// to every channel given (both users' channels, or the room's). Every key is in one slot:
-/// KEYS[1] the counter, KEYS[2] the partition stream, KEYS[3] the tail, KEYS[4] the pair.
+/// Unless the sender's client id was appended in this conversation within the dedup window
+/// (then it answers the original seq, msg_id and ts and changes nothing), assigns the next seq,
+/// appends the entry to the partition stream and to the conversation's tail, records a direct
+/// conversation's members with its first message, remembers the client id, and publishes the
+/// frame to every channel given (both users' channels, or the room's). Every key is in one slot:
+/// KEYS[1] the counter, KEYS[2] the partition stream, KEYS[3] the tail, KEYS[4] the pair,
+/// KEYS[5] the client id's record.
 /// The tail is a cache: if its XADD fails (its last id is above `seq` after a Redis data loss),
 /// the message is still accepted, and history reads notice the hole (see `docs/architecture.md`).
 const APPEND_LUA: &str = r#"
+local prior = redis.call('GET', KEYS[5])
+if prior then
+  local seq, msg_id, ts = string.match(prior, '^(%d+):([^:]+):(%d+)$')
+  return {tonumber(seq), msg_id, tonumber(ts)}
+end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], '*',
   'msg_id', ARGV[1], 'conv', ARGV[2], 'seq', seq, 'from', ARGV[3], 'to', ARGV[4],
@@ -161,16 +169,55 @@ redis.call('XADD', KEYS[2], '*',
 local frame = ARGV[7] .. seq .. ARGV[8]
 redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], seq .. '-0', 'f', frame)
 redis.call('PEXPIRE', KEYS[3], ARGV[11])
-if seq == 1 and ARGV[12] ~= '' then redis.call('SET', KEYS[4], ARGV[12]) end
+if seq == 1 and ARGV[13] ~= '' then redis.call('SET', KEYS[4], ARGV[13]) end
+redis.call('SET', KEYS[5], seq .. ':' .. ARGV[1] .. ':' .. ARGV[6], 'PX', ARGV[12])
 local payload = ARGV[9] .. '\n' .. frame
-for i = 13, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end
-return seq
+for i = 14, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end
+return {seq}
 "#;
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// The message was appended with this seq.
+    New { seq: i64 },
+    /// The client id was appended before, within the window: nothing changed, and this is the
+    /// original message.
+    Repeat { seq: i64, msg_id: Uuid, ts: i64 },
+}
+
+impl redis::FromRedisValue for Appended {
+    fn from_redis_value(v: &Value) -> redis::RedisResult<Self> {
+        let malformed = || {
+            redis::RedisError::from((
+                redis::ErrorKind::TypeError,
+                "unexpected append script reply",
+            ))
+        };
+        let parts: Vec<Value> = redis::FromRedisValue::from_redis_value(v)?;
+        match parts.as_slice() {
+            [seq] => Ok(Appended::New {
+                seq: redis::FromRedisValue::from_redis_value(seq)?,
+            }),
+            [seq, msg_id, ts] => {
+                let msg_id: String = redis::FromRedisValue::from_redis_value(msg_id)?;
+                Ok(Appended::Repeat {
+                    seq: redis::FromRedisValue::from_redis_value(seq)?,
+                    msg_id: Uuid::parse_str(&msg_id).map_err(|_| malformed())?,
+                    ts: redis::FromRedisValue::from_redis_value(ts)?,
+                })
+            }
+            _ => Err(malformed()),
+        }
+    }
+}
 
 /// Default length of a conversation's tail (entries kept in Redis for history and sync).
 pub const DEFAULT_TAIL_LEN: u32 = 1000;
 /// Default idle lifetime of a conversation's tail.
 pub const DEFAULT_TAIL_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Default window in which a repeated client id gets the original ack.
+pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 10 * 60 * 1000;
 
 /// The append script, loaded once and run with EVALSHA (falling back to EVAL after a flush).
 #[derive(Clone)]
@@ -179,21 +226,33 @@ pub struct Appender {
     keys: KeySchema,
     tail_len: u32,
     tail_ttl_ms: u64,
+    dedup_window_ms: u64,
 }
 
 impl Appender {
     pub fn new(keys: KeySchema) -> Self {
-        Self::with_tail(keys, DEFAULT_TAIL_LEN, DEFAULT_TAIL_TTL_MS)
+        Self::with_limits(
+            keys,
+            DEFAULT_TAIL_LEN,
+            DEFAULT_TAIL_TTL_MS,
+            DEFAULT_DEDUP_WINDOW_MS,
+        )
     }
 
     /// An appender keeping `tail_len` recent messages per conversation for `tail_ttl_ms` after the
-    /// conversation's last message.
-    pub fn with_tail(keys: KeySchema, tail_len: u32, tail_ttl_ms: u64) -> Self {
+    /// conversation's last message, and each client id for `dedup_window_ms`.
+    pub fn with_limits(
+        keys: KeySchema,
+        tail_len: u32,
+        tail_ttl_ms: u64,
+        dedup_window_ms: u64,
+    ) -> Self {
         Appender {
             script: std::sync::Arc::new(redis::Script::new(APPEND_LUA)),
             keys,
             tail_len,
             tail_ttl_ms,
+            dedup_window_ms: dedup_window_ms.max(1),
         }
     }
 
@@ -202,15 +261,16 @@ impl Appender {
         &self.keys
     }
 
-    /// Appends `msg` durably (to the extent Redis persistence is configured) and publishes it.
+    /// Appends `msg` durably (to the extent Redis persistence is configured) and publishes it,
+    /// unless its sender appended `client_id` in this conversation within the dedup window.
     /// `origin` is the sending connection, which gets an ack instead of the message.
-    /// Returns the assigned sequence number.
     pub async fn append<C>(
         &self,
         conn: &mut C,
         msg: &NewMessage,
+        client_id: &str,
         origin: Uuid,
-    ) -> redis::RedisResult<i64>
+    ) -> redis::RedisResult<Appended>
     where
         C: redis::aio::ConnectionLike + Send,
     {
@@ -223,6 +283,7 @@ impl Appender {
             .key(self.keys.stream(p))
             .key(self.keys.tail(conv))
             .key(self.keys.pair(conv))
+            .key(self.keys.sent(conv, msg.from, client_id))
             .arg(msg.msg_id.to_string())
             .arg(conv.to_string())
             .arg(msg.from.to_string())
@@ -233,7 +294,8 @@ impl Appender {
             .arg(tail)
             .arg(origin.to_string())
             .arg(self.tail_len)
-            .arg(self.tail_ttl_ms);
+            .arg(self.tail_ttl_ms)
+            .arg(self.dedup_window_ms);
         match msg.to {
             Some(to) => {
                 let (low, high) = if msg.from <= to {

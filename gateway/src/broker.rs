@@ -13,7 +13,7 @@ use bytestring::ByteString;
 use chat_core::backoff::Backoff;
 use chat_core::keys::{KeySchema, Topic};
 use chat_core::protocol::{MembershipChange, ServerFrame};
-use chat_core::stream::{frame_ts, split_published, Appender, NewMessage};
+use chat_core::stream::{frame_ts, split_published, Appended, Appender, NewMessage};
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
@@ -221,11 +221,20 @@ impl Broker {
         Ok(conn.clone())
     }
 
-    /// Appends and publishes one message; returns its seq.
-    pub async fn append(&self, msg: &NewMessage, origin: Uuid) -> Result<i64, BrokerError> {
+    /// Appends and publishes one message, or finds that `client_id` was appended before.
+    pub async fn append(
+        &self,
+        msg: &NewMessage,
+        client_id: &str,
+        origin: Uuid,
+    ) -> Result<Appended, BrokerError> {
         let attempt = async {
             let mut conn = self.commands_conn().await?;
-            Ok::<_, BrokerError>(self.appender.append(&mut conn, msg, origin).await?)
+            Ok::<_, BrokerError>(
+                self.appender
+                    .append(&mut conn, msg, client_id, origin)
+                    .await?,
+            )
         };
         // On timeout the script may still have run: the client is told `unavailable`, never acked.
         let result = tokio::time::timeout(APPEND_TIMEOUT, attempt)

@@ -65,6 +65,9 @@ pub struct GatewayConfig {
     pub presence_ttl_secs: u64,
     /// How often a node refreshes its users' presence and sweeps users of dead nodes.
     pub presence_heartbeat_secs: u64,
+    /// A `send` repeating a client id the user sent in the same conversation within this window
+    /// gets the original ack and stores nothing.
+    pub gateway_send_dedup_window_secs: u64,
     /// PEM certificate chain for native TLS on the public port; with the key, turns TLS on.
     pub gateway_tls_cert_path: Option<String>,
     /// PEM private key for native TLS.
@@ -108,6 +111,7 @@ impl Default for GatewayConfig {
             gateway_presence_room_max_members: 100,
             presence_ttl_secs: 30,
             presence_heartbeat_secs: 10,
+            gateway_send_dedup_window_secs: chat_core::stream::DEFAULT_DEDUP_WINDOW_MS / 1000,
             gateway_tls_cert_path: None,
             gateway_tls_key_path: None,
             gateway_tls_reload_secs: 30,

@@ -108,10 +108,11 @@ pub async fn run(
     let lifecycle = Lifecycle::default();
     let keys = KeySchema::new(cfg.redis_prefix.clone(), cfg.redis_partitions);
     let hub = Arc::new(Hub::new(metrics.clone()));
-    let appender = Appender::with_tail(
+    let appender = Appender::with_limits(
         keys,
         cfg.gateway_history_tail_len,
         cfg.gateway_history_tail_ttl_secs.saturating_mul(1000),
+        cfg.gateway_send_dedup_window_secs.saturating_mul(1000),
     );
     let (broker, broker_task) = Broker::start(
         &cfg.redis_url,

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub pubsub_reconnects: IntCounter,
     pub outbound_dropped: IntCounter,
     pub history_incomplete: IntCounter,
+    pub sends_repeated: IntCounter,
     pub connections_limit: IntGauge,
     pub rate_limited: IntCounterVec,
     pub presence_transitions: IntCounterVec,
@@ -131,6 +132,10 @@ impl Metrics {
             history_incomplete: counter(
                 "chat_gateway_history_incomplete_total",
                 "History and sync reads refused because a message was neither in the Redis tail nor yet in Postgres",
+            )?,
+            sends_repeated: counter(
+                "chat_gateway_sends_repeated_total",
+                "Sends that repeated a client id within the dedup window: answered with the original ack, nothing stored",
             )?,
             connections_limit: gauge(
                 "chat_gateway_connections_limit",

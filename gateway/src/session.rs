@@ -15,7 +15,7 @@ use chat_core::keys::Topic;
 use chat_core::protocol::{
     ClientFrame, CloseCode, ErrorCode, PresenceStatus, ServerFrame, SyncPoint,
 };
-use chat_core::stream::{frame_conversation_seq, NewMessage};
+use chat_core::stream::{frame_conversation_seq, Appended, NewMessage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -916,8 +916,8 @@ impl Connection {
             body,
             ts: chat_core::now_ms(),
         };
-        match self.node.broker.append(&msg, self.conn_id).await {
-            Ok(seq) => {
+        match self.node.broker.append(&msg, id, self.conn_id).await {
+            Ok(Appended::New { seq }) => {
                 self.node.metrics.messages_accepted.inc();
                 Ok(ServerFrame::Ack {
                     id: id.to_string(),
@@ -925,6 +925,17 @@ impl Connection {
                     conversation_id: msg.conversation_id,
                     seq,
                     ts: msg.ts,
+                })
+            }
+            // A retry of a send that was appended: the original ack, nothing stored again.
+            Ok(Appended::Repeat { seq, msg_id, ts }) => {
+                self.node.metrics.sends_repeated.inc();
+                Ok(ServerFrame::Ack {
+                    id: id.to_string(),
+                    msg_id,
+                    conversation_id: msg.conversation_id,
+                    seq,
+                    ts,
                 })
             }
             Err(e) => {

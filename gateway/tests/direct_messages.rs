@@ -268,3 +268,45 @@ async fn subscriptions_follow_local_connections() {
     a.shutdown.cancel();
     b.shutdown.cancel();
 }
+
+/// A send repeated with the same client id (a retry after a lost ack, even through another node)
+/// gets the original ack and is stored and delivered once; a new id is a new message.
+#[actix_rt::test]
+async fn repeated_client_id_gets_the_original_ack_once() {
+    let (cluster, a, b, alice, bob) = Cluster::two_nodes().await;
+    let worker = cluster.start_worker();
+    let (mut bob_ws, _) = connect(&b, &bob).await;
+    let (mut first, _) = connect(&a, &alice).await;
+    send_json(&mut first, send_frame("retry-1", bob.id, "once")).await;
+    let original = recv(&mut first).await.expect("ack");
+    assert_eq!(original["type"], "ack", "{original}");
+    drop(first);
+
+    let (mut second, _) = connect(&b, &alice).await;
+    send_json(&mut second, send_frame("retry-1", bob.id, "once")).await;
+    let repeat = recv(&mut second).await.expect("ack");
+    for field in ["msg_id", "seq", "ts", "conversation_id"] {
+        assert_eq!(repeat[field], original[field], "{field}");
+    }
+    send_json(&mut second, send_frame("retry-2", bob.id, "twice")).await;
+    let fresh = recv(&mut second).await.expect("ack");
+    assert_eq!(fresh["seq"], 2);
+
+    let mut delivered = Vec::new();
+    while let Some(frame) = recv_within(&mut bob_ws, Duration::from_millis(500)).await {
+        if frame["type"] == "message" {
+            delivered.push(frame["seq"].as_i64().expect("seq"));
+        }
+    }
+    assert_eq!(delivered, vec![1, 2], "each message delivered once");
+    let db = chat_core::testing::connect(&cluster.db_url).await;
+    let stored = chat_core::testing::eventually(Duration::from_secs(10), || async {
+        db.query_one("SELECT count(*) FROM messages", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 2)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(stored, "two rows, not three");
+    worker.cancel();
+}

@@ -92,7 +92,7 @@ impl Fixture {
                 let appender = appender.clone();
                 async move {
                     appender
-                        .append(&mut conn, &msg, Uuid::nil())
+                        .append(&mut conn, &msg, &msg.msg_id.to_string(), Uuid::nil())
                         .await
                         .expect("append");
                     msg.msg_id

@@ -309,7 +309,7 @@ pub async fn append_load(
                     ts: chat_core::now_ms(),
                 };
                 appender
-                    .append(&mut conn, &msg, Uuid::nil())
+                    .append(&mut conn, &msg, &msg.msg_id.to_string(), Uuid::nil())
                     .await
                     .context("appending")?;
                 done.fetch_add(1, Ordering::Relaxed);
