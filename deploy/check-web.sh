@@ -7,12 +7,13 @@
 # names their directory (default: the release build). Screenshots land in web/tests/artifacts/.
 # Usage: STACK_BIN=target/debug deploy/check-web.sh
 set -euo pipefail
+# A relative STACK_BIN is relative to where the script was started.
+if [ -n "${STACK_BIN:-}" ]; then STACK_BIN=$(cd "$STACK_BIN" && pwd); fi
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 LOGS=$(mktemp -d /tmp/chat-check-web.XXXXXX)
 STACK_DB="chat_web_$$"
 STACK_PREFIX="checkweb$$"
-if [ -n "${STACK_BIN:-}" ]; then STACK_BIN=$(cd "$STACK_BIN" && pwd); fi
 
 if [ ! -x /usr/bin/chromium ]; then
   echo "check-web: installing chromium (apt)" >&2
