@@ -140,6 +140,9 @@ pub enum ServerFrame {
         status: PresenceStatus,
         ts: i64,
     },
+    /// Live delivery to this connection may have missed frames (the node lost its Redis pub/sub
+    /// connection for a moment): sync every conversation, as after a reconnect.
+    Resync { reason: String },
     /// A frame could not be processed; the connection stays usable.
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -302,9 +302,13 @@ impl Manager {
                 .set(subscribed.len() as i64);
             if connected_before {
                 self.metrics.pubsub_reconnects.inc();
+                // Frames published while the connection was down were not received: every local
+                // connection may have a gap and must sync.
+                let told = self.hub.broadcast(&ByteString::from(RESYNC_FRAME.as_str()));
                 tracing::warn!(
                     topics = subscribed.len(),
-                    "pub/sub reconnected and re-subscribed"
+                    connections = told,
+                    "pub/sub reconnected and re-subscribed; connections told to resync"
                 );
             }
             connected_before = true;
@@ -439,6 +443,14 @@ impl Manager {
         Ok(())
     }
 }
+
+/// Sent to every local connection after the pub/sub connection came back.
+static RESYNC_FRAME: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    ServerFrame::Resync {
+        reason: "pubsub_reconnected".into(),
+    }
+    .to_json()
+});
 
 /// The start of a membership event frame, which the node acts on before forwarding it.
 const MEMBERSHIP_PREFIX: &str = "{\"type\":\"membership\"";

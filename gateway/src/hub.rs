@@ -259,6 +259,16 @@ impl Hub {
         }
     }
 
+    /// Queues `frame` for every local connection; returns how many.
+    pub fn broadcast(&self, frame: &ByteString) -> usize {
+        let state = self.lock();
+        state
+            .users
+            .keys()
+            .map(|user| self.queue(&state, *user, |_| true, frame))
+            .sum()
+    }
+
     /// Queues `frame` for the connections of `user` that `pick` accepts.
     fn queue(
         &self,

@@ -52,6 +52,8 @@ const KNOWN_FRAME_TYPES: [&str; 6] = [
 ];
 /// Users a connection remembers the last presence status of, before starting over.
 const MAX_PRESENCE_SEEN: usize = 10_000;
+/// The start of a resync frame.
+const RESYNC_PREFIX: &str = "{\"type\":\"resync\"";
 /// The start of a presence frame.
 const PRESENCE_PREFIX: &str = "{\"type\":\"presence\"";
 
@@ -261,6 +263,12 @@ impl Delivered {
 impl Delivered {
     /// Whether a live frame should be written; records the first live seq of its conversation.
     fn admit(&mut self, frame: &str) -> bool {
+        if frame.starts_with(RESYNC_PREFIX) {
+            // Live delivery had a gap: a sync must no longer stop below the first live seq.
+            self.first_live.clear();
+            self.synced_through.clear();
+            return true;
+        }
         let Some((conversation, seq)) = frame_conversation_seq(frame) else {
             if frame.starts_with(PRESENCE_PREFIX) {
                 if let Ok(ServerFrame::Presence {
@@ -975,6 +983,7 @@ impl Connection {
             // Relayed frames are written by the delivery path; these arms count direct writes.
             ServerFrame::Read { .. } => metrics.frames_out.with_label_values(&["read"]).inc(),
             ServerFrame::Typing { .. } => metrics.frames_out.with_label_values(&["typing"]).inc(),
+            ServerFrame::Resync { .. } => metrics.frames_out.with_label_values(&["resync"]).inc(),
             ServerFrame::Presence { .. } => {
                 metrics.frames_out.with_label_values(&["presence"]).inc()
             }
