@@ -43,10 +43,13 @@ PY
 # shellcheck source=loadtest/lib/stack.sh
 source loadtest/lib/stack.sh
 stack_init
-# The reconnect test's own node is its child; should the test die, stop that node too.
-RESTART_PID_FILE="$LOGS/restart-gateway.pid"
+# The reconnect test's own nodes are its children; should the test die, stop them too.
+RESTART_PID_FILE="$LOGS/restart-gateway.pids"
 stop_all() {
-  if [ -s "$RESTART_PID_FILE" ]; then kill -KILL "$(cat "$RESTART_PID_FILE")" 2>/dev/null || true; fi
+  local pid
+  if [ -s "$RESTART_PID_FILE" ]; then
+    while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done <"$RESTART_PID_FILE"
+  fi
   stack_stop
 }
 trap stop_all EXIT INT TERM
@@ -61,7 +64,7 @@ env "${stack_env[@]}" \
   WEB_GATEWAY_B="http://127.0.0.1:$P_B" WEB_NODE_B=web-b \
   WEB_GATEWAY_BIN="$STACK_BIN/gateway" WEB_RESTART_PORT="$P_R" WEB_RESTART_ADMIN_PORT="$ADM_R" \
   WEB_RESTART_PID_FILE="$RESTART_PID_FILE" \
-  node --test --test-concurrency=1 web/tests/chat-client.test.mjs web/tests/e2e.mjs || status=$?
+  node --test --test-concurrency=1 --test-timeout=180000 web/tests/chat-client.test.mjs web/tests/e2e.mjs || status=$?
 if [ "$status" -ne 0 ]; then
   echo "check-web: failed; gateway and worker logs in $LOGS, screenshots in web/tests/artifacts/" >&2
   exit "$status"

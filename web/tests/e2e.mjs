@@ -3,7 +3,7 @@
 //   WEB_GATEWAY_A, WEB_GATEWAY_B   base URLs of two running gateway nodes (node ids WEB_NODE_A/B)
 //   WEB_GATEWAY_BIN                the gateway binary; the reconnect test runs a third node with it
 //   WEB_RESTART_PORT, WEB_RESTART_ADMIN_PORT   that node's public and admin ports
-//   WEB_RESTART_PID_FILE           where its pid is written, for the script's cleanup
+//   WEB_RESTART_PID_FILE           where its pids are written, one a line, for the script's cleanup
 //   CHAT_*                         the stack's settings (Redis, database, prefix, JWT secret)
 //   WEB_SERVE_FROM_TREE=1          serve web/ from the test's front even if the gateway serves it
 // Screenshots go to web/tests/artifacts/.
@@ -13,7 +13,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { mkdir, readFile } from 'node:fs/promises';
-import { openSync, writeFileSync } from 'node:fs';
+import { appendFileSync, openSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { chromium } from 'playwright-core';
@@ -411,7 +411,10 @@ describe('session end', () => {
   });
 });
 
-/** A gateway node the test owns, so that it can kill it and start it again on the same port. */
+/** Whether a child process is still running (one ended by a signal has signalCode, not exitCode). */
+const running = (proc) => proc !== null && proc.exitCode === null && proc.signalCode === null;
+
+/** A gateway node the test owns, so that it can stop it and start it again on the same port. */
 class RestartableGateway {
   constructor() {
     this.bin = env('WEB_GATEWAY_BIN');
@@ -420,13 +423,25 @@ class RestartableGateway {
     this.nodeId = 'web-restart';
     this.url = `http://127.0.0.1:${this.port}`;
     this.proc = null;
+    this.all = new Set(); // every process started, so that none outlives the tests
     this.starts = 0;
   }
 
+  async ready() {
+    try {
+      return (await fetch(`http://127.0.0.1:${this.admin}/readyz`)).ok;
+    } catch {
+      return false;
+    }
+  }
+
   async start() {
+    if (running(this.proc)) throw new Error('the node is running already');
+    // Readiness below must come from this process, not from one left on the port.
+    if (await this.ready()) throw new Error(`something already answers on 127.0.0.1:${this.admin}`);
     this.starts += 1;
     const log = openSync(new URL(`gateway-restart-${this.starts}.log`, ARTIFACTS), 'w');
-    this.proc = spawn(this.bin, [], {
+    const proc = spawn(this.bin, [], {
       env: {
         ...process.env,
         CHAT_GATEWAY_NODE_ID: this.nodeId,
@@ -435,35 +450,44 @@ class RestartableGateway {
       },
       stdio: ['ignore', log, log],
     });
-    if (process.env.WEB_RESTART_PID_FILE) writeFileSync(process.env.WEB_RESTART_PID_FILE, String(this.proc.pid));
+    this.proc = proc;
+    this.all.add(proc);
+    proc.once('exit', () => this.all.delete(proc));
+    if (process.env.WEB_RESTART_PID_FILE) appendFileSync(process.env.WEB_RESTART_PID_FILE, `${proc.pid}\n`);
     const deadline = Date.now() + 30000;
     while (Date.now() < deadline) {
-      if (this.proc.exitCode !== null) throw new Error(`the gateway exited with ${this.proc.exitCode}`);
-      try {
-        if ((await fetch(`http://127.0.0.1:${this.admin}/readyz`)).ok) return;
-      } catch {
-        // not listening yet
-      }
+      if (!running(proc)) throw new Error(`the gateway exited (${proc.exitCode ?? proc.signalCode}); see gateway-restart-${this.starts}.log`);
+      if (await this.ready()) return;
       await new Promise((r) => setTimeout(r, 200));
     }
     throw new Error('the restarted gateway never became ready');
   }
 
-  /** Kills the node at once (SIGKILL): its connections drop without a close frame. */
-  async kill() {
+  /** Stops the node: SIGKILL drops its connections without a close frame; SIGTERM drains it,
+   *  closing them with 1001 (going_away) before it exits. */
+  async stop(signal = 'SIGKILL') {
     const proc = this.proc;
-    if (!proc || proc.exitCode !== null) return;
+    if (!running(proc)) return;
     const exited = new Promise((r) => proc.once('exit', r));
-    proc.kill('SIGKILL');
+    proc.kill(signal);
     await exited;
+  }
+
+  /** Kills every process this object started. */
+  async stopAll() {
+    await Promise.all([...this.all].map((proc) => {
+      const exited = new Promise((r) => proc.once('exit', r));
+      proc.kill('SIGKILL');
+      return exited;
+    }));
   }
 }
 
 describe('reconnect', () => {
   const node = new RestartableGateway();
-  after(() => node.kill());
+  after(() => node.stopAll());
 
-  test('the page recovers every message sent while its gateway node was down', async () => {
+  test('the page recovers every message sent while its gateway node was down (crash: SIGKILL)', async () => {
     await node.start();
     const carol = { name: `Carol ${RUN}` };
     const dave = { name: `Dave ${RUN}` };
@@ -485,7 +509,7 @@ describe('reconnect', () => {
     await waitForMessage(D, 'message 10');
 
     // Dave's node dies mid-conversation; Carol keeps writing.
-    await node.kill();
+    await node.stop('SIGKILL');
     await D.locator('#conn[data-state="reconnecting"]').waitFor(WAIT);
     await D.getByText('Connection lost.').waitFor(WAIT);
     await shot(D, 'reconnect-down');
@@ -520,6 +544,43 @@ describe('reconnect', () => {
 
     await carol.context.close();
     await dave.context.close();
+    await node.stop();
+    assertNoPageErrors();
+  });
+  test('the page recovers every message sent while its node drained and restarted (SIGTERM: close 1001)', async () => {
+    await node.start();
+    const frank = { name: `Frank ${RUN}` };
+    const grace = { name: `Grace ${RUN}` };
+    frank.context = await newBrowser();
+    grace.context = await newBrowser();
+    const F = (frank.page = await openPage(frank.context, GW_B, 'frank'));
+    const G = (grace.page = await openPage(grace.context, node.url, 'grace'));
+    await register(G, grace.name);
+    await connected(G, node.nodeId);
+    await register(F, frank.name);
+    await showPeople(F);
+    await person(F, grace.name).click();
+    const bodies = Array.from({ length: 20 }, (_, i) => `drain ${String(i + 1).padStart(2, '0')}`);
+    for (const body of bodies.slice(0, 5)) await send(F, body);
+    await showChats(G);
+    await conversation(G, frank.name).click();
+    await waitForMessage(G, 'drain 05');
+
+    await node.stop('SIGTERM');
+    await G.locator('#conn[data-state="reconnecting"]').waitFor(WAIT);
+    for (const body of bodies.slice(5, 15)) await send(F, body);
+    await node.start();
+    await connected(G, node.nodeId);
+    for (const body of bodies.slice(15)) await send(F, body);
+    await waitForMessage(G, 'drain 20');
+    const shown = await shownMessages(G);
+    assert.deepEqual(shown.map((m) => m.seq), bodies.map((_, i) => i + 1), 'no gaps, no duplicates, in order');
+    assert.deepEqual(shown.map((m) => m.body), bodies);
+    await send(G, 'drained and back');
+    await waitForMessage(F, 'drained and back');
+    await frank.context.close();
+    await grace.context.close();
+    await node.stop();
     assertNoPageErrors();
   });
 });
