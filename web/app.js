@@ -58,7 +58,7 @@ function describeError(err, doing = '') {
     case 'offline':
       return `${prefix}You are not connected right now. Wait until the connection is back, then try again.`;
     case 'connection_lost':
-      return `${prefix}The connection dropped before the server confirmed. Check the conversation before sending again, so it does not arrive twice.`;
+      return `${prefix}The connection was lost for too long. Check the conversation before sending again.`;
     case 'timeout':
       return `${prefix}The server did not answer in time. Check the conversation before sending again.`;
     case 'invalid_credentials':

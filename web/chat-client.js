@@ -8,8 +8,13 @@ export const DEFAULT_BACKOFF = Object.freeze({ initialMs: 500, maxMs: 30000 });
 
 /** A connection that stayed up this long resets the backoff; a flapping one keeps backing off. */
 const STABLE_AFTER_MS = 10000;
-/** How long an unanswered `send` waits for its `ack` or `error`. */
+/** How long an unanswered `send` waits for its `ack` or `error` on an open connection. */
 const SEND_TIMEOUT_MS = 10000;
+/** A send may be repeated with its id this long after its first attempt and still get its
+ *  original ack (`gateway_send_dedup_window_secs` is 10 minutes; keep a margin). */
+const SEND_RETRY_WINDOW_MS = 9 * 60 * 1000;
+/** `unavailable` on a send is retried with the same id this many times, 1 s, 2 s, 4 s apart. */
+const SEND_UNAVAILABLE_RETRIES = 3;
 /** A gap may be a queued frame still on its way (protocol.md, "Delivery and ordering"). */
 const GAP_GRACE_MS = 300;
 /** Per frame: sync names at most 100 conversations; 200 ids keep a watch frame under 16 KiB. */
@@ -17,6 +22,14 @@ const SYNC_BATCH = 100;
 const WATCH_BATCH = 200;
 /** The gateway refuses to watch more than this many users per connection. */
 export const MAX_WATCHED = 1000;
+
+/** A unique id for a `send`: it makes a retry of the same message safe. */
+function newSendId() {
+  if (globalThis.crypto && typeof globalThis.crypto.randomUUID === 'function') return globalThis.crypto.randomUUID();
+  const bytes = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(bytes); // randomUUID needs a secure context; this does not
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
 
 /** An HTTP or WebSocket failure: `code` from the protocol's error table, or `network`,
  *  `offline`, `connection_lost`, `timeout` for failures that never reached a reply. */
@@ -127,7 +140,7 @@ export class Api {
  * - `message`: `{message, source, own}` once per (conversation_id, seq); source is `live`,
  *   `sync` or `ack` (own sends). Order by `seq`, not by arrival.
  * - `conversation`: `{conversationId, message}` for a message in a conversation not tracked yet.
- * - `hello`, `read`, `typing`, `presence`, `membership`, `synced`: the server frames.
+ * - `hello`, `read`, `typing`, `presence`, `membership`, `synced`, `resync`: the server frames.
  * - `server-error`: an `error` frame that answers no `send` (sync, read, typing, watch).
  * - `unauthorized`: the token is expired or refused; the client has stopped.
  */
@@ -150,9 +163,8 @@ export class ChatClient extends EventTarget {
     this._helloAt = 0;
     this._convs = new Map(); // conversation_id -> {lastSeq, held:Set, syncing, gapTimer}
     this._watched = new Set();
-    this._pending = new Map(); // send id -> {resolve, reject, timer, frame}
+    this._pending = new Map(); // send id -> {resolve, reject, timer, frame, firstSentAt, retries}
     this._syncQueue = []; // conversations whose `synced` is awaited, in the order asked
-    this._sendCounter = 0;
     this._onBrowserOnline = () => {
       if (this.state === 'reconnecting') this.reconnectNow();
     };
@@ -231,7 +243,8 @@ export class ChatClient extends EventTarget {
   }
 
   async _onClose(code, gotHello) {
-    this._failPending('connection_lost', 'the connection dropped before the server confirmed');
+    // Unacked sends stay pending and are sent again, with their ids, after the next hello.
+    for (const p of this._pending.values()) clearTimeout(p.timer);
     for (const c of this._convs.values()) c.syncing = false;
     this._syncQueue = [];
     this.nodeId = null;
@@ -311,6 +324,13 @@ export class ChatClient extends EventTarget {
         // Recovery step 3: one sync naming every conversation we hold, then our watches again.
         this._sync([...this._convs.keys()]);
         this._sendWatch('presence.watch', [...this._watched]);
+        this._resendPending();
+        break;
+      case 'resync':
+        // Step 7: live frames were lost on this connection; sync everything again on it.
+        for (const c of this._convs.values()) c.syncing = false;
+        this._sync([...this._convs.keys()]);
+        this._emit('resync', f);
         break;
       case 'ack':
         this._onAck(f);
@@ -367,8 +387,14 @@ export class ChatClient extends EventTarget {
   _onError(f) {
     const p = f.id !== undefined ? this._pending.get(f.id) : null;
     if (p) {
-      this._pending.delete(f.id);
       clearTimeout(p.timer);
+      // `unavailable` does not prove the message was not stored: retry with the same id.
+      if (f.code === 'unavailable' && p.retries < SEND_UNAVAILABLE_RETRIES && this._inWindow(p)) {
+        p.timer = setTimeout(() => this._transmit(f.id, p), 1000 * 2 ** p.retries);
+        p.retries += 1;
+        return;
+      }
+      this._pending.delete(f.id);
       p.reject(new ApiError(0, f.code, f.message));
       return;
     }
@@ -502,28 +528,48 @@ export class ChatClient extends EventTarget {
 
   // ---- frames to the server ----
 
-  /** Sends a message: `{to, body}` (direct) or `{conversationId, body}`. Resolves with the ack. */
+  /** Sends a message: `{to, body}` (direct) or `{conversationId, body}`. Resolves with the ack.
+   *  Refused while not connected; once sent, it is retried with its id until acked, across
+   *  reconnects, for up to 9 minutes. */
   send({ to, conversationId, body }) {
     if (this.state !== 'online') {
       return Promise.reject(new ApiError(0, 'offline', 'not connected'));
     }
-    this._sendCounter += 1;
-    const id = `c-${Date.now().toString(36)}-${this._sendCounter}`;
+    const id = newSendId();
     const frame = { type: 'send', id, body };
     if (to) frame.to = to;
     else frame.conversation_id = conversationId;
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this._pending.delete(id);
-        reject(new ApiError(0, 'timeout', 'the server did not confirm in time'));
-      }, SEND_TIMEOUT_MS);
-      this._pending.set(id, { resolve, reject, timer, frame });
-      if (!this._sendFrame(frame)) {
-        this._pending.delete(id);
-        clearTimeout(timer);
-        reject(new ApiError(0, 'offline', 'not connected'));
-      }
+      const p = { resolve, reject, timer: null, frame, firstSentAt: Date.now(), retries: 0 };
+      this._pending.set(id, p);
+      this._transmit(id, p);
     });
+  }
+
+  _inWindow(p) {
+    return Date.now() - p.firstSentAt < SEND_RETRY_WINDOW_MS;
+  }
+
+  /** Writes a pending send; without a connection it waits for the next hello. */
+  _transmit(id, p) {
+    clearTimeout(p.timer);
+    p.timer = null;
+    if (!this._sendFrame(p.frame)) return;
+    p.timer = setTimeout(() => {
+      this._pending.delete(id);
+      p.reject(new ApiError(0, 'timeout', 'the server did not confirm in time'));
+    }, SEND_TIMEOUT_MS);
+  }
+
+  _resendPending() {
+    for (const [id, p] of this._pending) {
+      if (this._inWindow(p)) {
+        this._transmit(id, p);
+      } else {
+        this._pending.delete(id);
+        p.reject(new ApiError(0, 'connection_lost', 'the connection dropped before the server confirmed'));
+      }
+    }
   }
 
   /** Marks a conversation read up to `seq`. */

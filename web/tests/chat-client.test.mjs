@@ -180,14 +180,55 @@ describe('delivery bookkeeping', () => {
 });
 
 describe('connection', () => {
-  test('sends are refused while offline and failed when the connection drops before the ack', async () => {
+  test('a send is refused while offline; one in flight when the connection drops is sent again, same id, after hello', async () => {
     const { client } = newClient();
     await assert.rejects(client.send({ to: PEER, body: 'x' }), { code: 'offline' });
     client.connect();
     lastSocket().hello();
     const pending = client.send({ to: PEER, body: 'x' });
+    const [first] = lastSocket().frames('send');
     lastSocket().drop(1006);
-    await assert.rejects(pending, { code: 'connection_lost' });
+    client.reconnectNow();
+    const ws = lastSocket();
+    ws.hello();
+    assert.deepEqual(ws.frames('send'), [first], 'the same frame, with the same id');
+    ws.recv({ type: 'ack', id: first.id, msg_id: 'm1', conversation_id: CONV, seq: 1, ts: 1 });
+    assert.equal((await pending).msg_id, 'm1');
+  });
+
+  test('unavailable on a send is retried with the same id', async () => {
+    const { client } = newClient();
+    client.connect();
+    const ws = lastSocket();
+    ws.hello();
+    const pending = client.send({ conversationId: CONV, body: 'x' });
+    const [first] = ws.frames('send');
+    ws.recv({ type: 'error', id: first.id, code: 'unavailable', message: 'try later' });
+    await sleep(1100);
+    assert.deepEqual(ws.frames('send'), [first, first]);
+    ws.recv({ type: 'ack', id: first.id, msg_id: 'm1', conversation_id: CONV, seq: 1, ts: 1 });
+    assert.equal((await pending).seq, 1);
+  });
+
+  test('other errors on a send fail it, in words the page can show', async () => {
+    const { client } = newClient();
+    client.connect();
+    lastSocket().hello();
+    const pending = client.send({ to: PEER, body: 'x' });
+    lastSocket().recv({ type: 'error', id: lastSocket().frames('send')[0].id, code: 'not_found', message: 'no such recipient' });
+    await assert.rejects(pending, { code: 'not_found' });
+  });
+
+  test('resync: every held conversation is synced again on the same connection', () => {
+    const { client } = newClient();
+    client.track(CONV, 4);
+    client.connect();
+    const ws = lastSocket();
+    ws.hello();
+    ws.recv({ type: 'synced', conversation_id: CONV, last_seq: 6, complete: true });
+    ws.recv({ type: 'resync', reason: 'pubsub_reconnected' });
+    assert.deepEqual(ws.frames('sync').at(-1), { type: 'sync', conversations: [{ conversation_id: CONV, after_seq: 6 }] });
+    assert.equal(FakeSocket.all.length, 1);
   });
 
   test('reconnects with exponential backoff and jitter, capped at 30 s', async () => {
