@@ -12,6 +12,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "conversations",
         include_str!("../migrations/0002_conversations.sql"),
     ),
+    (
+        3,
+        "accounts",
+        include_str!("../migrations/0003_accounts.sql"),
+    ),
 ];
 
 /// Arbitrary constant key for the migration advisory lock.

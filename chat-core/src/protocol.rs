@@ -255,11 +255,13 @@ pub enum CloseCode {
     SlowConsumer,
     /// 4100: the token expired during the session; get a new token, then reconnect.
     TokenExpired,
+    /// 4101: the user's password changed; tokens issued before no longer work. Log in again.
+    TokenRevoked,
 }
 
 impl CloseCode {
     /// Every code, for docs and tests.
-    pub const ALL: [CloseCode; 8] = [
+    pub const ALL: [CloseCode; 9] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
@@ -268,6 +270,7 @@ impl CloseCode {
         CloseCode::HeartbeatTimeout,
         CloseCode::SlowConsumer,
         CloseCode::TokenExpired,
+        CloseCode::TokenRevoked,
     ];
 
     /// The numeric code on the wire.
@@ -281,6 +284,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => 4000,
             CloseCode::SlowConsumer => 4008,
             CloseCode::TokenExpired => 4100,
+            CloseCode::TokenRevoked => 4101,
         }
     }
 
@@ -295,6 +299,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => "heartbeat_timeout",
             CloseCode::SlowConsumer => "slow_consumer",
             CloseCode::TokenExpired => "token_expired",
+            CloseCode::TokenRevoked => "token_revoked",
         }
     }
 }

@@ -26,7 +26,24 @@ pub struct User {
     pub id: Uuid,
     pub name: String,
     pub email: String,
+    /// An `https://` URL of the user's picture, or null.
+    pub avatar_url: Option<String>,
 }
+
+impl User {
+    /// From a row of `id, name, email, avatar_url`.
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        User {
+            id: row.get(0),
+            name: row.get(1),
+            email: row.get(2),
+            avatar_url: row.get(3),
+        }
+    }
+}
+
+/// Longest avatar URL accepted.
+const MAX_AVATAR_URL_BYTES: usize = 2048;
 
 #[derive(Debug, Deserialize)]
 pub struct RegisterRequest {
@@ -69,25 +86,42 @@ fn email_is_valid(email: &str) -> bool {
     }
 }
 
+/// The field code for a password that is too short or too long.
+pub fn password_problem(password: &str) -> Option<&'static str> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        Some("password_too_short")
+    } else if password.len() > MAX_PASSWORD_BYTES {
+        Some("password_too_long")
+    } else {
+        None
+    }
+}
+
+/// The field code for a bad (trimmed) display name.
+fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("name_required")
+    } else if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        Some("name_invalid")
+    } else {
+        None
+    }
+}
+
 fn validate_registration(req: &RegisterRequest) -> Result<(), ApiError> {
     let mut err = ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::ValidationFailed,
         "some fields are invalid",
     );
-    let name = req.name.trim();
-    if name.is_empty() {
-        err.fields.insert("name", "name_required");
-    } else if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-        err.fields.insert("name", "name_invalid");
+    if let Some(code) = name_problem(req.name.trim()) {
+        err.fields.insert("name", code);
     }
     if !email_is_valid(req.email.trim()) {
         err.fields.insert("email", "email_invalid");
     }
-    if req.password.chars().count() < MIN_PASSWORD_CHARS {
-        err.fields.insert("password", "password_too_short");
-    } else if req.password.len() > MAX_PASSWORD_BYTES {
-        err.fields.insert("password", "password_too_long");
+    if let Some(code) = password_problem(&req.password) {
+        err.fields.insert("password", code);
     }
     if err.fields.is_empty() {
         Ok(())
@@ -128,6 +162,7 @@ pub async fn register(
         id: Uuid::now_v7(),
         name: req.name.trim().to_string(),
         email: req.email.trim().to_string(),
+        avatar_url: None,
     };
     let client = node.db.get().await.map_err(pool_unavailable)?;
     let inserted = client
@@ -164,20 +199,14 @@ pub async fn login(
     let client = node.db.get().await.map_err(pool_unavailable)?;
     let row = client
         .query_opt(
-            "SELECT id, name, email, password_hash FROM users WHERE lower(email) = lower($1)",
+            "SELECT id, name, email, avatar_url, password_hash FROM users
+             WHERE lower(email) = lower($1)",
             &[&email],
         )
         .await
         .map_err(db_unavailable)?;
     let (user, hash) = match row {
-        Some(row) => (
-            Some(User {
-                id: row.get(0),
-                name: row.get(1),
-                email: row.get(2),
-            }),
-            row.get::<_, String>(3),
-        ),
+        Some(row) => (Some(User::from_row(&row)), row.get::<_, String>(4)),
         // Verify against a real hash anyway so both failures take the same time.
         None => (None, node.auth.dummy_hash().to_string()),
     };
@@ -202,32 +231,122 @@ fn invalid_credentials() -> ApiError {
 
 /// `GET /api/v1/users/me`
 pub async fn me(node: web::Data<Node>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let identity = authenticate(&node, &req, false)?;
+    let identity = authenticate(&node, &req, false).await?;
     let client = node.db.get().await.map_err(pool_unavailable)?;
     let row = client
         .query_opt(
-            "SELECT id, name, email FROM users WHERE id = $1",
+            "SELECT id, name, email, avatar_url FROM users WHERE id = $1",
             &[&identity.user_id],
         )
         .await
         .map_err(db_unavailable)?;
     match row {
-        Some(row) => Ok(HttpResponse::Ok().json(User {
-            id: row.get(0),
-            name: row.get(1),
-            email: row.get(2),
-        })),
+        Some(row) => Ok(HttpResponse::Ok().json(User::from_row(&row))),
         None => Err(ApiError::unauthorized("the token's user no longer exists")),
     }
 }
 
+/// `PATCH /api/v1/users/me` `{"name"?, "avatar_url"?}`: changes the caller's name and picture;
+/// `avatar_url: null` removes the picture. Fields left out stay as they are.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileUpdate {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present_or_null")]
+    avatar_url: Option<Option<String>>,
+}
+
+/// Tells a field that is null (`Some(None)`) from one left out (`None`).
+fn present_or_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// An avatar URL: `https://`, a host, no whitespace or control characters, bounded.
+fn avatar_url_is_valid(url: &str) -> bool {
+    url.len() <= MAX_AVATAR_URL_BYTES
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+        && url
+            .strip_prefix("https://")
+            .and_then(|rest| rest.split(['/', '?', '#']).next())
+            .is_some_and(|host| !host.is_empty() && !host.contains('@'))
+}
+
+pub async fn update_me(
+    node: web::Data<Node>,
+    req: HttpRequest,
+    body: web::Json<ProfileUpdate>,
+) -> Result<HttpResponse, ApiError> {
+    let identity = authenticate(&node, &req, false).await?;
+    let update = body.into_inner();
+    let mut err = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::ValidationFailed,
+        "some fields are invalid",
+    );
+    let name = update.name.as_deref().map(str::trim);
+    if let Some(name) = name {
+        if let Some(code) = name_problem(name) {
+            err.fields.insert("name", code);
+        }
+    }
+    if let Some(Some(url)) = &update.avatar_url {
+        if !avatar_url_is_valid(url) {
+            err.fields.insert("avatar_url", "avatar_url_invalid");
+        }
+    }
+    if !err.fields.is_empty() {
+        return Err(err);
+    }
+    let client = node.db.get().await.map_err(pool_unavailable)?;
+    let row = client
+        .query_one(
+            "UPDATE users SET
+                 name = COALESCE($2, name),
+                 avatar_url = CASE WHEN $3 THEN $4 ELSE avatar_url END
+             WHERE id = $1
+             RETURNING id, name, email, avatar_url",
+            &[
+                &identity.user_id,
+                &name,
+                &update.avatar_url.is_some(),
+                &update.avatar_url.flatten(),
+            ],
+        )
+        .await
+        .map_err(db_unavailable)?;
+    Ok(HttpResponse::Ok().json(User::from_row(&row)))
+}
+
 /// The caller's identity from `Authorization: Bearer`, or (when `allow_query`, for browsers'
-/// WebSockets) the `access_token` query parameter.
-pub fn authenticate(
+/// WebSockets) the `access_token` query parameter. The token must be valid, its user must
+/// exist, and it must not predate the user's last password change (checked in Postgres, so a
+/// reset refuses old tokens on every node at once).
+pub async fn authenticate(
     node: &Node,
     req: &HttpRequest,
     allow_query: bool,
 ) -> Result<Identity, ApiError> {
+    let identity = verify_token(node, req, allow_query)?;
+    let client = node.db.get().await.map_err(pool_unavailable)?;
+    let row = client
+        .query_opt(
+            "SELECT floor(extract(epoch FROM password_changed_at))::int8 FROM users WHERE id = $1",
+            &[&identity.user_id],
+        )
+        .await
+        .map_err(db_unavailable)?
+        .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?;
+    match row.get::<_, Option<i64>>(0) {
+        Some(changed) if (identity.iat as i64) < changed => Err(ApiError::unauthorized(
+            "the token predates a password change; log in again",
+        )),
+        _ => Ok(identity),
+    }
+}
+
+fn verify_token(node: &Node, req: &HttpRequest, allow_query: bool) -> Result<Identity, ApiError> {
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
@@ -336,6 +455,26 @@ mod tests {
         ] {
             assert!(!email_is_valid(bad), "{bad}");
         }
+    }
+
+    /// Avatar URLs must be https with a host, and bounded.
+    #[test]
+    fn avatar_urls() {
+        assert!(avatar_url_is_valid("https://cdn.example.com/a.png?s=64"));
+        for bad in [
+            "http://cdn.example.com/a.png",
+            "https://",
+            "https:///a.png",
+            "javascript:alert(1)",
+            "https://a b.com/",
+            "https://user@evil.com/",
+        ] {
+            assert!(!avatar_url_is_valid(bad), "{bad}");
+        }
+        assert!(!avatar_url_is_valid(&format!(
+            "https://a.com/{}",
+            "x".repeat(2100)
+        )));
     }
 
     /// Each invalid field gets its own code.

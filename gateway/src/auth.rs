@@ -29,6 +29,8 @@ struct Claims {
 #[derive(Debug, Clone, Copy)]
 pub struct Identity {
     pub user_id: Uuid,
+    /// Issued at, Unix seconds: tokens issued before the user's last password change are refused.
+    pub iat: u64,
     /// Expiry, Unix seconds.
     pub exp: u64,
 }
@@ -77,6 +79,7 @@ impl Auth {
         match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
             Ok(data) => Ok(Identity {
                 user_id: data.claims.sub,
+                iat: data.claims.iat,
                 exp: data.claims.exp,
             }),
             Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {

@@ -68,6 +68,10 @@ pub struct GatewayConfig {
     /// A `send` repeating a client id the user sent in the same conversation within this window
     /// gets the original ack and stores nothing.
     pub gateway_send_dedup_window_secs: u64,
+    /// How long a password reset token stays usable.
+    pub password_reset_ttl_secs: u64,
+    /// Where reset tokens are POSTed (see docs/operations.md); unset: logged in dev mode only.
+    pub password_reset_webhook_url: Option<String>,
     /// PEM certificate chain for native TLS on the public port; with the key, turns TLS on.
     pub gateway_tls_cert_path: Option<String>,
     /// PEM private key for native TLS.
@@ -112,6 +116,8 @@ impl Default for GatewayConfig {
             presence_ttl_secs: 30,
             presence_heartbeat_secs: 10,
             gateway_send_dedup_window_secs: chat_core::stream::DEFAULT_DEDUP_WINDOW_MS / 1000,
+            password_reset_ttl_secs: 1800,
+            password_reset_webhook_url: None,
             gateway_tls_cert_path: None,
             gateway_tls_key_path: None,
             gateway_tls_reload_secs: 30,
@@ -179,6 +185,24 @@ impl GatewayConfig {
             (
                 "gateway_max_rooms_per_user",
                 self.gateway_max_rooms_per_user,
+            ),
+            ("gateway_max_connections", self.gateway_max_connections),
+            (
+                "gateway_send_rate_per_sec",
+                self.gateway_send_rate_per_sec as usize,
+            ),
+            ("gateway_max_watched_users", self.gateway_max_watched_users),
+            (
+                "presence_heartbeat_secs",
+                self.presence_heartbeat_secs as usize,
+            ),
+            (
+                "gateway_send_dedup_window_secs",
+                self.gateway_send_dedup_window_secs as usize,
+            ),
+            (
+                "password_reset_ttl_secs",
+                self.password_reset_ttl_secs as usize,
             ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
@@ -320,6 +344,28 @@ mod tests {
             err.contains("gateway_listen") && err.contains("CHAT_GATEWAY_LISTEN"),
             "{err}"
         );
+    }
+
+    /// Every count, rate and period must be positive: zero would refuse all traffic or spin.
+    #[test]
+    fn zero_limits_name_their_key() {
+        type Zero = fn(&mut GatewayConfig);
+        let cases: [(&str, Zero); 4] = [
+            ("gateway_send_rate_per_sec", |c| {
+                c.gateway_send_rate_per_sec = 0
+            }),
+            ("presence_heartbeat_secs", |c| c.presence_heartbeat_secs = 0),
+            ("gateway_max_connections", |c| c.gateway_max_connections = 0),
+            ("gateway_send_dedup_window_secs", |c| {
+                c.gateway_send_dedup_window_secs = 0
+            }),
+        ];
+        for (key, set) in cases {
+            let mut config = base();
+            set(&mut config);
+            let err = config.validate().expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     /// Origins are split, trimmed and normalised without a trailing slash.

@@ -228,7 +228,7 @@ pub async fn messages(
     path: web::Path<String>,
     query: web::Query<HistoryQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = authenticate(&node, &req, false)?;
+    let identity = authenticate(&node, &req, false).await?;
     let conversation = parse_id(&path)?;
     let q = query.into_inner();
     let limit = q.limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
@@ -314,7 +314,7 @@ pub async fn list(
     req: HttpRequest,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = authenticate(&node, &req, false)?;
+    let identity = authenticate(&node, &req, false).await?;
     let q = query.into_inner();
     let limit = q.limit.unwrap_or(LIST_DEFAULT_LIMIT);
     if !(1..=LIST_MAX_LIMIT).contains(&limit) {

@@ -14,6 +14,7 @@
 //! - [`web_client`]: the reference web client, embedded and served at `/`.
 //! - [`presence`]: who is online (Redis, TTL heartbeats, sweeper), users list, batch status.
 //! - [`auth`]: argon2id and HS256 JWT.
+//! - [`password_reset`]: forgot-password tokens, their notifier, revoking older tokens.
 //! - [`api_error`]: JSON error responses.
 //! - [`metrics`]: every `chat_gateway_*` metric.
 //! - [`tls`]: native TLS on the public port, certificates reloaded when their files change.
@@ -29,6 +30,7 @@ pub mod history;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod password_reset;
 pub mod presence;
 pub mod rooms;
 pub mod session;
@@ -77,6 +79,8 @@ pub enum GatewayError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("password reset notifier: {0}")]
+    Notifier(#[from] reqwest::Error),
 }
 
 /// The two listening sockets, bound before `run` so tests can use port 0.
@@ -172,6 +176,10 @@ pub async fn run(
         directory: UserDirectory::new(DIRECTORY_CACHE_USERS),
         conversations: conversations::Directory::new(DIRECTORY_CACHE_USERS),
         presence,
+        password_resets: password_reset::Notifier::from_config(
+            cfg.password_reset_webhook_url.as_deref(),
+            cfg.dev_mode,
+        )?,
         metrics,
         shutdown: shutdown.clone(),
     });
@@ -205,6 +213,15 @@ pub async fn run(
                     .route("/auth/register", web::post().to(accounts::register))
                     .route("/auth/login", web::post().to(accounts::login))
                     .route("/users/me", web::get().to(accounts::me))
+                    .route("/users/me", web::patch().to(accounts::update_me))
+                    .route(
+                        "/auth/password-reset/request",
+                        web::post().to(password_reset::request),
+                    )
+                    .route(
+                        "/auth/password-reset/confirm",
+                        web::post().to(password_reset::confirm),
+                    )
                     .route("/users", web::get().to(presence::list_users))
                     .route("/presence", web::get().to(presence::batch))
                     .route("/conversations", web::get().to(conversations::list))

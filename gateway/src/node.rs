@@ -29,6 +29,8 @@ pub struct Node {
     pub conversations: crate::conversations::Directory,
     /// Who is online.
     pub presence: crate::presence::Presence,
+    /// Where password reset tokens go.
+    pub password_resets: crate::password_reset::Notifier,
     pub metrics: Metrics,
     /// Cancelled when the node starts to drain; every session watches it.
     pub shutdown: CancellationToken,

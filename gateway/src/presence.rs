@@ -390,7 +390,7 @@ pub async fn list_users(
     req: HttpRequest,
     query: web::Query<UsersQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    authenticate(&node, &req, false)?;
+    authenticate(&node, &req, false).await?;
     let q = query.into_inner();
     let limit = q.limit.unwrap_or(50);
     if !(1..=100).contains(&limit) {
@@ -475,7 +475,7 @@ pub async fn batch(
     req: HttpRequest,
     query: web::Query<PresenceQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    authenticate(&node, &req, false)?;
+    authenticate(&node, &req, false).await?;
     let ids: Result<Vec<Uuid>, _> = query
         .user_ids
         .split(',')

@@ -222,7 +222,7 @@ pub async fn create(
     req: HttpRequest,
     body: web::Json<CreateRoom>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = authenticate(&node, &req, false)?;
+    let identity = authenticate(&node, &req, false).await?;
     let body = body.into_inner();
     let name = body.name.trim().to_string();
     if name.is_empty() {
@@ -276,7 +276,7 @@ pub async fn show(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = authenticate(&node, &req, false)?;
+    let identity = authenticate(&node, &req, false).await?;
     let room = parse_id(&path)?;
     let client = node.db.get().await.map_err(pool_error)?;
     member_of(&client, room, identity.user_id, false).await?;
@@ -291,7 +291,7 @@ pub async fn add_members(
     path: web::Path<String>,
     body: web::Json<AddMembers>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = authenticate(&node, &req, false)?;
+    let identity = authenticate(&node, &req, false).await?;
     let room = parse_id(&path)?;
     let users = check_ids(body.into_inner().user_ids, "user_ids")?;
     if users.is_empty() {
@@ -347,7 +347,7 @@ pub async fn remove_member(
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = authenticate(&node, &req, false)?;
+    let identity = authenticate(&node, &req, false).await?;
     let (room, user) = path.into_inner();
     let room = parse_id(&room)?;
     let user = Uuid::parse_str(&user).map_err(|_| not_found())?;

@@ -52,6 +52,17 @@ const KNOWN_FRAME_TYPES: [&str; 6] = [
 ];
 /// Users a connection remembers the last presence status of, before starting over.
 const MAX_PRESENCE_SEEN: usize = 10_000;
+/// The start of the node-internal frame that revokes tokens issued before a password change.
+const REVOKED_PREFIX: &str = "{\"type\":\"revoked\"";
+
+/// The `before` (Unix seconds) of a revocation frame.
+fn revoked_before(frame: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(frame)
+        .ok()?
+        .get("before")?
+        .as_u64()
+}
+
 /// The start of a resync frame.
 const RESYNC_PREFIX: &str = "{\"type\":\"resync\"";
 /// The start of a presence frame.
@@ -78,7 +89,7 @@ async fn accept(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     check_origin(node, req)?;
-    let identity = authenticate(node, req, true)?;
+    let identity = authenticate(node, req, true).await?;
     if node.shutdown.is_cancelled() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -137,6 +148,7 @@ async fn accept(
         user_id,
         conn_id,
         token_exp: identity.exp,
+        token_iat: identity.iat,
     };
     node.metrics.connections_open.inc();
     tracing::debug!(%conn_id, %user_id, "connection open");
@@ -211,6 +223,7 @@ struct Connection {
     user_id: Uuid,
     conn_id: Uuid,
     token_exp: u64,
+    token_iat: u64,
 }
 
 /// What one connection remembers about the frames it wrote, so a sync and live delivery
@@ -351,6 +364,11 @@ impl Connection {
                 _ = kick.cancelled() => Some(End::Close(CloseCode::SlowConsumer)),
                 _ = &mut expiry => Some(End::Close(CloseCode::TokenExpired)),
                 frame = outbound.recv() => match frame {
+                    Some(frame) if frame.starts_with(REVOKED_PREFIX) => {
+                        revoked_before(&frame)
+                            .filter(|before| self.token_iat < *before)
+                            .map(|_| End::Close(CloseCode::TokenRevoked))
+                    }
                     Some(frame) if !delivered.admit(&frame) => None,
                     Some(frame) => match tokio::time::timeout(WRITE_TIMEOUT, session.text(frame)).await {
                         Ok(Ok(())) => {
