@@ -31,6 +31,7 @@ psql_admin -c "CREATE DATABASE $DB" >/dev/null
 CHAT_REDIS_URL="redis://127.0.0.1:$PORT" CHAT_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/$DB" \
   CHAT_JWT_SECRET="$SECRET" CHAT_LOG_FORMAT=text CHAT_GATEWAY_LISTEN=127.0.0.1:$((PORT + 1)) \
   CHAT_GATEWAY_INTERNAL_LISTEN=127.0.0.1:$((PORT + 2)) CHAT_PRESENCE_HEARTBEAT_SECS="$HEARTBEAT" \
+  CHAT_GATEWAY_HANDSHAKES_PER_IP_PER_SEC=1000000 \
   "$BIN/gateway" >"$WORK/gateway.log" 2>&1 &
 gateway=$!
 pids+=("$gateway")

@@ -189,12 +189,26 @@ pub async fn register(
 /// `POST /api/v1/auth/login`
 pub async fn login(
     node: web::Data<Node>,
+    http: HttpRequest,
     body: web::Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let req = body.into_inner();
     let email = req.email.trim().to_string();
     if req.password.len() > MAX_PASSWORD_BYTES || email.len() > MAX_EMAIL_BYTES {
         return Err(invalid_credentials());
+    }
+    // Counted before the password is checked: guessing costs an attempt whether it is right.
+    let ip = crate::limits::client_ip(&node, &http);
+    if !crate::limits::login_allowed(&node, &email, ip).await {
+        node.metrics
+            .rate_limited
+            .with_label_values(&["login"])
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many login attempts; wait and try again",
+        ));
     }
     let client = node.db.get().await.map_err(pool_unavailable)?;
     let row = client

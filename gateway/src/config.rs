@@ -68,6 +68,17 @@ pub struct GatewayConfig {
     /// A `send` repeating a client id the user sent in the same conversation within this window
     /// gets the original ack and stores nothing.
     pub gateway_send_dedup_window_secs: u64,
+    /// Handshakes per second per client IP on one node (token bucket, bursts of twice this).
+    pub gateway_handshakes_per_ip_per_sec: u32,
+    /// Connections one user may hold on one node.
+    pub gateway_max_connections_per_user: usize,
+    /// Login attempts per email, and per client IP, in one window, across all nodes.
+    pub gateway_login_attempts_per_email: u32,
+    pub gateway_login_attempts_per_ip: u32,
+    pub gateway_login_window_secs: u64,
+    /// Take the client IP from the first `X-Forwarded-For` entry (only behind a proxy that sets
+    /// it; otherwise clients could forge it).
+    pub gateway_trust_forwarded_for: bool,
     /// How long a password reset token stays usable.
     pub password_reset_ttl_secs: u64,
     /// Where reset tokens are POSTed (see docs/operations.md); unset: logged in dev mode only.
@@ -116,6 +127,12 @@ impl Default for GatewayConfig {
             presence_ttl_secs: 30,
             presence_heartbeat_secs: 10,
             gateway_send_dedup_window_secs: chat_core::stream::DEFAULT_DEDUP_WINDOW_MS / 1000,
+            gateway_handshakes_per_ip_per_sec: 20,
+            gateway_max_connections_per_user: 10,
+            gateway_login_attempts_per_email: 10,
+            gateway_login_attempts_per_ip: 100,
+            gateway_login_window_secs: 900,
+            gateway_trust_forwarded_for: false,
             password_reset_ttl_secs: 1800,
             password_reset_webhook_url: None,
             gateway_tls_cert_path: None,
@@ -203,6 +220,26 @@ impl GatewayConfig {
             (
                 "password_reset_ttl_secs",
                 self.password_reset_ttl_secs as usize,
+            ),
+            (
+                "gateway_handshakes_per_ip_per_sec",
+                self.gateway_handshakes_per_ip_per_sec as usize,
+            ),
+            (
+                "gateway_max_connections_per_user",
+                self.gateway_max_connections_per_user,
+            ),
+            (
+                "gateway_login_attempts_per_email",
+                self.gateway_login_attempts_per_email as usize,
+            ),
+            (
+                "gateway_login_attempts_per_ip",
+                self.gateway_login_attempts_per_ip as usize,
+            ),
+            (
+                "gateway_login_window_secs",
+                self.gateway_login_window_secs as usize,
             ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {

@@ -195,6 +195,11 @@ impl Hub {
         self.lock().unwatch(conn, watched)
     }
 
+    /// How many connections `user` has here.
+    pub fn connection_count(&self, user: Uuid) -> usize {
+        self.lock().users.get(&user).map_or(0, Vec::len)
+    }
+
     /// Every user with a connection here (for presence heartbeats).
     pub fn local_users(&self) -> Vec<Uuid> {
         self.lock().users.keys().copied().collect()

@@ -12,6 +12,7 @@
 //! - [`history`]: a seq range merged from the Redis tail and Postgres.
 //! - [`rooms`]: room creation and membership.
 //! - [`web_client`]: the reference web client, embedded and served at `/`.
+//! - [`limits`]: login attempts, handshakes per IP, connections per user.
 //! - [`presence`]: who is online (Redis, TTL heartbeats, sweeper), users list, batch status.
 //! - [`auth`]: argon2id and HS256 JWT.
 //! - [`password_reset`]: forgot-password tokens, their notifier, revoking older tokens.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod conversations;
 pub mod history;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod password_reset;
@@ -176,6 +178,7 @@ pub async fn run(
         directory: UserDirectory::new(DIRECTORY_CACHE_USERS),
         conversations: conversations::Directory::new(DIRECTORY_CACHE_USERS),
         presence,
+        handshakes: limits::HandshakeLimiter::new(cfg.gateway_handshakes_per_ip_per_sec),
         password_resets: password_reset::Notifier::from_config(
             cfg.password_reset_webhook_url.as_deref(),
             cfg.dev_mode,

@@ -174,7 +174,13 @@ impl Metrics {
         for op in ["append", "command", "pubsub_connect", "pubsub"] {
             self.redis_errors.with_label_values(&[op]);
         }
-        for limit in ["send", "connections"] {
+        for limit in [
+            "send",
+            "connections",
+            "handshakes_per_ip",
+            "connections_per_user",
+            "login",
+        ] {
             self.rate_limited.with_label_values(&[limit]);
         }
         for status in ["online", "offline"] {

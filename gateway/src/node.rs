@@ -29,6 +29,8 @@ pub struct Node {
     pub conversations: crate::conversations::Directory,
     /// Who is online.
     pub presence: crate::presence::Presence,
+    /// Handshakes per client IP on this node.
+    pub handshakes: crate::limits::HandshakeLimiter,
     /// Where password reset tokens go.
     pub password_resets: crate::password_reset::Notifier,
     pub metrics: Metrics,

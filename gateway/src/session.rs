@@ -89,7 +89,23 @@ async fn accept(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     check_origin(node, req)?;
+    if let Some(ip) = crate::limits::client_ip(node, req) {
+        if !node.handshakes.allow(ip) {
+            return Err(limited(
+                node,
+                "handshakes_per_ip",
+                "too many connection attempts; retry in a few seconds",
+            ));
+        }
+    }
     let identity = authenticate(node, req, true).await?;
+    if !crate::limits::connection_allowed(node, identity.user_id) {
+        return Err(limited(
+            node,
+            "connections_per_user",
+            "too many open connections for this user on this node",
+        ));
+    }
     if node.shutdown.is_cancelled() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -193,6 +209,16 @@ async fn subscribe_user_and_rooms(node: &Node, user: Uuid) -> Result<(), Subscri
         node.broker.ensure_subscribed(topics).await?;
     }
     Ok(())
+}
+
+/// A `429 rate_limited` answer, counted by limit.
+fn limited(node: &Node, limit: &str, message: &str) -> ApiError {
+    node.metrics.rate_limited.with_label_values(&[limit]).inc();
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::RateLimited,
+        message,
+    )
 }
 
 /// Refuses browsers from Origins not on the allow-list (cross-site WebSocket hijacking).

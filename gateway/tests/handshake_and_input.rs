@@ -424,3 +424,69 @@ async fn send_rate_and_connection_limits() {
     assert!(metrics.contains("chat_gateway_connections_limit 2"));
     assert!(metrics.contains("chat_gateway_ready 1"));
 }
+
+/// Logins beyond the per-email limit get 429 `rate_limited` (also with the right password)
+/// across nodes; handshakes beyond the per-IP rate and connections beyond the per-user limit
+/// get 429 before any upgrade.
+#[actix_rt::test]
+async fn login_handshake_and_per_user_limits() {
+    let cluster = Cluster::new().await;
+    let limited = |node_id: &str| gateway::config::GatewayConfig {
+        gateway_login_attempts_per_email: 3,
+        gateway_handshakes_per_ip_per_sec: 2,
+        gateway_max_connections_per_user: 1,
+        ..cluster.config(node_id)
+    };
+    let a = cluster.start_with(limited("node-a")).await;
+    let b = cluster.start_with(limited("node-b")).await;
+    let email = format!("guess-{}@example.test", Uuid::new_v4().simple());
+    let (status, body) = post(
+        &a,
+        "/api/v1/auth/register",
+        json!({"name": "Gus", "email": email, "password": "right password"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let user = User {
+        id: body["user"]["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("id"),
+        token: body["token"].as_str().expect("token").to_string(),
+    };
+    async fn login(node: &NodeHandle, email: &str, password: &str) -> (u16, Value) {
+        post(
+            node,
+            "/api/v1/auth/login",
+            json!({"email": email.to_uppercase(), "password": password}),
+        )
+        .await
+    }
+    assert_eq!(login(&a, &email, "wrong 1").await.0, 401);
+    assert_eq!(login(&b, &email, "wrong 2").await.0, 401);
+    assert_eq!(login(&a, &email, "right password").await.0, 200);
+    let (status, body) = login(&b, &email, "right password").await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (429, json!("rate_limited"))
+    );
+
+    let url = format!("ws://{}/ws", a.http);
+    let auth = [("Authorization", format!("Bearer {}", user.token))];
+    let (_first, _) = connect(&a, &user).await;
+    let (status, body) = refused(&url, &auth).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (429, json!("rate_limited")),
+        "per user"
+    );
+    // Two more handshakes use up the burst of 4 (2 per second); the next is refused per IP.
+    let _ = refused(&url, &auth).await;
+    let _ = refused(&url, &auth).await;
+    let (status, body) = refused(&url, &auth).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("connection attempts"));
+}

@@ -53,6 +53,7 @@ impl Cluster {
             gateway_workers: 1,
             // Tests blast hundreds of sends from one connection; the limit has its own test.
             gateway_send_rate_per_sec: 100_000,
+            gateway_handshakes_per_ip_per_sec: 100_000,
             ..GatewayConfig::default()
         }
     }
