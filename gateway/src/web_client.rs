@@ -29,7 +29,7 @@ const CLIENT: Asset = Asset {
 
 /// What the page may load and connect to: only this origin (`ws:`/`wss:` of it included).
 const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self' ws: wss:; \
-     img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; frame-ancestors 'none'; \
+     img-src 'self' data: https:; style-src 'self' 'unsafe-inline'; script-src 'self'; frame-ancestors 'none'; \
      base-uri 'none'; form-action 'self'";
 
 fn serve(asset: &Asset) -> HttpResponse {
