@@ -130,16 +130,6 @@ fn validate_registration(req: &RegisterRequest) -> Result<(), ApiError> {
     }
 }
 
-fn db_unavailable(e: tokio_postgres::Error) -> ApiError {
-    tracing::warn!(error = %chat_core::db::describe(&e), "postgres request failed");
-    ApiError::unavailable("the database")
-}
-
-fn pool_unavailable(e: deadpool_postgres::PoolError) -> ApiError {
-    tracing::warn!(error = %chat_core::db::describe_pool(&e), "postgres connection failed");
-    ApiError::unavailable("the database")
-}
-
 /// Runs CPU-heavy password work off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
@@ -164,7 +154,7 @@ pub async fn register(
         email: req.email.trim().to_string(),
         avatar_url: None,
     };
-    let client = node.db.get().await.map_err(pool_unavailable)?;
+    let client = node.db.get().await.map_err(ApiError::pool)?;
     let inserted = client
         .execute(
             "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, $4)
@@ -172,7 +162,7 @@ pub async fn register(
             &[&user.id, &user.name, &user.email, &hash],
         )
         .await
-        .map_err(db_unavailable)?;
+        .map_err(ApiError::db)?;
     if inserted == 0 {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -210,7 +200,7 @@ pub async fn login(
             "too many login attempts; wait and try again",
         ));
     }
-    let client = node.db.get().await.map_err(pool_unavailable)?;
+    let client = node.db.get().await.map_err(ApiError::pool)?;
     let row = client
         .query_opt(
             "SELECT id, name, email, avatar_url, password_hash FROM users
@@ -218,7 +208,7 @@ pub async fn login(
             &[&email],
         )
         .await
-        .map_err(db_unavailable)?;
+        .map_err(ApiError::db)?;
     let (user, hash) = match row {
         Some(row) => (Some(User::from_row(&row)), row.get::<_, String>(4)),
         // Verify against a real hash anyway so both failures take the same time.
@@ -246,14 +236,14 @@ fn invalid_credentials() -> ApiError {
 /// `GET /api/v1/users/me`
 pub async fn me(node: web::Data<Node>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let identity = authenticate(&node, &req, false).await?;
-    let client = node.db.get().await.map_err(pool_unavailable)?;
+    let client = node.db.get().await.map_err(ApiError::pool)?;
     let row = client
         .query_opt(
             "SELECT id, name, email, avatar_url FROM users WHERE id = $1",
             &[&identity.user_id],
         )
         .await
-        .map_err(db_unavailable)?;
+        .map_err(ApiError::db)?;
     match row {
         Some(row) => Ok(HttpResponse::Ok().json(User::from_row(&row))),
         None => Err(ApiError::unauthorized("the token's user no longer exists")),
@@ -313,7 +303,7 @@ pub async fn update_me(
     if !err.fields.is_empty() {
         return Err(err);
     }
-    let client = node.db.get().await.map_err(pool_unavailable)?;
+    let client = node.db.get().await.map_err(ApiError::pool)?;
     let row = client
         .query_one(
             "UPDATE users SET
@@ -329,7 +319,7 @@ pub async fn update_me(
             ],
         )
         .await
-        .map_err(db_unavailable)?;
+        .map_err(ApiError::db)?;
     Ok(HttpResponse::Ok().json(User::from_row(&row)))
 }
 
@@ -343,14 +333,14 @@ pub async fn authenticate(
     allow_query: bool,
 ) -> Result<Identity, ApiError> {
     let identity = verify_token(node, req, allow_query)?;
-    let client = node.db.get().await.map_err(pool_unavailable)?;
+    let client = node.db.get().await.map_err(ApiError::pool)?;
     let row = client
         .query_opt(
             "SELECT floor(extract(epoch FROM password_changed_at))::int8 FROM users WHERE id = $1",
             &[&identity.user_id],
         )
         .await
-        .map_err(db_unavailable)?
+        .map_err(ApiError::db)?
         .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?;
     match row.get::<_, Option<i64>>(0) {
         Some(changed) if (identity.iat as i64) < changed => Err(ApiError::unauthorized(

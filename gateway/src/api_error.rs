@@ -39,6 +39,22 @@ impl ApiError {
         )
     }
 
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+    }
+
+    /// A Postgres failure: logged (without row data), answered `503 unavailable`.
+    pub fn db(e: tokio_postgres::Error) -> Self {
+        tracing::warn!(error = %chat_core::db::describe(&e), "postgres request failed");
+        Self::unavailable("the database")
+    }
+
+    /// No Postgres connection: logged, answered `503 unavailable`.
+    pub fn pool(e: deadpool_postgres::PoolError) -> Self {
+        tracing::warn!(error = %chat_core::db::describe_pool(&e), "postgres connection failed");
+        Self::unavailable("the database")
+    }
+
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -166,8 +166,10 @@ impl Broker {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, BrokerError> {
-        self.on_command_conn(|mut conn| async move { pipe.query_async(&mut conn).await })
-            .await
+        self.on_command_conn("command", |mut conn| async move {
+            pipe.query_async(&mut conn).await
+        })
+        .await
     }
 
     /// Runs a script on the shared command connection and returns its reply.
@@ -175,12 +177,15 @@ impl Broker {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, BrokerError> {
-        self.on_command_conn(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await
+        self.on_command_conn("command", |mut conn| async move {
+            invocation.invoke_async(&mut conn).await
+        })
+        .await
     }
 
-    /// Runs `op` on the shared command connection within the append timeout; counts failures.
-    async fn on_command_conn<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
+    /// Runs `op` on the shared command connection within the append timeout; counts failures
+    /// under `label`.
+    async fn on_command_conn<T, F, Fut>(&self, label: &str, op: F) -> Result<T, BrokerError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -193,10 +198,7 @@ impl Broker {
             .await
             .unwrap_or(Err(BrokerError::Timeout));
         if result.is_err() {
-            self.metrics
-                .redis_errors
-                .with_label_values(&["command"])
-                .inc();
+            self.metrics.redis_errors.with_label_values(&[label]).inc();
         }
         result
     }
@@ -221,32 +223,20 @@ impl Broker {
         Ok(conn.clone())
     }
 
-    /// Appends and publishes one message, or finds that `client_id` was appended before.
+    /// Appends and publishes one message, or finds that `client_id` was appended before. On
+    /// timeout the script may still have run: the client is told `unavailable`, never acked.
     pub async fn append(
         &self,
         msg: &NewMessage,
         client_id: &str,
         origin: Uuid,
     ) -> Result<Appended, BrokerError> {
-        let attempt = async {
-            let mut conn = self.commands_conn().await?;
-            Ok::<_, BrokerError>(
-                self.appender
-                    .append(&mut conn, msg, client_id, origin)
-                    .await?,
-            )
-        };
-        // On timeout the script may still have run: the client is told `unavailable`, never acked.
-        let result = tokio::time::timeout(APPEND_TIMEOUT, attempt)
-            .await
-            .unwrap_or(Err(BrokerError::Timeout));
-        if result.is_err() {
-            self.metrics
-                .redis_errors
-                .with_label_values(&["append"])
-                .inc();
-        }
-        result
+        self.on_command_conn("append", |mut conn| async move {
+            self.appender
+                .append(&mut conn, msg, client_id, origin)
+                .await
+        })
+        .await
     }
 }
 

@@ -179,10 +179,6 @@ pub async fn require_member(
     }
 }
 
-fn bad_query(message: &str) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryQuery {
@@ -233,10 +229,10 @@ pub async fn messages(
     let q = query.into_inner();
     let limit = q.limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
     if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
-        return Err(bad_query("limit must be 1 to 200"));
+        return Err(ApiError::bad_request("limit must be 1 to 200"));
     }
     if q.before_seq.is_some_and(|s| s < 1) || q.after_seq.is_some_and(|s| s < 0) {
-        return Err(bad_query(
+        return Err(ApiError::bad_request(
             "before_seq must be at least 1 and after_seq at least 0",
         ));
     }
@@ -318,16 +314,13 @@ pub async fn list(
     let q = query.into_inner();
     let limit = q.limit.unwrap_or(LIST_DEFAULT_LIMIT);
     if !(1..=LIST_MAX_LIMIT).contains(&limit) {
-        return Err(bad_query("limit must be 1 to 100"));
+        return Err(ApiError::bad_request("limit must be 1 to 100"));
     }
     let (cursor_micros, cursor_id) = match q.cursor.as_deref() {
         None => (i64::MAX, Uuid::max()),
-        Some(c) => parse_cursor(c).ok_or_else(|| bad_query("malformed cursor"))?,
+        Some(c) => parse_cursor(c).ok_or_else(|| ApiError::bad_request("malformed cursor"))?,
     };
-    let client = node.db.get().await.map_err(|e| {
-        tracing::warn!(error = %chat_core::db::describe_pool(&e), "postgres connection failed");
-        ApiError::unavailable("the database")
-    })?;
+    let client = node.db.get().await.map_err(ApiError::pool)?;
     let rows = client
         .query(
             "SELECT c.id, c.kind, c.name, c.last_seq, m.last_read_seq,
@@ -362,10 +355,7 @@ pub async fn list(
             ],
         )
         .await
-        .map_err(|e| {
-            tracing::warn!(error = %chat_core::db::describe(&e), "conversation list failed");
-            ApiError::unavailable("the database")
-        })?;
+        .map_err(ApiError::db)?;
     let mut next_cursor = None;
     let conversations: Vec<ConversationView> = rows
         .iter()

@@ -7,10 +7,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chat_core::keys::KeySchema;
-use chat_core::protocol::{ErrorCode, PresenceStatus, ServerFrame};
+use chat_core::protocol::{PresenceStatus, ServerFrame};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -346,15 +345,6 @@ fn unavailable_redis(e: crate::broker::BrokerError) -> ApiError {
     ApiError::unavailable("presence")
 }
 
-fn db_error(e: tokio_postgres::Error) -> ApiError {
-    tracing::warn!(error = %chat_core::db::describe(&e), "user list failed");
-    ApiError::unavailable("the database")
-}
-
-fn bad_query(message: &str) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsersQuery {
@@ -394,12 +384,12 @@ pub async fn list_users(
     let q = query.into_inner();
     let limit = q.limit.unwrap_or(50);
     if !(1..=100).contains(&limit) {
-        return Err(bad_query("limit must be 1 to 100"));
+        return Err(ApiError::bad_request("limit must be 1 to 100"));
     }
     let pattern = match q.q.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(text) if text.chars().count() > 100 => {
-            return Err(bad_query("q is at most 100 characters"))
+            return Err(ApiError::bad_request("q is at most 100 characters"))
         }
         Some(text) => {
             let escaped = text
@@ -411,7 +401,7 @@ pub async fn list_users(
     };
     let (after_name, after_id) = match q.cursor.as_deref() {
         None => (String::new(), Uuid::nil()),
-        Some(c) => decode_cursor(c).ok_or_else(|| bad_query("malformed cursor"))?,
+        Some(c) => decode_cursor(c).ok_or_else(|| ApiError::bad_request("malformed cursor"))?,
     };
     let only_ids = if q.online == Some(true) {
         Some(
@@ -423,10 +413,7 @@ pub async fn list_users(
     } else {
         None
     };
-    let client = node.db.get().await.map_err(|e| {
-        tracing::warn!(error = %chat_core::db::describe_pool(&e), "postgres connection failed");
-        ApiError::unavailable("the database")
-    })?;
+    let client = node.db.get().await.map_err(ApiError::pool)?;
     let rows = client
         .query(
             "SELECT id, name, lower(name), (extract(epoch FROM last_seen) * 1000)::int8
@@ -439,7 +426,7 @@ pub async fn list_users(
             &[&pattern, &only_ids, &after_name, &after_id, &limit],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(ApiError::db)?;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
     let online = node
         .presence
@@ -482,26 +469,24 @@ pub async fn batch(
         .filter(|s| !s.is_empty())
         .map(|s| Uuid::parse_str(s.trim()))
         .collect();
-    let ids = ids.map_err(|_| bad_query("user_ids must be comma-separated user ids"))?;
+    let ids =
+        ids.map_err(|_| ApiError::bad_request("user_ids must be comma-separated user ids"))?;
     if ids.is_empty() || ids.len() > MAX_PRESENCE_IDS {
-        return Err(bad_query("give 1 to 100 user_ids"));
+        return Err(ApiError::bad_request("give 1 to 100 user_ids"));
     }
     let online = node
         .presence
         .online(&node, &ids)
         .await
         .map_err(unavailable_redis)?;
-    let client = node.db.get().await.map_err(|e| {
-        tracing::warn!(error = %chat_core::db::describe_pool(&e), "postgres connection failed");
-        ApiError::unavailable("the database")
-    })?;
+    let client = node.db.get().await.map_err(ApiError::pool)?;
     let seen: HashMap<Uuid, Option<i64>> = client
         .query(
             "SELECT id, (extract(epoch FROM last_seen) * 1000)::int8 FROM users WHERE id = ANY($1)",
             &[&ids],
         )
         .await
-        .map_err(db_error)?
+        .map_err(ApiError::db)?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();

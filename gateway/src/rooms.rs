@@ -66,16 +66,6 @@ fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such room")
 }
 
-fn db_error(e: tokio_postgres::Error) -> ApiError {
-    tracing::warn!(error = %chat_core::db::describe(&e), "room request failed");
-    ApiError::unavailable("the database")
-}
-
-fn pool_error(e: deadpool_postgres::PoolError) -> ApiError {
-    tracing::warn!(error = %chat_core::db::describe_pool(&e), "postgres connection failed");
-    ApiError::unavailable("the database")
-}
-
 /// Dedups the ids and checks their number; `field` names them in errors.
 fn check_ids(ids: Vec<Uuid>, field: &'static str) -> Result<Vec<Uuid>, ApiError> {
     if ids.len() > MAX_IDS_PER_REQUEST {
@@ -97,7 +87,7 @@ async fn check_users(
     let found = client
         .query("SELECT count(*) FROM users WHERE id = ANY($1)", &[&users])
         .await
-        .map_err(db_error)?;
+        .map_err(ApiError::db)?;
     if found[0].get::<_, i64>(0) != users.len() as i64 {
         return Err(validation(field, "unknown_user"));
     }
@@ -111,7 +101,7 @@ async fn check_users(
             &[&users, &max_rooms],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(ApiError::db)?;
     if full.is_some() {
         return Err(validation(field, "room_limit_reached"));
     }
@@ -166,7 +156,7 @@ async fn room_view(client: &deadpool_postgres::Client, room: Uuid) -> Result<Roo
             &[&room],
         )
         .await
-        .map_err(db_error)?
+        .map_err(ApiError::db)?
         .ok_or_else(not_found)?;
     let members = client
         .query(
@@ -175,7 +165,7 @@ async fn room_view(client: &deadpool_postgres::Client, room: Uuid) -> Result<Roo
             &[&room, &MAX_LISTED_MEMBERS],
         )
         .await
-        .map_err(db_error)?
+        .map_err(ApiError::db)?
         .iter()
         .map(|r| Member {
             id: r.get(0),
@@ -211,7 +201,7 @@ async fn member_of(
     let row = client
         .query_opt(sql, &[&room, &user])
         .await
-        .map_err(db_error)?
+        .map_err(ApiError::db)?
         .ok_or_else(not_found)?;
     Ok(row.get(0))
 }
@@ -238,8 +228,8 @@ pub async fn create(
         return Err(validation("member_ids", "too_many"));
     }
     let room = Uuid::now_v7();
-    let mut client = node.db.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await.map_err(db_error)?;
+    let mut client = node.db.get().await.map_err(ApiError::pool)?;
+    let tx = client.transaction().await.map_err(ApiError::db)?;
     check_users(&node, &tx, &members, "member_ids").await?;
     let count = i32::try_from(members.len()).unwrap_or(i32::MAX);
     tx.execute(
@@ -248,15 +238,15 @@ pub async fn create(
         &[&room, &name, &identity.user_id, &count],
     )
     .await
-    .map_err(db_error)?;
+    .map_err(ApiError::db)?;
     tx.execute(
         "INSERT INTO conversation_members (conversation_id, user_id)
          SELECT $1, u FROM unnest($2::uuid[]) AS t(u)",
         &[&room, &members],
     )
     .await
-    .map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
+    .map_err(ApiError::db)?;
+    tx.commit().await.map_err(ApiError::db)?;
     tracing::info!(%room, members = members.len(), "room created");
     announce(
         &node,
@@ -278,7 +268,7 @@ pub async fn show(
 ) -> Result<HttpResponse, ApiError> {
     let identity = authenticate(&node, &req, false).await?;
     let room = parse_id(&path)?;
-    let client = node.db.get().await.map_err(pool_error)?;
+    let client = node.db.get().await.map_err(ApiError::pool)?;
     member_of(&client, room, identity.user_id, false).await?;
     Ok(HttpResponse::Ok().json(room_view(&client, room).await?))
 }
@@ -297,8 +287,8 @@ pub async fn add_members(
     if users.is_empty() {
         return Err(validation("user_ids", "required"));
     }
-    let mut client = node.db.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await.map_err(db_error)?;
+    let mut client = node.db.get().await.map_err(ApiError::pool)?;
+    let tx = client.transaction().await.map_err(ApiError::db)?;
     // Locks the room row: concurrent additions count members one after the other.
     member_of(&tx, room, identity.user_id, true).await?;
     let existing: i64 = tx
@@ -308,7 +298,7 @@ pub async fn add_members(
             &[&room, &users],
         )
         .await
-        .map_err(db_error)?
+        .map_err(ApiError::db)?
         .get(0);
     if existing as usize + users.len() > node.config.raw.gateway_max_room_members {
         return Err(validation("user_ids", "room_full"));
@@ -321,14 +311,14 @@ pub async fn add_members(
             &[&room, &users],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(ApiError::db)?;
     tx.execute(
         "UPDATE conversations SET member_count = member_count + $2 WHERE id = $1",
         &[&room, &i32::try_from(added).unwrap_or(i32::MAX)],
     )
     .await
-    .map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
+    .map_err(ApiError::db)?;
+    tx.commit().await.map_err(ApiError::db)?;
     announce(
         &node,
         room,
@@ -351,7 +341,7 @@ pub async fn remove_member(
     let (room, user) = path.into_inner();
     let room = parse_id(&room)?;
     let user = Uuid::parse_str(&user).map_err(|_| not_found())?;
-    let mut client = node.db.get().await.map_err(pool_error)?;
+    let mut client = node.db.get().await.map_err(ApiError::pool)?;
     if user != identity.user_id {
         let owner = member_of(&client, room, identity.user_id, false).await?;
         if owner != Some(identity.user_id) {
@@ -363,14 +353,14 @@ pub async fn remove_member(
         }
     }
     // The room row first, then the member row: the order the worker's batches take them in.
-    let tx = client.transaction().await.map_err(db_error)?;
+    let tx = client.transaction().await.map_err(ApiError::db)?;
     let exists = tx
         .query_opt(
             "SELECT 1 FROM conversations WHERE id = $1 AND kind = 'room' FOR UPDATE",
             &[&room],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(ApiError::db)?;
     if exists.is_none() {
         return Err(not_found());
     }
@@ -380,14 +370,14 @@ pub async fn remove_member(
             &[&room, &user],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(ApiError::db)?;
     tx.execute(
         "UPDATE conversations SET member_count = member_count - $2 WHERE id = $1",
         &[&room, &i32::try_from(removed).unwrap_or(0)],
     )
     .await
-    .map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
+    .map_err(ApiError::db)?;
+    tx.commit().await.map_err(ApiError::db)?;
     announce(
         &node,
         room,
