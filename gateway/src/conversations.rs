@@ -271,6 +271,9 @@ pub struct ListQuery {
 struct Peer {
     id: Uuid,
     name: String,
+    avatar_url: Option<String>,
+    /// How far the other member has read: the caller's messages up to it are "seen".
+    last_read_seq: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -332,11 +335,12 @@ pub async fn list(
                         SELECT 1 FROM messages x
                         WHERE x.conversation_id = c.id AND x.seq > m.last_read_seq
                           AND x.sender_id <> $1
-                        LIMIT $5) unread)
+                        LIMIT $5) unread),
+                    p.last_read_seq, pu.avatar_url
              FROM conversation_members m
              JOIN conversations c ON c.id = m.conversation_id
              LEFT JOIN LATERAL (
-                 SELECT o.user_id FROM conversation_members o
+                 SELECT o.user_id, o.last_read_seq FROM conversation_members o
                  WHERE c.kind = 'direct' AND o.conversation_id = c.id AND o.user_id <> $1
                  LIMIT 1) p ON true
              LEFT JOIN users pu ON pu.id = p.user_id
@@ -380,6 +384,8 @@ pub async fn list(
                 peer: r.get::<_, Option<Uuid>>(6).map(|peer| Peer {
                     id: peer,
                     name: r.get::<_, Option<String>>(7).unwrap_or_default(),
+                    avatar_url: r.get(15),
+                    last_read_seq: r.get::<_, Option<i64>>(14).unwrap_or(0),
                 }),
                 last_message,
                 last_seq,

@@ -39,6 +39,9 @@ pub struct AddMembers {
 struct Member {
     id: Uuid,
     name: String,
+    avatar_url: Option<String>,
+    /// How far this member has read the room.
+    last_read_seq: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -160,7 +163,8 @@ async fn room_view(client: &deadpool_postgres::Client, room: Uuid) -> Result<Roo
         .ok_or_else(not_found)?;
     let members = client
         .query(
-            "SELECT u.id, u.name FROM conversation_members m JOIN users u ON u.id = m.user_id
+            "SELECT u.id, u.name, u.avatar_url, m.last_read_seq
+             FROM conversation_members m JOIN users u ON u.id = m.user_id
              WHERE m.conversation_id = $1 ORDER BY m.joined_at, u.id LIMIT $2",
             &[&room, &MAX_LISTED_MEMBERS],
         )
@@ -170,6 +174,8 @@ async fn room_view(client: &deadpool_postgres::Client, room: Uuid) -> Result<Roo
         .map(|r| Member {
             id: r.get(0),
             name: r.get(1),
+            avatar_url: r.get(2),
+            last_read_seq: r.get(3),
         })
         .collect();
     Ok(RoomView {

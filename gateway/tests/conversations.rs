@@ -332,6 +332,10 @@ async fn read_receipts_relay_and_never_move_backwards() {
     assert_eq!(entry["last_message"]["seq"], 3);
     let (_, page) = call(Method::GET, &a, "/api/v1/conversations", &alice, None).await;
     assert_eq!(page["conversations"][0]["unread"], 0);
+    assert_eq!(
+        page["conversations"][0]["peer"]["last_read_seq"], 3,
+        "Alice sees how far Bob has read after a reload"
+    );
     worker.cancel();
 }
 
