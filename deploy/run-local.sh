@@ -30,6 +30,9 @@ export CHAT_JWT_SECRET
 export CHAT_DATABASE_URL="${CHAT_DATABASE_URL:-$PG/chat}"
 export CHAT_REDIS_URL="${CHAT_REDIS_URL:-redis://127.0.0.1:6379}"
 export CHAT_LOG_FORMAT="${CHAT_LOG_FORMAT:-text}"
+# Dev mode: with no reset webhook configured, password reset tokens are written to the gateway
+# logs so "forgot password" can be tried locally. Never in production.
+export CHAT_DEV_MODE="${CHAT_DEV_MODE:-true}"
 
 pids=()
 stop() {
@@ -61,12 +64,13 @@ done
 
 cat <<MSG
 
-The stack is up.
+The stack is up. Open http://localhost:8080/ (and http://localhost:8081/) in a browser.
   gateway node-a  http://127.0.0.1:8080  (ws://127.0.0.1:8080/ws)   admin http://127.0.0.1:9090/metrics
   gateway node-b  http://127.0.0.1:8081  (ws://127.0.0.1:8081/ws)   admin http://127.0.0.1:9092/metrics
   worker          admin http://127.0.0.1:9091/metrics
   logs            $RUN/*.log
   database        $CHAT_DATABASE_URL
+  password resets dev mode: reset tokens are logged in $RUN/node-*.log ("password reset token")
 
 Try it (see README.md for the full walk-through):
   curl -s -XPOST localhost:8080/api/v1/auth/register -H 'content-type: application/json' \\
