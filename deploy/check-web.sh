@@ -5,6 +5,8 @@
 # Installs Debian's chromium and the npm packages of web/tests when they are missing. Assumes
 # Redis and Postgres are up (deploy/ensure-services.sh) and the binaries are built: STACK_BIN
 # names their directory (default: the release build). Screenshots land in web/tests/artifacts/.
+# The gateways send password reset notices to a webhook receiver that the browser test runs on a
+# port picked here (WEB_RESET_WEBHOOK_PORT).
 # Usage: STACK_BIN=target/debug deploy/check-web.sh
 set -euo pipefail
 # A relative STACK_BIN is relative to where the script was started.
@@ -27,12 +29,12 @@ if [ ! -d web/tests/node_modules/playwright-core ]; then
   (cd web/tests && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
-# Seven free ports: public and admin ports of the two nodes, the worker's admin port, and the
-# public and admin ports of the node the reconnect test restarts.
-read -r P_A P_B ADM_A ADM_B ADM_W P_R ADM_R < <(python3 - <<'PY'
+# Eight free ports: public and admin ports of the two nodes, the worker's admin port, the public
+# and admin ports of the node the reconnect test restarts, and the test's reset webhook receiver.
+read -r P_A P_B ADM_A ADM_B ADM_W P_R ADM_R P_HOOK < <(python3 - <<'PY'
 import socket
 socks = []
-for _ in range(7):
+for _ in range(8):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -43,6 +45,9 @@ PY
 # shellcheck source=loadtest/lib/stack.sh
 source loadtest/lib/stack.sh
 stack_init
+# Every gateway (the restarted one too: it inherits the test's environment) posts reset tokens to
+# the test's receiver, which listens on 127.0.0.1:$P_HOOK while the tests run.
+stack_env+=(CHAT_PASSWORD_RESET_WEBHOOK_URL="http://127.0.0.1:$P_HOOK/password-reset")
 # The reconnect test's own nodes are its children; should the test die, stop them too.
 RESTART_PID_FILE="$LOGS/restart-gateway.pids"
 stop_all() {
@@ -63,7 +68,7 @@ env "${stack_env[@]}" \
   WEB_GATEWAY_A="http://127.0.0.1:$P_A" WEB_NODE_A=web-a \
   WEB_GATEWAY_B="http://127.0.0.1:$P_B" WEB_NODE_B=web-b \
   WEB_GATEWAY_BIN="$STACK_BIN/gateway" WEB_RESTART_PORT="$P_R" WEB_RESTART_ADMIN_PORT="$ADM_R" \
-  WEB_RESTART_PID_FILE="$RESTART_PID_FILE" \
+  WEB_RESTART_PID_FILE="$RESTART_PID_FILE" WEB_RESET_WEBHOOK_PORT="$P_HOOK" \
   node --test --test-concurrency=1 --test-timeout=180000 web/tests/chat-client.test.mjs web/tests/e2e.mjs || status=$?
 if [ "$status" -ne 0 ]; then
   echo "check-web: failed; gateway and worker logs in $LOGS, screenshots in web/tests/artifacts/" >&2

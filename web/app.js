@@ -1,11 +1,21 @@
-// The web client's page: log in and register, the people and conversation lists, the chat view
-// and rooms, drawn from the state that chat-client.js keeps in step with the server. Every
-// piece of text from the server or a user is set with textContent, never parsed as HTML.
+// The web client's page: log in, register, forgot and reset password, the profile, the people and
+// conversation lists, the chat view and rooms, drawn from the state that chat-client.js keeps in
+// step with the server. Every piece of text from the server or a user is set with textContent,
+// never parsed as HTML.
 
 import { Api, ApiError, ChatClient, apiBaseFrom, tokenExpiry } from './chat-client.js';
 
 const SESSION_KEY = 'chat.session';
 const FLASH_KEY = 'chat.flash';
+/** A reset link is `<page>#reset_token=<token>`; the token is kept for this tab under this key
+ *  until it is used, refused, or the person leaves the reset page. */
+const RESET_LINK_PARAM = 'reset_token';
+const RESET_KEY = 'chat.reset_token';
+const MIN_PASSWORD_CHARS = 8;
+const MAX_PASSWORD_BYTES = 1024;
+const MAX_NAME_CHARS = 100;
+const MAX_EMAIL_BYTES = 254;
+const MAX_AVATAR_URL_BYTES = 2048;
 const PAGE_SIZE = 50;
 const TYPING_SHOW_MS = 4000;
 const TYPING_SEND_EVERY_MS = 1000;
@@ -47,7 +57,61 @@ const FIELD_TEXT = {
   room_limit_reached: 'Someone you picked (or you) is already in too many rooms.',
   room_full: 'This room is full.',
   required: 'Pick at least one person.',
+  avatar_url_invalid: 'Use the https:// address of a picture, like https://example.com/me.png, with no spaces.',
+  token_invalid: 'This reset link has expired or was already used.',
 };
+
+const SIGNED_OUT_TEXT = {
+  token_expired: 'Your session has expired. Please log in again.',
+  token_revoked: 'Your password was changed, so you were logged out here. Please log in with your new password.',
+};
+const PASSWORD_CHANGED_TEXT = 'Your password has been changed. Log in with your new password.';
+
+// ---------------------------------------------------------------------------------------------
+// The server's field rules (protocol.md), checked before asking it
+
+const utf8Length = (text) => new TextEncoder().encode(text).length;
+const BAD_URL_CHARS = /[\p{White_Space}\p{Cc}]/u;
+
+/** The field code for a (trimmed) display name, as for register and PATCH /users/me. */
+function nameProblem(name) {
+  if (!name) return 'name_required';
+  if ([...name].length > MAX_NAME_CHARS || /\p{Cc}/u.test(name)) return 'name_invalid';
+  return null;
+}
+
+function passwordProblem(password) {
+  if ([...password].length < MIN_PASSWORD_CHARS) return 'password_too_short';
+  if (utf8Length(password) > MAX_PASSWORD_BYTES) return 'password_too_long';
+  return null;
+}
+
+/** The server's email rule: no whitespace or control characters, one `@` with text before it,
+ *  a domain with a dot that does not start or end with one, at most 254 bytes. */
+function emailIsValid(email) {
+  if (utf8Length(email) > MAX_EMAIL_BYTES || BAD_URL_CHARS.test(email)) return false;
+  const at = email.indexOf('@');
+  if (at <= 0) return false;
+  const domain = email.slice(at + 1);
+  return !domain.includes('@') && domain.includes('.') && !domain.startsWith('.') && !domain.endsWith('.');
+}
+
+/** Why an avatar URL would be refused, in words, or null when the server accepts it: an
+ *  `https://` URL with a host (no `@` in it), no whitespace or control characters, at most
+ *  2,048 bytes. */
+function avatarUrlProblem(url) {
+  if (!url.startsWith('https://')) {
+    return /^http:\/\//i.test(url)
+      ? 'Use an address that starts with https://. Pictures over plain http:// are not allowed.'
+      : 'Use a web address that starts with https://, like https://example.com/me.png.';
+  }
+  if (BAD_URL_CHARS.test(url)) return 'A web address cannot contain spaces or line breaks.';
+  if (utf8Length(url) > MAX_AVATAR_URL_BYTES) return 'That address is too long: use one of at most 2,048 characters.';
+  const host = url.slice('https://'.length).split(/[/?#]/)[0];
+  if (!host) return 'That address has no site name after https://, like https://example.com/me.png.';
+  if (host.includes('@')) return 'Use an address without a user name or @ before the site name.';
+  return null;
+}
 
 function describeError(err, doing = '') {
   const prefix = doing ? `Could not ${doing}. ` : '';
@@ -157,6 +221,18 @@ function clearSession() {
   sessionStorage.removeItem(SESSION_KEY);
 }
 
+/** Keeps the stored copy of the user up to date, so that a reload shows the new name at once. */
+function storeUser(user) {
+  for (const store of [localStorage, sessionStorage]) {
+    try {
+      const s = JSON.parse(store.getItem(SESSION_KEY) || 'null');
+      if (s && s.token && s.user && s.user.id === user.id) store.setItem(SESSION_KEY, JSON.stringify({ ...s, user }));
+    } catch {
+      // a broken entry is dropped by loadSession
+    }
+  }
+}
+
 /** Ends the session and starts the page afresh, with a message for the login form. */
 function signOut(message) {
   clearSession();
@@ -240,18 +316,169 @@ function unreadOf(c) {
 // ---------------------------------------------------------------------------------------------
 // Auth views
 
+const AUTH_VIEWS = ['login', 'register', 'forgot', 'reset'];
+const AUTH_TITLES = { login: 'Log in', register: 'Create an account', forgot: 'Forgot password', reset: 'Choose a new password' };
+
 function showAuth(view) {
   $('chat-app').hidden = true;
   $('account').hidden = true;
-  for (const v of ['login', 'register', 'forgot']) $(`${v}-view`).hidden = v !== view;
-  document.title = { login: 'Log in', register: 'Create an account', forgot: 'Forgot password' }[view] + ' – Chat';
+  for (const v of AUTH_VIEWS) $(`${v}-view`).hidden = v !== view;
+  document.title = `${AUTH_TITLES[view]} – Chat`;
+  showNote('login-note', '');
+  if (view === 'forgot') prepareForgot();
+  if (view === 'reset') prepareReset();
   $(`${view}-title`).focus();
 }
 
-function routeAuth() {
-  if (S.client) return;
+function showNote(id, text) {
+  $(id).textContent = text || '';
+  $(id).hidden = !text;
+}
+
+/** Replaces the address's fragment without a navigation (and without a hashchange). */
+function replaceHash(hash) {
+  history.replaceState(null, '', `${location.pathname}${location.search}${hash}`);
+}
+
+/** A reset link (`/#reset_token=<token>`): keeps the token for this tab and takes it out of the
+ *  address bar (and so out of the history and of bookmarks). */
+function takeResetLink() {
+  const token = new URLSearchParams(location.hash.slice(1)).get(RESET_LINK_PARAM);
+  if (token === null) return false;
+  sessionStorage.setItem(RESET_KEY, token.trim());
+  replaceHash('#reset');
+  return true;
+}
+
+/** Shows the page the address asks for: a reset link or page, a stored session, or an
+ *  auth page (log in, sign up, forgot password). */
+function route() {
+  const fromLink = takeResetLink();
+  if (S.client) {
+    // A reset link opened while logged in: start afresh, on the reset page.
+    if (fromLink) location.reload();
+    return;
+  }
   const view = location.hash.replace('#', '');
+  if (view === 'reset') {
+    showAuth('reset');
+    return;
+  }
+  sessionStorage.removeItem(RESET_KEY);
+  const session = loadSession();
+  if (session) {
+    const exp = tokenExpiry(session.token);
+    if (exp !== null && exp <= Date.now()) {
+      clearSession();
+      showAuth('login');
+      showFormError('login-error', SIGNED_OUT_TEXT.token_expired);
+      return;
+    }
+    startSession(session.token, session.user);
+    return;
+  }
   showAuth(['register', 'forgot'].includes(view) ? view : 'login');
+}
+
+// Forgot password: ask for a reset link. The answer is the same whether or not the email has an
+// account, so the page says "if an account exists".
+
+function prepareForgot() {
+  $('forgot-form').hidden = false;
+  $('forgot-sent').hidden = true;
+  showFormError('forgot-error', '');
+  showFieldError('forgot-email', '');
+  if (!$('forgot-email').value) $('forgot-email').value = $('login-email').value.trim();
+}
+
+async function onForgot(e) {
+  e.preventDefault();
+  const email = $('forgot-email').value.trim();
+  showFormError('forgot-error', '');
+  showFieldError('forgot-email', '');
+  if (!email || !emailIsValid(email)) {
+    showFieldError('forgot-email', email ? FIELD_TEXT.email_invalid : 'Please enter your email.');
+    $('forgot-email').focus();
+    return;
+  }
+  const button = e.submitter || $('forgot-form').querySelector('button[type=submit]');
+  button.disabled = true;
+  try {
+    await new Api(base).requestPasswordReset(email);
+    $('forgot-sent-text').textContent = `If an account exists for ${email}, we sent a link to reset its password to that address.`;
+    $('forgot-form').hidden = true;
+    $('forgot-sent').hidden = false;
+  } catch (err) {
+    showFormError('forgot-error', describeError(err, 'send the reset link'));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// Reset password: the page a reset link opens. The new password twice, then confirm.
+
+function prepareReset() {
+  const token = sessionStorage.getItem(RESET_KEY);
+  $('reset-password').value = '';
+  $('reset-confirm').value = '';
+  for (const f of ['password', 'confirm']) showFieldError(`reset-${f}`, '');
+  showFormError('reset-error', '');
+  $('reset-form').hidden = !token;
+  $('reset-invalid').hidden = !!token;
+  if (!token) $('reset-invalid-text').textContent = 'This page needs the link from your password reset email. Open that link again, or request a new one.';
+}
+
+function resetLinkRefused() {
+  sessionStorage.removeItem(RESET_KEY);
+  $('reset-form').hidden = true;
+  $('reset-invalid-text').textContent = 'This reset link has expired or was already used. Request a new link, and use the newest one you get.';
+  $('reset-invalid').hidden = false;
+  $('reset-invalid').querySelector('a').focus();
+}
+
+async function onReset(e) {
+  e.preventDefault();
+  const token = sessionStorage.getItem(RESET_KEY);
+  const password = $('reset-password').value;
+  const confirm = $('reset-confirm').value;
+  showFormError('reset-error', '');
+  for (const f of ['password', 'confirm']) showFieldError(`reset-${f}`, '');
+  if (!token) {
+    prepareReset();
+    return;
+  }
+  const problem = passwordProblem(password);
+  if (problem) showFieldError('reset-password', FIELD_TEXT[problem]);
+  if (password !== confirm) showFieldError('reset-confirm', 'The two passwords do not match.');
+  if (problem || password !== confirm) {
+    $('reset-form').querySelector('[aria-invalid=true]')?.focus();
+    return;
+  }
+  const button = e.submitter || $('reset-form').querySelector('button[type=submit]');
+  button.disabled = true;
+  try {
+    await new Api(base).confirmPasswordReset(token, password);
+    sessionStorage.removeItem(RESET_KEY);
+    // Every token issued before the reset is refused now, this browser's included.
+    clearSession();
+    $('reset-password').value = '';
+    $('reset-confirm').value = '';
+    replaceHash('#login');
+    showAuth('login');
+    showNote('login-note', PASSWORD_CHANGED_TEXT);
+  } catch (err) {
+    const fields = (err instanceof ApiError && err.fields) || {};
+    if (fields.token === 'token_invalid') {
+      resetLinkRefused();
+    } else if (fields.new_password) {
+      showFieldError('reset-password', FIELD_TEXT[fields.new_password] || 'This password is not accepted.');
+      $('reset-password').focus();
+    } else {
+      showFormError('reset-error', describeError(err, 'change the password'));
+    }
+  } finally {
+    button.disabled = false;
+  }
 }
 
 function wirePasswordToggle(checkboxId, inputIds) {
@@ -289,10 +516,12 @@ async function onRegister(e) {
   const confirm = $('register-confirm').value;
   showFormError('register-error', '');
   for (const f of ['name', 'email', 'password', 'confirm']) showFieldError(`register-${f}`, '');
+  const nameCode = nameProblem(name);
+  const passwordCode = passwordProblem(password);
   const problems = [
-    [!name, 'register-name', FIELD_TEXT.name_required],
+    [nameCode, 'register-name', FIELD_TEXT[nameCode]],
     [!email, 'register-email', 'Please enter your email.'],
-    [password.length < 8, 'register-password', FIELD_TEXT.password_too_short],
+    [passwordCode, 'register-password', FIELD_TEXT[passwordCode]],
     [password !== confirm, 'register-confirm', 'The two passwords do not match.'],
   ].filter(([bad]) => bad);
   for (const [, id, text] of problems) showFieldError(id, text);
@@ -326,11 +555,10 @@ async function onRegister(e) {
 function startSession(token, user) {
   S.me = user;
   S.api = new Api(base, token);
-  for (const v of ['login', 'register', 'forgot']) $(`${v}-view`).hidden = true;
+  for (const v of AUTH_VIEWS) $(`${v}-view`).hidden = true;
   $('chat-app').hidden = false;
   $('account').hidden = false;
-  $('me-name').textContent = user.name;
-  $('me-avatar').textContent = initials(user.name);
+  renderMe();
   document.title = 'Chat';
   if (location.hash) history.replaceState(null, '', location.pathname + location.search);
 
@@ -346,14 +574,11 @@ function startSession(token, user) {
   client.addEventListener('membership', (e) => onMembership(e.detail));
   client.addEventListener('server-error', (e) => onServerError(e.detail));
   client.addEventListener('unauthorized', (e) =>
-    signOut(e.detail.reason === 'token_expired' ? 'Your session has expired. Please log in again.' : 'Your session has ended. Please log in again.'),
+    signOut(SIGNED_OUT_TEXT[e.detail.reason] || 'Your session has ended. Please log in again.'),
   );
   client.connect();
 
-  S.api.me().then((me) => {
-    S.me = { ...S.me, ...me };
-    $('me-name').textContent = S.me.name;
-  }, (err) => {
+  S.api.me().then(applyMe, (err) => {
     if (err instanceof ApiError && err.status === 401) signOut('Your session has ended. Please log in again.');
   });
   loadConversations().catch((err) => notify(describeError(err, 'load your conversations')));
@@ -364,6 +589,91 @@ function startSession(token, user) {
     renderSubtitle();
   }, PEOPLE_REFRESH_MS);
   $('main').focus();
+}
+
+/** Takes the user as the server shows it (`GET`/`PATCH /users/me`) and shows it. */
+function applyMe(me) {
+  S.me = { ...S.me, ...me };
+  storeUser(S.me);
+  renderMe();
+}
+
+function renderMe() {
+  $('me-name').textContent = S.me.name;
+  setAvatar($('me-avatar'), S.me);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Profile: name and picture (PATCH /users/me)
+
+function openProfile() {
+  $('profile-name').value = S.me.name;
+  $('profile-avatar-url').value = S.me.avatar_url || '';
+  $('profile-email').textContent = S.me.email || '';
+  $('profile-id').textContent = S.me.id;
+  setAvatar($('profile-avatar'), S.me);
+  showFieldError('profile-name', '');
+  showFieldError('profile-avatar-url', '');
+  showFormError('profile-error', '');
+  $('profile-dialog').showModal();
+  $('profile-name').focus();
+}
+
+/** The values typed in the profile form, with the field errors the server would give. */
+function profileInput() {
+  const name = $('profile-name').value.trim();
+  const avatarUrl = $('profile-avatar-url').value.trim();
+  const nameCode = nameProblem(name);
+  return {
+    name,
+    avatarUrl: avatarUrl || null,
+    errors: {
+      name: nameCode && FIELD_TEXT[nameCode],
+      'avatar-url': avatarUrl ? avatarUrlProblem(avatarUrl) : null,
+    },
+  };
+}
+
+/** Shows the picture as it will look, once the address is complete (on change, not per key).
+ *  Errors wait for Save: text appearing on blur would move the button being clicked. */
+function previewProfileAvatar() {
+  const { name, avatarUrl, errors } = profileInput();
+  setAvatar($('profile-avatar'), { name: name || S.me.name, avatar_url: errors['avatar-url'] ? null : avatarUrl });
+}
+
+async function onProfileSave(e) {
+  e.preventDefault();
+  const { name, avatarUrl, errors } = profileInput();
+  showFormError('profile-error', '');
+  for (const [field, text] of Object.entries(errors)) showFieldError(`profile-${field}`, text);
+  if (Object.values(errors).some(Boolean)) {
+    $('profile-form').querySelector('[aria-invalid=true]')?.focus();
+    return;
+  }
+  const changes = {};
+  if (name !== S.me.name) changes.name = name;
+  if (avatarUrl !== (S.me.avatar_url || null)) changes.avatar_url = avatarUrl;
+  if (!Object.keys(changes).length) {
+    $('profile-dialog').close();
+    return;
+  }
+  const button = $('profile-save');
+  button.disabled = true;
+  try {
+    applyMe(await S.api.updateMe(changes));
+    $('profile-dialog').close();
+    notify('Your profile was saved.');
+  } catch (err) {
+    if (err instanceof ApiError && err.fields) {
+      for (const [field, code] of Object.entries(err.fields)) {
+        showFieldError(field === 'avatar_url' ? 'profile-avatar-url' : `profile-${field}`, FIELD_TEXT[code] || 'This is not valid.');
+      }
+      $('profile-form').querySelector('[aria-invalid=true]')?.focus();
+    }
+    showFormError('profile-error', describeError(err, 'save your profile'));
+  } finally {
+    button.disabled = false;
+  }
 }
 
 function renderConnection({ state, retryInMs, nodeId }) {
@@ -474,7 +784,7 @@ function renderConversations() {
               'aria-label': label,
               onclick: () => openConversation(c.id),
             },
-            h('span', { class: 'avatar', 'aria-hidden': 'true', text: c.kind === 'room' ? '#' : initials(convTitle(c)) }),
+            c.kind === 'room' ? avatar(null, '#') : avatar(c.peer && S.users.get(c.peer.id), initials(convTitle(c))),
             h(
               'span',
               { class: 'item-main' },
@@ -498,6 +808,42 @@ function renderConversations() {
 function initials(name) {
   const parts = String(name || '?').trim().split(/\s+/).filter(Boolean);
   return ((parts[0] || '?')[0] + (parts.length > 1 ? parts[parts.length - 1][0] : '')).toUpperCase();
+}
+
+/** Picture URLs that failed to load: shown as initials from then on, not fetched again. */
+const failedAvatars = new Set();
+
+/** Fills an avatar with the person's initials and, when they have a usable `avatar_url`, their
+ *  picture over them; a picture that fails to load is removed, so the initials show again.
+ *  `data-avatar` says which: `loading`, `loaded` or `failed` (absent: initials only). */
+function setAvatar(el, person, text = initials(person && person.name)) {
+  el.textContent = text;
+  delete el.dataset.avatar;
+  const url = person && person.avatar_url;
+  if (!url || avatarUrlProblem(url)) return;
+  if (failedAvatars.has(url)) {
+    el.dataset.avatar = 'failed';
+    return;
+  }
+  const img = document.createElement('img');
+  img.alt = '';
+  img.decoding = 'async';
+  img.referrerPolicy = 'no-referrer';
+  img.addEventListener('load', () => (el.dataset.avatar = 'loaded'));
+  img.addEventListener('error', () => {
+    failedAvatars.add(url);
+    img.remove();
+    el.dataset.avatar = 'failed';
+  });
+  el.dataset.avatar = 'loading';
+  img.src = url;
+  el.append(img);
+}
+
+function avatar(person, text) {
+  const el = h('span', { class: 'avatar', 'aria-hidden': 'true' });
+  setAvatar(el, person, text);
+  return el;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -550,7 +896,7 @@ function renderPeople() {
             'aria-label': `${u.name}, ${presenceText(u)}. Send a message`,
             onclick: () => openDirect(id),
           },
-          h('span', { class: 'avatar', 'aria-hidden': 'true', text: initials(u.name) }),
+          avatar(u),
           h(
             'span',
             { class: 'item-main' },
@@ -1074,20 +1420,23 @@ function selectTab(which) {
 function wire() {
   $('login-form').addEventListener('submit', onLogin);
   $('register-form').addEventListener('submit', onRegister);
+  $('forgot-form').addEventListener('submit', onForgot);
+  $('forgot-again').addEventListener('click', () => {
+    prepareForgot();
+    $('forgot-email').focus();
+  });
+  $('reset-form').addEventListener('submit', onReset);
   wirePasswordToggle('login-show', ['login-password']);
   wirePasswordToggle('register-show', ['register-password', 'register-confirm']);
-  window.addEventListener('hashchange', routeAuth);
+  wirePasswordToggle('reset-show', ['reset-password', 'reset-confirm']);
+  window.addEventListener('hashchange', route);
   $('notice-close').addEventListener('click', () => ($('notice').hidden = true));
   $('logout').addEventListener('click', () => signOut(null));
   $('conn-retry').addEventListener('click', () => S.client && S.client.reconnectNow());
-  $('profile-open').addEventListener('click', () => {
-    $('profile-name').textContent = S.me.name;
-    $('profile-email').textContent = S.me.email || '';
-    $('profile-id').textContent = S.me.id;
-    $('profile-dialog').showModal();
-    $('profile-close').focus();
-  });
+  $('profile-open').addEventListener('click', openProfile);
   $('profile-close').addEventListener('click', () => $('profile-dialog').close());
+  $('profile-form').addEventListener('submit', onProfileSave);
+  $('profile-avatar-url').addEventListener('change', previewProfileAvatar);
 
   $('tab-conversations').addEventListener('click', () => selectTab('conversations'));
   $('tab-people').addEventListener('click', () => selectTab('people'));
@@ -1141,19 +1490,7 @@ function boot() {
     sessionStorage.removeItem(FLASH_KEY);
     showFormError('login-error', flash);
   }
-  const session = loadSession();
-  if (session) {
-    const exp = tokenExpiry(session.token);
-    if (exp !== null && exp <= Date.now()) {
-      clearSession();
-      showAuth('login');
-      showFormError('login-error', 'Your session has expired. Please log in again.');
-      return;
-    }
-    startSession(session.token, session.user);
-    return;
-  }
-  routeAuth();
+  route();
 }
 
 boot();

@@ -105,6 +105,17 @@ export class Api {
   me() {
     return this.request('GET', '/users/me');
   }
+  /** `{name?, avatar_url?}`: a field left out stays as it is; `avatar_url: null` removes it. */
+  updateMe(changes) {
+    return this.request('PATCH', '/users/me', { body: changes });
+  }
+  /** Always answers 202, whether or not the email has an account. */
+  requestPasswordReset(email) {
+    return this.request('POST', '/auth/password-reset/request', { body: { email } });
+  }
+  confirmPasswordReset(token, newPassword) {
+    return this.request('POST', '/auth/password-reset/confirm', { body: { token, new_password: newPassword } });
+  }
   users({ q, online, cursor, limit } = {}) {
     return this.request('GET', '/users', { query: { q, online, cursor, limit } });
   }
@@ -136,13 +147,16 @@ export class Api {
 /**
  * One user's WebSocket session. Events (CustomEvent, payload in `detail`):
  * - `state`: `{state, attempt, retryInMs, nodeId}`; state is `connecting`, `online`,
- *   `reconnecting`, `expired` (4100: log in again), `stopped` (another 41xx code) or `closed`.
+ *   `reconnecting`, `expired` (4100, 4101 or a refused token: log in again), `stopped` (another
+ *   41xx code) or `closed`.
  * - `message`: `{message, source, own}` once per (conversation_id, seq); source is `live`,
  *   `sync` or `ack` (own sends). Order by `seq`, not by arrival.
  * - `conversation`: `{conversationId, message}` for a message in a conversation not tracked yet.
  * - `hello`, `read`, `typing`, `presence`, `membership`, `synced`, `resync`: the server frames.
  * - `server-error`: an `error` frame that answers no `send` (sync, read, typing, watch).
- * - `unauthorized`: the token is expired or refused; the client has stopped.
+ * - `unauthorized`: `{reason}`, the token is expired (`token_expired`, 4100), revoked by a
+ *   password reset (`token_revoked`, 4101) or refused at connect (`token_refused`); the client
+ *   has stopped.
  */
 export class ChatClient extends EventTarget {
   constructor({ base, token, userId = null, backoff = DEFAULT_BACKOFF, WebSocketImpl = globalThis.WebSocket, random = Math.random }) {
@@ -255,6 +269,10 @@ export class ChatClient extends EventTarget {
     if (gotHello && Date.now() - this._helloAt >= STABLE_AFTER_MS) this.attempt = 0;
     if (code === 4100) {
       this._unauthorized('token_expired');
+      return;
+    }
+    if (code === 4101) {
+      this._unauthorized('token_revoked'); // the password was reset: old tokens no longer work
       return;
     }
     if (code >= 4100 && code <= 4199) {

@@ -269,6 +269,17 @@ describe('connection', () => {
     assert.equal(FakeSocket.all.length, 1);
   });
 
+  test('4101 (password reset: token revoked) asks for a new login and does not reconnect', async () => {
+    const { client, events } = newClient();
+    client.connect();
+    lastSocket().hello();
+    lastSocket().drop(4101);
+    await sleep(10);
+    assert.deepEqual(events.unauthorized, [{ reason: 'token_revoked' }]);
+    assert.equal(client.state, 'expired');
+    assert.equal(FakeSocket.all.length, 1);
+  });
+
   test('a handshake that fails while the token is refused (401) stops and asks for a login', async () => {
     const realFetch = globalThis.fetch;
     globalThis.fetch = async () => new Response(JSON.stringify({ error: { code: 'unauthorized', message: 'no' } }), { status: 401 });

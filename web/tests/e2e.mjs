@@ -4,6 +4,8 @@
 //   WEB_GATEWAY_BIN                the gateway binary; the reconnect test runs a third node with it
 //   WEB_RESTART_PORT, WEB_RESTART_ADMIN_PORT   that node's public and admin ports
 //   WEB_RESTART_PID_FILE           where its pids are written, one a line, for the script's cleanup
+//   WEB_RESET_WEBHOOK_PORT         the port on 127.0.0.1 the gateways post password reset notices
+//                                  to (CHAT_PASSWORD_RESET_WEBHOOK_URL); the reset test listens there
 //   CHAT_*                         the stack's settings (Redis, database, prefix, JWT secret)
 //   WEB_SERVE_FROM_TREE=1          serve web/ from the test's front even if the gateway serves it
 // Screenshots go to web/tests/artifacts/.
@@ -46,7 +48,7 @@ const ASSETS = {
   '/app.js': ['app.js', 'text/javascript; charset=utf-8'],
   '/chat-client.js': ['chat-client.js', 'text/javascript; charset=utf-8'],
 };
-const CSP = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; style-src 'self' 'unsafe-inline'; " +
+const CSP = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: https:; style-src 'self' 'unsafe-inline'; " +
   "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 let browser;
@@ -90,7 +92,7 @@ async function pageOrigin(gateway) {
     const path = new URL(req.url, 'http://x').pathname;
     if (req.method === 'GET' && path in ASSETS) {
       const [file, type] = ASSETS[path];
-      res.writeHead(200, { 'content-type': type, 'content-security-policy': CSP, 'cache-control': 'no-cache' });
+      res.writeHead(200, { 'content-type': type, 'content-security-policy': CSP, 'cache-control': 'no-cache', 'referrer-policy': 'no-referrer' });
       res.end(await readFile(new URL(file, WEB_DIR)));
       return;
     }
@@ -222,7 +224,8 @@ describe('two people on two gateway nodes', () => {
     await A.getByRole('heading', { name: 'Log in' }).waitFor(WAIT);
     await shot(A, 'login');
     await A.getByRole('link', { name: 'Forgot password?' }).click();
-    await A.getByText('Resetting a password is not available yet').waitFor(WAIT);
+    await A.getByRole('heading', { name: 'Forgot password' }).waitFor(WAIT);
+    await A.getByRole('button', { name: 'Send reset link' }).waitFor(WAIT);
     await shot(A, 'forgot-password');
     await A.getByRole('link', { name: 'Back to log in' }).click();
 
@@ -342,11 +345,14 @@ describe('two people on two gateway nodes', () => {
     assert.equal(await conversation(B, room).count(), 0);
     await A.getByText(`${bob.name} left.`).waitFor(WAIT);
 
-    // Profile: shown, not editable (no API yet).
+    // Profile: the name and picture are editable (the profile test below edits them).
     await A.getByRole('button', { name: 'Profile' }).click();
-    await A.getByText('Changing your name or avatar is not available yet').waitFor(WAIT);
+    const profile = A.getByRole('dialog', { name: 'Profile' });
+    assert.equal(await profile.getByLabel('Name', { exact: true }).inputValue(), alice.name);
+    assert.equal(await profile.getByLabel('Avatar URL').inputValue(), '');
+    await profile.getByText(email(alice.name)).waitFor(WAIT);
     await shot(A, 'profile');
-    await A.getByRole('button', { name: 'Close' }).click();
+    await profile.getByRole('button', { name: 'Close' }).click();
 
     // Bob closes his browser: Alice sees him go offline.
     await bob.context.close();
@@ -374,6 +380,289 @@ describe('two people on two gateway nodes', () => {
     const width = await page.evaluate(() => document.documentElement.scrollWidth);
     assert.ok(width <= 390, `the page scrolls sideways (${width}px wide)`);
     await context.close();
+    assertNoPageErrors();
+  });
+});
+
+// Pictures for the profile test: https URLs on 127.0.0.1 port 1, answered inside the browser
+// (context.route) so that nothing leaves the machine; nothing listens on that port either.
+const AVATAR_OK = 'https://127.0.0.1:1/avatars/picture.svg';
+const AVATAR_BROKEN = 'https://127.0.0.1:1/avatars/missing.png';
+const AVATAR_SVG = '<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64" viewBox="0 0 64 64">' +
+  '<rect width="64" height="64" fill="#1f6f4a"/><circle cx="32" cy="25" r="12" fill="#fff"/>' +
+  '<rect x="12" y="42" width="40" height="26" rx="13" fill="#fff"/></svg>';
+
+/** A browser whose https requests (pictures) are answered by the test, never by the network. */
+async function browserWithPictures() {
+  const context = await newBrowser();
+  await context.route((url) => url.protocol === 'https:', (route) => {
+    if (route.request().url() === AVATAR_OK) {
+      return route.fulfill({ status: 200, contentType: 'image/svg+xml', body: AVATAR_SVG });
+    }
+    return route.fulfill({ status: 404, contentType: 'text/plain', body: 'no such picture' });
+  });
+  return context;
+}
+
+describe('profile', () => {
+  test('name and picture: checked like the server, saved, back after a reload, the new name seen by others', async () => {
+    const hana = { name: `Hana ${RUN}`, newName: `Hanako ${RUN} Mori` };
+    const ian = { name: `Ian ${RUN}` };
+    hana.context = await browserWithPictures();
+    ian.context = await browserWithPictures();
+    const H = (hana.page = await openPage(hana.context, GW_A, 'hana'));
+    const I = (ian.page = await openPage(ian.context, GW_B, 'ian'));
+    await register(H, hana.name);
+    await register(I, ian.name);
+    // Ian writes to Hana, so each has the other in Chats too.
+    await showPeople(I);
+    await I.getByRole('button', { name: 'Refresh' }).click();
+    await person(I, hana.name).click();
+    await send(I, 'Hello Hana');
+    await showChats(H);
+    await conversation(H, ian.name).waitFor(WAIT);
+    // Without a picture the avatars are initials.
+    assert.equal(await H.locator('#me-avatar').textContent(), 'H' + RUN[0].toUpperCase());
+    assert.equal(await H.locator('#me-avatar img').count(), 0);
+
+    // The page checks the fields as the server does, and says what is wrong in words.
+    await H.getByRole('button', { name: 'Profile' }).click();
+    const dialog = H.getByRole('dialog', { name: 'Profile' });
+    const nameField = dialog.getByLabel('Name', { exact: true });
+    const urlField = dialog.getByLabel('Avatar URL');
+    assert.equal(await nameField.inputValue(), hana.name);
+    await nameField.fill('   ');
+    await urlField.fill('http://127.0.0.1:1/me.png');
+    await dialog.getByRole('button', { name: 'Save' }).click();
+    await dialog.getByText('Please enter a name.').waitFor(WAIT);
+    await dialog.getByText('Use an address that starts with https://. Pictures over plain http:// are not allowed.').waitFor(WAIT);
+    assert.equal(await nameField.getAttribute('aria-invalid'), 'true');
+    await shot(H, 'profile-errors');
+    await nameField.fill('Hana\tMori'); // a control character (the field stops at 100 characters)
+    await urlField.fill('https://me@127.0.0.1:1/me.png');
+    await dialog.getByRole('button', { name: 'Save' }).click();
+    await dialog.getByText('Use at most 100 characters, and no control characters.').waitFor(WAIT);
+    await dialog.getByText('Use an address without a user name or @ before the site name.').waitFor(WAIT);
+    await urlField.fill('https://127.0.0.1:1/my picture.png');
+    await dialog.getByRole('button', { name: 'Save' }).click();
+    await dialog.getByText('A web address cannot contain spaces or line breaks.').waitFor(WAIT);
+
+    // A picture that cannot be loaded: saved, but the initials show.
+    await nameField.fill(hana.newName);
+    await urlField.fill(AVATAR_BROKEN);
+    await dialog.getByRole('button', { name: 'Save' }).click();
+    await H.getByText('Your profile was saved.').waitFor(WAIT);
+    assert.equal(await dialog.isVisible(), false);
+    await H.locator('#me-name', { hasText: hana.newName }).waitFor(WAIT);
+    await H.locator('#me-avatar[data-avatar="failed"]').waitFor(WAIT);
+    assert.equal(await H.locator('#me-avatar img').count(), 0);
+    assert.equal(await H.locator('#me-avatar').textContent(), 'HM');
+
+    // A picture that loads: shown instead of the initials, in the top bar and the profile.
+    await H.getByRole('button', { name: 'Profile' }).click();
+    assert.equal(await nameField.inputValue(), hana.newName);
+    assert.equal(await urlField.inputValue(), AVATAR_BROKEN);
+    await urlField.fill(AVATAR_OK);
+    await urlField.press('Tab'); // (a change previews the picture)
+    await H.locator('#profile-avatar[data-avatar="loaded"]').waitFor(WAIT);
+    await shot(H, 'profile-edit');
+    await dialog.getByRole('button', { name: 'Save' }).click();
+    await H.locator('#me-avatar[data-avatar="loaded"]').waitFor(WAIT);
+    assert.ok(await H.locator('#me-avatar img').evaluate((img) => img.naturalWidth > 0 && img.getAttribute('src')));
+    await shot(H, 'profile-saved');
+
+    // The server has both: after a reload they come from GET /users/me.
+    const me = await H.evaluate(async () => {
+      const { token } = JSON.parse(sessionStorage.getItem('chat.session'));
+      return (await fetch('/api/v1/users/me', { headers: { Authorization: `Bearer ${token}` } })).json();
+    });
+    assert.equal(me.name, hana.newName);
+    assert.equal(me.avatar_url, AVATAR_OK);
+    await H.evaluate(() => {
+      const s = JSON.parse(sessionStorage.getItem('chat.session'));
+      sessionStorage.setItem('chat.session', JSON.stringify({ ...s, user: { id: s.user.id, name: 'stale copy' } }));
+    });
+    await H.reload();
+    await connected(H);
+    await H.locator('#me-name', { hasText: hana.newName }).waitFor(WAIT);
+    await H.locator('#me-avatar[data-avatar="loaded"]').waitFor(WAIT);
+
+    // Ian reloads: the new name in his Chats and People lists and in the conversation.
+    // (The users and conversations lists carry names only, no avatar_url, so others see
+    // initials: the page shows a picture wherever the API gives one.)
+    await I.reload();
+    await connected(I);
+    await showChats(I);
+    await conversation(I, hana.newName).click();
+    await I.getByRole('heading', { name: hana.newName }).waitFor(WAIT);
+    await showPeople(I);
+    await person(I, hana.newName).waitFor(WAIT);
+    assert.equal(await person(I, hana.name).count(), 0);
+    await shot(I, 'profile-seen-by-others');
+
+    // Removing the picture brings the initials back.
+    await H.getByRole('button', { name: 'Profile' }).click();
+    await urlField.fill('');
+    await dialog.getByRole('button', { name: 'Save' }).click();
+    await H.getByText('Your profile was saved.').waitFor(WAIT);
+    await H.locator('#me-avatar:not([data-avatar])', { hasText: 'HM' }).waitFor(WAIT);
+    assert.equal(await H.locator('#me-avatar img').count(), 0);
+
+    await hana.context.close();
+    await ian.context.close();
+    assertNoPageErrors();
+  });
+});
+
+/** The operator's webhook receiver for password reset notices, on the port that
+ *  check-web.sh configured the gateways with. It keeps every notice it gets. */
+class ResetInbox {
+  constructor() {
+    this.port = Number(env('WEB_RESET_WEBHOOK_PORT'));
+    this.notices = [];
+    this.server = null;
+  }
+
+  async start() {
+    this.server = http.createServer((req, res) => {
+      const chunks = [];
+      req.on('data', (c) => chunks.push(c));
+      req.on('end', () => {
+        try {
+          this.notices.push({ path: req.url, contentType: req.headers['content-type'], ...JSON.parse(Buffer.concat(chunks).toString('utf8')) });
+          res.writeHead(204);
+        } catch {
+          res.writeHead(400);
+        }
+        res.end();
+      });
+    });
+    await new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(this.port, '127.0.0.1', resolve);
+    });
+  }
+
+  async stop() {
+    if (!this.server) return;
+    this.server.closeAllConnections();
+    await new Promise((r) => this.server.close(r));
+  }
+
+  /** The newest notice for `address`, waiting for it when none has come yet. */
+  async waitFor(address, { after = 0, timeout = 15000 } = {}) {
+    const deadline = Date.now() + timeout;
+    for (;;) {
+      const found = this.notices.slice(after).filter((n) => n.email === address).at(-1);
+      if (found) return found;
+      if (Date.now() > deadline) throw new Error(`no password reset notice for ${address}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
+
+describe('password reset', () => {
+  const inbox = new ResetInbox();
+  before(() => inbox.start());
+  after(() => inbox.stop());
+
+  test('forgot password, the link from the webhook, a new password, log in; the old session is logged out (4101)', async () => {
+    const jo = { name: `Jo ${RUN}` };
+    const NEW_PASSWORD = 'a brand new staple battery';
+    const nobody = `nobody-${RUN}@example.com`;
+
+    // Jo's old session: registered and connected on node B, in one browser.
+    const oldBrowser = await newBrowser();
+    const O = await openPage(oldBrowser, GW_B, 'jo-old');
+    await register(O, jo.name, { remember: true });
+    await connected(O, NODE_B);
+
+    // In another browser, on node A, Jo has forgotten the password.
+    const newBrowserContext = await newBrowser();
+    const P = await openPage(newBrowserContext, GW_A, 'jo-new');
+    await P.getByRole('link', { name: 'Forgot password?' }).click();
+    const forgot = P.locator('#forgot-form');
+    await forgot.getByRole('button', { name: 'Send reset link' }).click();
+    await forgot.getByText('Please enter your email.').waitFor(WAIT);
+    await forgot.getByLabel('Email').fill('jo.example.com');
+    await forgot.getByRole('button', { name: 'Send reset link' }).click();
+    await forgot.getByText('Please enter a valid email address').waitFor(WAIT);
+    // An email without an account gets the same answer (and no notice is sent).
+    await forgot.getByLabel('Email').fill(nobody);
+    await forgot.getByRole('button', { name: 'Send reset link' }).click();
+    await P.getByText(`If an account exists for ${nobody}, we sent a link to reset its password to that address.`).waitFor(WAIT);
+    await P.getByRole('button', { name: 'Send another link' }).click();
+    await forgot.getByLabel('Email').fill(email(jo.name));
+    await forgot.getByRole('button', { name: 'Send reset link' }).click();
+    await P.getByText(`If an account exists for ${email(jo.name)}, we sent a link to reset its password to that address.`).waitFor(WAIT);
+    await shot(P, 'forgot-password-sent');
+
+    const notice = await inbox.waitFor(email(jo.name));
+    assert.equal(notice.type, 'password_reset');
+    assert.equal(notice.path, '/password-reset');
+    assert.match(notice.contentType, /^application\/json/);
+    assert.equal(notice.name, jo.name);
+    assert.match(notice.token, /^[0-9a-f]{64}$/);
+    assert.ok(notice.expires_at > Date.now() / 1000);
+    assert.equal(inbox.notices.filter((n) => n.email === nobody).length, 0, 'no notice for an email without an account');
+
+    // The link the receiver mails (docs/web-client.md): the page, with #reset_token=<token>.
+    // Opened in the same tab, it is a fragment change (hashchange).
+    const link = `${await pageOrigin(GW_A)}/#reset_token=${notice.token}`;
+    await P.goto(link);
+    await P.getByRole('heading', { name: 'Choose a new password' }).waitFor(WAIT);
+    assert.ok(!P.url().includes(notice.token), `the token stays in the address bar: ${P.url()}`);
+    assert.match(P.url(), /\/#reset$/);
+    const reset = P.locator('#reset-form');
+    await reset.getByLabel('New password', { exact: true }).fill('short');
+    await reset.getByLabel('Confirm new password').fill('short');
+    await reset.getByRole('button', { name: 'Change password' }).click();
+    await reset.getByText('Use at least 8 characters.').waitFor(WAIT);
+    await reset.getByLabel('New password', { exact: true }).fill(NEW_PASSWORD);
+    await reset.getByLabel('Confirm new password').fill(`${NEW_PASSWORD}!`);
+    await reset.getByRole('button', { name: 'Change password' }).click();
+    await reset.getByText('The two passwords do not match.').waitFor(WAIT);
+    await shot(P, 'reset-errors');
+    await reset.getByLabel('Confirm new password').fill(NEW_PASSWORD);
+    await reset.getByRole('button', { name: 'Change password' }).click();
+    await P.getByText('Your password has been changed. Log in with your new password.').waitFor(WAIT);
+    await P.getByRole('heading', { name: 'Log in' }).waitFor(WAIT);
+    await shot(P, 'reset-done');
+
+    // The old session's connection is closed with 4101: the login page, saying why.
+    await O.getByText('Your password was changed, so you were logged out here. Please log in with your new password.').waitFor({ timeout: 20000 });
+    await O.getByRole('heading', { name: 'Log in' }).waitFor(WAIT);
+    assert.equal(await O.evaluate(() => localStorage.getItem('chat.session')), null);
+    await shot(O, 'reset-old-session-logged-out');
+
+    // The old password no longer works; the new one does.
+    const loginForm = P.locator('#login-form');
+    await loginForm.getByLabel('Email', { exact: true }).fill(email(jo.name));
+    await loginForm.getByLabel('Password', { exact: true }).fill(PASSWORD);
+    await loginForm.getByRole('button', { name: 'Log in' }).click();
+    await P.getByText('That email and password do not match an account.').waitFor(WAIT);
+    await loginForm.getByLabel('Password', { exact: true }).fill(NEW_PASSWORD);
+    await loginForm.getByRole('button', { name: 'Log in' }).click();
+    await connected(P, NODE_A);
+    await P.locator('#me-name', { hasText: jo.name }).waitFor(WAIT);
+
+    // The same link again, loaded afresh in a new tab: spent, so refused, with a way to a new one.
+    const again = await newBrowserContext.newPage();
+    again.on('pageerror', (err) => pageErrors.push(`jo-again: ${err.message}`));
+    await again.goto(link);
+    await again.getByRole('heading', { name: 'Choose a new password' }).waitFor(WAIT);
+    assert.ok(!again.url().includes(notice.token));
+    await again.getByLabel('New password', { exact: true }).fill('yet another password');
+    await again.getByLabel('Confirm new password').fill('yet another password');
+    await again.getByRole('button', { name: 'Change password' }).click();
+    await again.getByText('This reset link has expired or was already used.').waitFor(WAIT);
+    assert.equal(await again.locator('#reset-form').isVisible(), false);
+    await shot(again, 'reset-link-used');
+    await again.getByRole('link', { name: 'Request a new link' }).click();
+    await again.getByRole('heading', { name: 'Forgot password' }).waitFor(WAIT);
+
+    await oldBrowser.close();
+    await newBrowserContext.close();
     assertNoPageErrors();
   });
 });
