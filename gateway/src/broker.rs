@@ -13,7 +13,7 @@ use bytestring::ByteString;
 use chat_core::backoff::Backoff;
 use chat_core::keys::{KeySchema, Topic};
 use chat_core::protocol::{MembershipChange, ServerFrame};
-use chat_core::stream::{frame_ts, split_published, Appended, Appender, NewMessage};
+use chat_core::stream::{split_published, Appended, Appender, NewMessage};
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
@@ -194,9 +194,14 @@ impl Broker {
             let conn = self.commands_conn().await?;
             Ok::<_, BrokerError>(op(conn).await?)
         };
+        let started = std::time::Instant::now();
         let result = tokio::time::timeout(APPEND_TIMEOUT, attempt)
             .await
             .unwrap_or(Err(BrokerError::Timeout));
+        self.metrics
+            .redis_command_duration
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
         if result.is_err() {
             self.metrics.redis_errors.with_label_values(&[label]).inc();
         }
@@ -309,7 +314,6 @@ impl Manager {
                 stream,
                 self.keys.clone(),
                 self.hub.clone(),
-                self.metrics.clone(),
                 self.own_commands.clone(),
             ));
             loop {
@@ -454,7 +458,6 @@ async fn read(
     mut stream: redis::aio::PubSubStream,
     keys: KeySchema,
     hub: Arc<Hub>,
-    metrics: Metrics,
     commands: mpsc::Sender<Command>,
 ) {
     while let Some(msg) = stream.next().await {
@@ -512,9 +515,6 @@ async fn read(
             if let Ok(ServerFrame::Presence { user_id, .. }) = serde_json::from_str(&frame) {
                 skip_user = Some(user_id);
             }
-        } else if let Some(ts) = frame_ts(&frame) {
-            let age_ms = (chat_core::now_ms() - ts).max(0);
-            metrics.delivery_latency.observe(age_ms as f64 / 1000.0);
         }
         hub.deliver(topic, origin, skip_user, &frame);
     }

@@ -1,7 +1,9 @@
 //! Every gateway metric, defined once and registered in the node's own registry (so several
 //! nodes can run in one test process). Labels are low-cardinality only.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// The readiness gauge (1 while `/readyz` answers 200), registered by the admin server, which
 /// evaluates readiness on every probe and scrape.
@@ -35,6 +37,7 @@ pub struct Metrics {
     pub presence_transitions: IntCounterVec,
     pub presence_heartbeat_duration: Histogram,
     pub send_latency: Histogram,
+    pub redis_command_duration: HistogramVec,
     pub delivery_latency: Histogram,
 }
 
@@ -155,13 +158,25 @@ impl Metrics {
                 "chat_gateway_presence_heartbeat_seconds",
                 "Time to refresh every local user's presence and sweep expired users, per heartbeat",
             )?,
+            redis_command_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "chat_gateway_redis_command_seconds",
+                        "Round trip of a Redis command or script on the shared command connection, by op",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["op"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
             send_latency: histogram(
                 "chat_gateway_send_latency_seconds",
                 "Send frame received to ack written",
             )?,
             delivery_latency: histogram(
                 "chat_gateway_delivery_latency_seconds",
-                "Message ts to frame queued for local recipients, measured on the delivering node",
+                "Message ts (the accepting node's clock) to the frame written to a recipient's socket, measured on the delivering node",
             )?,
             registry,
         }

@@ -335,6 +335,9 @@ struct UserPresence {
     id: Uuid,
     #[serde(skip_serializing_if = "Option::is_none")]
     name: Option<String>,
+    /// In the users list only (null when the user has no picture).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    avatar_url: Option<Option<String>>,
     online: bool,
     /// When the user last went offline, Unix ms; null if never seen.
     last_seen: Option<i64>,
@@ -416,7 +419,7 @@ pub async fn list_users(
     let client = node.db.get().await.map_err(ApiError::pool)?;
     let rows = client
         .query(
-            "SELECT id, name, lower(name), (extract(epoch FROM last_seen) * 1000)::int8
+            "SELECT id, name, lower(name), (extract(epoch FROM last_seen) * 1000)::int8, avatar_url
              FROM users
              WHERE ($1::text IS NULL OR name ILIKE $1)
                AND ($2::uuid[] IS NULL OR id = ANY($2))
@@ -443,6 +446,7 @@ pub async fn list_users(
         .map(|(r, online)| UserPresence {
             id: r.get(0),
             name: Some(r.get(1)),
+            avatar_url: Some(r.get(4)),
             online,
             last_seen: r.get(3),
         })
@@ -497,6 +501,7 @@ pub async fn batch(
         .map(|(id, online)| UserPresence {
             id: *id,
             name: None,
+            avatar_url: None,
             online,
             last_seen: seen.get(id).copied().flatten(),
         })

@@ -15,7 +15,7 @@ use chat_core::keys::Topic;
 use chat_core::protocol::{
     ClientFrame, CloseCode, ErrorCode, PresenceStatus, ServerFrame, SyncPoint,
 };
-use chat_core::stream::{frame_conversation_seq, Appended, NewMessage};
+use chat_core::stream::{frame_conversation_seq, frame_ts, Appended, NewMessage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -300,13 +300,14 @@ impl Delivered {
 }
 
 impl Delivered {
-    /// Whether a live frame should be written; records the first live seq of its conversation.
-    fn admit(&mut self, frame: &str) -> bool {
+    /// Whether and how a live frame should be written; records the first live seq of its
+    /// conversation.
+    fn admit(&mut self, frame: &str) -> Outbound {
         if frame.starts_with(RESYNC_PREFIX) {
             // Live delivery had a gap: a sync must no longer stop below the first live seq.
             self.first_live.clear();
             self.synced_through.clear();
-            return true;
+            return Outbound::Event;
         }
         let Some((conversation, seq)) = frame_conversation_seq(frame) else {
             if frame.starts_with(PRESENCE_PREFIX) {
@@ -314,20 +315,43 @@ impl Delivered {
                     user_id, status, ..
                 }) = serde_json::from_str(frame)
                 {
-                    return self.presence_changed(user_id, status);
+                    if !self.presence_changed(user_id, status) {
+                        return Outbound::Skip;
+                    }
                 }
             }
-            return true;
+            return Outbound::Event;
         };
         if let Some(through) = self.synced_through.get(&conversation) {
             if seq <= *through {
-                return false;
+                return Outbound::Skip;
             }
             self.synced_through.remove(&conversation);
         }
         self.first_live.entry(conversation).or_insert(seq);
-        true
+        Outbound::Message
     }
+}
+
+/// What to do with a queued live frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outbound {
+    /// Already sent on this connection (by a sync, or the same presence status).
+    Skip,
+    /// A `message` frame.
+    Message,
+    /// Any other relayed frame (read, typing, presence, membership, resync).
+    Event,
+}
+
+/// The `type` of a relayed frame, as a metric label from a fixed set.
+fn event_label(frame: &str) -> &'static str {
+    const TYPES: [&str; 5] = ["read", "typing", "presence", "membership", "resync"];
+    let kind = frame
+        .strip_prefix("{\"type\":\"")
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default();
+    TYPES.into_iter().find(|t| *t == kind).unwrap_or("other")
 }
 
 /// How the loop ended: close with a code, or the peer is already gone.
@@ -395,15 +419,20 @@ impl Connection {
                             .filter(|before| self.token_iat < *before)
                             .map(|_| End::Close(CloseCode::TokenRevoked))
                     }
-                    Some(frame) if !delivered.admit(&frame) => None,
-                    Some(frame) => match tokio::time::timeout(WRITE_TIMEOUT, session.text(frame)).await {
-                        Ok(Ok(())) => {
-                            self.node.metrics.messages_delivered.inc();
-                            self.node.metrics.frames_out_message.inc();
-                            None
+                    Some(frame) => match delivered.admit(&frame) {
+                        Outbound::Skip => None,
+                        kind => {
+                            let ts = (kind == Outbound::Message).then(|| frame_ts(&frame)).flatten();
+                            let label = (kind == Outbound::Event).then(|| event_label(&frame));
+                            match tokio::time::timeout(WRITE_TIMEOUT, session.text(frame)).await {
+                                Ok(Ok(())) => {
+                                    self.count_written(ts, label);
+                                    None
+                                }
+                                Ok(Err(Closed)) => Some(End::Gone),
+                                Err(_) => Some(End::Close(CloseCode::SlowConsumer)),
+                            }
                         }
-                        Ok(Err(Closed)) => Some(End::Gone),
-                        Err(_) => Some(End::Close(CloseCode::SlowConsumer)),
                     },
                     None => Some(End::Close(CloseCode::InternalError)),
                 },
@@ -688,6 +717,23 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Counts a live frame written to the socket: a message (with its delivery latency from
+    /// `ts`, the sender node's clock) or a relayed event.
+    fn count_written(&self, ts: Option<i64>, event: Option<&str>) {
+        let metrics = &self.node.metrics;
+        match event {
+            Some(label) => metrics.frames_out.with_label_values(&[label]).inc(),
+            None => {
+                metrics.messages_delivered.inc();
+                metrics.frames_out_message.inc();
+                if let Some(ts) = ts {
+                    let age_ms = (chat_core::now_ms() - ts).max(0);
+                    metrics.delivery_latency.observe(age_ms as f64 / 1000.0);
+                }
+            }
+        }
     }
 
     fn count_in(&self, frame_type: &str) {

@@ -558,6 +558,19 @@ async fn typing_and_conversation_sends() {
             .is_none(),
         "the typist does not hear themselves"
     );
+    // Node b wrote Bob one message frame and one typing frame: only the first is a delivery.
+    assert_eq!(
+        metric(&b, "chat_gateway_messages_delivered_total").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&b, "chat_gateway_frames_out_total{type=\"typing\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&b, "chat_gateway_delivery_latency_seconds_count").await,
+        Some(1.0)
+    );
 
     // A stranger may not type, send or sync there.
     send_json(&mut carol_ws, typing).await;

@@ -310,17 +310,13 @@ async fn users_list_and_batch_status() {
 }
 
 /// How many users this node has announced online.
-async fn onlines(node: &NodeHandle) -> u64 {
-    let text = reqwest::get(format!("http://{}/metrics", node.internal))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("chat_gateway_presence_transitions_total{status=\"online\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("online transitions")
+async fn onlines(node: &NodeHandle) -> f64 {
+    metric(
+        node,
+        "chat_gateway_presence_transitions_total{status=\"online\"}",
+    )
+    .await
+    .expect("online transitions")
 }
 
 /// Presence state lost in Redis (a restart without persistence, a sweep during a long pause)
@@ -363,7 +359,7 @@ async fn lost_presence_entries_are_restored_by_the_next_heartbeat() {
         .expect("forget");
     assert!(!status().await, "forgotten");
     let announced = chat_core::testing::eventually(Duration::from_millis(1500), || async {
-        onlines(&a).await == online_before + 1
+        onlines(&a).await == online_before + 1.0
     })
     .await;
     assert!(

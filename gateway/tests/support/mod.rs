@@ -296,3 +296,16 @@ pub async fn recv_until(ws: &mut Ws, pred: impl Fn(&Value) -> bool) -> Vec<Value
     }
     frames
 }
+
+/// The value of one series (`name` or `name{labels}` exactly as exported) on a node's /metrics.
+pub async fn metric(node: &NodeHandle, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{}/metrics", node.internal))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
