@@ -726,10 +726,17 @@ function upsertConv(data) {
   if (data.owner_id) c.ownerId = data.owner_id;
   if (data.members) {
     c.members = data.members;
-    for (const m of data.members) rememberUser(m);
+    for (const m of data.members) {
+      rememberUser(m);
+      // Read positions from the server, so "Seen" survives a reload.
+      if (m.id !== S.me.id && m.last_read_seq) c.reads.set(m.id, Math.max(c.reads.get(m.id) || 0, m.last_read_seq));
+    }
   }
   if (data.peer) {
     c.peer = data.peer;
+    if (data.peer.last_read_seq) {
+      c.reads.set(data.peer.id, Math.max(c.reads.get(data.peer.id) || 0, data.peer.last_read_seq));
+    }
     rememberUser(data.peer);
     S.peerConv.set(data.peer.id, c.id);
     watchIfUnknown(data.peer.id);
