@@ -130,11 +130,19 @@ fn validate_registration(req: &RegisterRequest) -> Result<(), ApiError> {
     }
 }
 
-/// Runs CPU-heavy password work off the async workers.
-async fn blocking<T: Send + 'static>(
+/// Runs CPU- and memory-heavy password work (argon2id: 19 MiB each) on the node's password
+/// threads (`gateway_password_hash_concurrency`); 503 when a thousand are already waiting.
+pub async fn password_work<T: Send + 'static>(
+    node: &Node,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    web::block(f).await.map_err(|_| ApiError::internal())
+    node.passwords.run(f).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "too many password checks in progress; retry shortly",
+        )
+    })
 }
 
 /// `POST /api/v1/auth/register`
@@ -145,7 +153,7 @@ pub async fn register(
     let req = body.into_inner();
     validate_registration(&req)?;
     let password = req.password;
-    let hash = blocking(move || auth::hash_password(&password))
+    let hash = password_work(&node, move || auth::hash_password(&password))
         .await?
         .map_err(|_| ApiError::internal())?;
     let user = User {
@@ -215,7 +223,7 @@ pub async fn login(
         None => (None, node.auth.dummy_hash().to_string()),
     };
     let password = req.password;
-    let matches = blocking(move || auth::verify_password(&password, &hash)).await?;
+    let matches = password_work(&node, move || auth::verify_password(&password, &hash)).await?;
     match user {
         Some(user) if matches => {
             let token = node.auth.issue(user.id).map_err(|_| ApiError::internal())?;

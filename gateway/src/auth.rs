@@ -95,6 +95,62 @@ impl Auth {
     }
 }
 
+/// A job for the password threads.
+type PasswordJob = Box<dyn FnOnce() + Send>;
+
+/// Password work waiting for a thread, at most.
+const PASSWORD_QUEUE: usize = 1024;
+
+/// The password work is refused: the queue is full, or the pool is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("password work refused: busy")]
+pub struct PasswordBusy;
+
+/// A few dedicated threads for argon2id. Each hash takes 19 MiB; run on a large, changing set
+/// of blocking threads, glibc keeps that memory in every thread's arena (a node reached 3.7 GiB
+/// registering 200 users at once, measured in docs/operations.md). Here it stays with these
+/// threads. They end when the pool is dropped.
+pub struct PasswordPool {
+    jobs: std::sync::mpsc::SyncSender<PasswordJob>,
+}
+
+impl PasswordPool {
+    pub fn new(threads: usize) -> std::io::Result<Self> {
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<PasswordJob>(PASSWORD_QUEUE);
+        let queue = std::sync::Arc::new(std::sync::Mutex::new(queue));
+        for i in 0..threads.max(1) {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("password-{i}"))
+                .spawn(move || loop {
+                    let job = match queue.lock() {
+                        Ok(q) => q.recv(),
+                        Err(poisoned) => poisoned.into_inner().recv(),
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                })?;
+        }
+        Ok(PasswordPool { jobs })
+    }
+
+    /// Runs `f` on a password thread.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PasswordBusy> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.jobs
+            .try_send(Box::new(move || {
+                let _ = done.send(f());
+            }))
+            .map_err(|_| PasswordBusy)?;
+        result.await.map_err(|_| PasswordBusy)
+    }
+}
+
 /// Current Unix time in seconds.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

@@ -79,6 +79,8 @@ pub struct GatewayConfig {
     /// Take the client IP from the first `X-Forwarded-For` entry (only behind a proxy that sets
     /// it; otherwise clients could forge it).
     pub gateway_trust_forwarded_for: bool,
+    /// Password hashes computed at once (argon2id, 19 MiB each); 0 means one per worker thread.
+    pub gateway_password_hash_concurrency: usize,
     /// How long a password reset token stays usable.
     pub password_reset_ttl_secs: u64,
     /// Where reset tokens are POSTed (see docs/operations.md); unset: logged in dev mode only.
@@ -133,6 +135,7 @@ impl Default for GatewayConfig {
             gateway_login_attempts_per_ip: 100,
             gateway_login_window_secs: 900,
             gateway_trust_forwarded_for: false,
+            gateway_password_hash_concurrency: 0,
             password_reset_ttl_secs: 1800,
             password_reset_webhook_url: None,
             gateway_tls_cert_path: None,

@@ -179,6 +179,11 @@ pub async fn run(
         conversations: conversations::Directory::new(DIRECTORY_CACHE_USERS),
         presence,
         handshakes: limits::HandshakeLimiter::new(cfg.gateway_handshakes_per_ip_per_sec),
+        passwords: auth::PasswordPool::new(if cfg.gateway_password_hash_concurrency == 0 {
+            workers
+        } else {
+            cfg.gateway_password_hash_concurrency
+        })?,
         password_resets: password_reset::Notifier::from_config(
             cfg.password_reset_webhook_url.as_deref(),
             cfg.dev_mode,

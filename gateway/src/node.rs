@@ -29,6 +29,8 @@ pub struct Node {
     pub conversations: crate::conversations::Directory,
     /// Who is online.
     pub presence: crate::presence::Presence,
+    /// The threads that hash and verify passwords (argon2id is memory-hard).
+    pub passwords: crate::auth::PasswordPool,
     /// Handshakes per client IP on this node.
     pub handshakes: crate::limits::HandshakeLimiter,
     /// Where password reset tokens go.

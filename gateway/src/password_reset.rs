@@ -177,7 +177,7 @@ pub async fn confirm(
         return Err(err);
     }
     let password = body.new_password;
-    let hash = web::block(move || crate::auth::hash_password(&password))
+    let hash = crate::accounts::password_work(&node, move || crate::auth::hash_password(&password))
         .await
         .map_err(|_| ApiError::internal())?
         .map_err(|_| ApiError::internal())?;
