@@ -76,6 +76,7 @@ impl Broker {
         redis_url: &str,
         appender: Appender,
         hub: Arc<Hub>,
+        db: deadpool_postgres::Pool,
         metrics: Metrics,
         subscribe_timeout: Duration,
         shutdown: CancellationToken,
@@ -89,6 +90,7 @@ impl Broker {
             client: client.clone(),
             keys: appender.keys().clone(),
             hub,
+            db,
             metrics: metrics.clone(),
             commands: rx,
             shutdown,
@@ -253,6 +255,8 @@ struct Manager {
     pubsub_up: Arc<AtomicBool>,
     keys: KeySchema,
     hub: Arc<Hub>,
+    /// Room memberships are reloaded from here after a reconnect.
+    db: deadpool_postgres::Pool,
     metrics: Metrics,
     commands: mpsc::Receiver<Command>,
     shutdown: CancellationToken,
@@ -300,6 +304,12 @@ impl Manager {
                 // Frames published while the connection was down were not received: every local
                 // connection may have a gap and must sync.
                 let told = self.hub.broadcast(&ByteString::from(RESYNC_FRAME.as_str()));
+                // Membership events may have been missed too: rebuild the room index.
+                tokio::spawn(reload_rooms(
+                    self.db.clone(),
+                    self.hub.clone(),
+                    self.own_commands.clone(),
+                ));
                 tracing::warn!(
                     topics = subscribed.len(),
                     connections = told,
@@ -435,6 +445,33 @@ impl Manager {
             .pubsub_subscriptions
             .set(subscribed.len() as i64);
         Ok(())
+    }
+}
+
+/// Reloads every local user's rooms and brings the room subscriptions in line.
+async fn reload_rooms(db: deadpool_postgres::Pool, hub: Arc<Hub>, commands: mpsc::Sender<Command>) {
+    match crate::rooms::reload_memberships(&db, &hub).await {
+        Ok((subscribe, release)) => {
+            tracing::info!(
+                joined = subscribe.len(),
+                left = release.len(),
+                "room memberships reloaded after pub/sub loss"
+            );
+            if !subscribe.is_empty() {
+                let _ = commands
+                    .send(Command::Ensure {
+                        topics: subscribe,
+                        done: None,
+                    })
+                    .await;
+            }
+            if !release.is_empty() {
+                let _ = commands.send(Command::Release { topics: release }).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "room memberships not reloaded; they update at the next event or reconnect")
+        }
     }
 }
 

@@ -139,6 +139,20 @@ impl Hub {
         new_rooms
     }
 
+    /// Replaces local `user`'s rooms with `rooms` (from Postgres, after events may have been
+    /// missed); returns the rooms that now need a subscription and those nobody here needs.
+    pub fn set_rooms(&self, user: Uuid, rooms: &HashSet<Uuid>) -> (Vec<Uuid>, Vec<Uuid>) {
+        let current: HashSet<Uuid> = self.lock().rooms_of.get(&user).cloned().unwrap_or_default();
+        let added: Vec<Uuid> = rooms.difference(&current).copied().collect();
+        let subscribe = self.join(user, &added);
+        let release = current
+            .difference(rooms)
+            .filter(|room| self.leave(user, **room))
+            .copied()
+            .collect();
+        (subscribe, release)
+    }
+
     /// Records that `user` left `room`; returns true when no local member is left in it.
     pub fn leave(&self, user: Uuid, room: Uuid) -> bool {
         let mut state = self.lock();

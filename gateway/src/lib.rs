@@ -124,6 +124,7 @@ pub async fn run(
         &cfg.redis_url,
         appender,
         hub.clone(),
+        db.clone(),
         metrics.clone(),
         Duration::from_millis(cfg.gateway_subscribe_timeout_ms),
         shutdown.clone(),

@@ -2,8 +2,11 @@
 //! written here; every change is then published to the affected user's channel and to the
 //! room's channel, so every node's room index follows at once.
 
+use std::collections::{HashMap, HashSet};
+
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
+use chat_core::keys::Topic;
 use chat_core::protocol::{ErrorCode, MembershipChange, ServerFrame};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -18,6 +21,41 @@ const MAX_NAME_CHARS: usize = 100;
 pub const MAX_IDS_PER_REQUEST: usize = 1000;
 /// Most members listed by `GET /rooms/{id}`.
 const MAX_LISTED_MEMBERS: i64 = 1000;
+
+/// Reloads the rooms of every local user from Postgres into the hub (after the node may have
+/// missed membership events); returns the room topics to subscribe and to release.
+pub async fn reload_memberships(
+    db: &deadpool_postgres::Pool,
+    hub: &crate::hub::Hub,
+) -> Result<(Vec<Topic>, Vec<Topic>), String> {
+    let client = db
+        .get()
+        .await
+        .map_err(|e| chat_core::db::describe_pool(&e))?;
+    let (mut subscribe, mut release) = (Vec::new(), Vec::new());
+    for users in hub.local_users().chunks(1000) {
+        let rows = client
+            .query(
+                "SELECT m.user_id, m.conversation_id FROM conversation_members m
+                 JOIN conversations c ON c.id = m.conversation_id AND c.kind = 'room'
+                 WHERE m.user_id = ANY($1)",
+                &[&users],
+            )
+            .await
+            .map_err(|e| chat_core::db::describe(&e))?;
+        let mut rooms: HashMap<Uuid, HashSet<Uuid>> =
+            users.iter().map(|u| (*u, HashSet::new())).collect();
+        for row in rows {
+            rooms.entry(row.get(0)).or_default().insert(row.get(1));
+        }
+        for (user, rooms) in rooms {
+            let (joined, left) = hub.set_rooms(user, &rooms);
+            subscribe.extend(joined.into_iter().map(Topic::Room));
+            release.extend(left.into_iter().map(Topic::Room));
+        }
+    }
+    Ok((subscribe, release))
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -181,3 +181,83 @@ async fn killed_pubsub_connection_resyncs_clients_without_gaps() {
         "every seq, none missing"
     );
 }
+
+/// Membership changes a node never heard of (here written straight to Postgres, as if their
+/// events were published while its pub/sub connection was down) take effect once it reconnects.
+#[actix_rt::test]
+async fn room_memberships_are_reloaded_after_pubsub_loss() {
+    let redis = OwnRedis::start().await;
+    let cluster = Cluster::new().await;
+    let config = |node_id: &str| gateway::config::GatewayConfig {
+        redis_url: redis.url.clone(),
+        ..cluster.config(node_id)
+    };
+    let a = cluster.start_with(config("node-a")).await;
+    let b = cluster.start_with(config("node-b")).await;
+    let alice = register(&a, "alice").await;
+    let bob = register(&b, "bob").await;
+    let carol = register(&b, "carol").await;
+    let room = create_room(&a, &alice, &[bob.id]).await;
+    let (mut alice_ws, _) = connect(&a, &alice).await;
+    let (mut bob_ws, _) = connect(&b, &bob).await;
+    let (mut carol_ws, _) = connect(&b, &carol).await;
+
+    let db = chat_core::testing::connect(&cluster.db_url).await;
+    db.execute(
+        "DELETE FROM conversation_members WHERE conversation_id = $1 AND user_id = $2",
+        &[&room, &bob.id],
+    )
+    .await
+    .expect("remove bob behind the node's back");
+    db.execute(
+        "INSERT INTO conversation_members (conversation_id, user_id) VALUES ($1, $2)",
+        &[&room, &carol.id],
+    )
+    .await
+    .expect("add carol behind the node's back");
+
+    let mut admin = redis::Client::open(redis.url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin");
+    let _: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "pubsub"])
+        .query_async(&mut admin)
+        .await
+        .expect("client kill");
+    for ws in [&mut bob_ws, &mut carol_ws] {
+        let frames = recv_until(ws, |f| f["type"] == "resync").await;
+        assert_eq!(frames.last().expect("resync")["type"], "resync");
+    }
+    // The reload runs beside the resync; then messages follow the new membership.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut reached_carol = false;
+    while !reached_carol && tokio::time::Instant::now() < deadline {
+        let id = uuid::Uuid::new_v4().to_string();
+        send_json(
+            &mut alice_ws,
+            json!({"type": "send", "id": id, "conversation_id": room, "body": "after"}),
+        )
+        .await;
+        recv_until(&mut alice_ws, |f| f["type"] == "ack").await;
+        reached_carol = recv_within(&mut carol_ws, Duration::from_millis(300))
+            .await
+            .is_some_and(|f| f["type"] == "message");
+    }
+    assert!(
+        reached_carol,
+        "a member added behind the node's back receives after the reload"
+    );
+    let send = json!({"type": "send", "id": "last", "conversation_id": room, "body": "last"});
+    send_json(&mut alice_ws, send).await;
+    recv_until(&mut alice_ws, |f| f["type"] == "ack").await;
+    let frames = recv_until(&mut carol_ws, |f| f["type"] == "message").await;
+    assert_eq!(frames.last().expect("message")["body"], "last");
+    while let Some(frame) = recv_within(&mut bob_ws, Duration::from_millis(300)).await {
+        assert_ne!(
+            frame["type"], "message",
+            "a removed member still receives: {frame}"
+        );
+    }
+}
