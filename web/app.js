@@ -572,6 +572,9 @@ function startSession(token, user) {
   client.addEventListener('typing', (e) => onTyping(e.detail));
   client.addEventListener('presence', (e) => onPresence(e.detail));
   client.addEventListener('membership', (e) => onMembership(e.detail));
+  // After a resync, membership changes made meanwhile come only from the list (the client
+  // re-syncs the conversations it holds by itself).
+  client.addEventListener('resync', () => loadConversations().catch(() => {}));
   client.addEventListener('server-error', (e) => onServerError(e.detail));
   client.addEventListener('unauthorized', (e) =>
     signOut(SIGNED_OUT_TEXT[e.detail.reason] || 'Your session has ended. Please log in again.'),
