@@ -1356,8 +1356,11 @@ async function onLeaveRoom() {
   if (!c || c.kind !== 'room') return;
   if (!confirm(`Leave ${convTitle(c)}? You will stop getting its messages.`)) return;
   try {
+    const title = convTitle(c);
     await S.api.removeMember(c.id, S.me.id);
-    removeConv(c.id, `You left ${convTitle(c)}.`);
+    // The membership event may have removed the conversation before this answer came back.
+    removeConv(c.id, null);
+    notify(`You left ${title}.`);
   } catch (err) {
     notify(describeError(err, 'leave the room'));
   }
