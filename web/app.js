@@ -253,6 +253,7 @@ const S = {
   peopleOrder: [], // ids shown in the People list
   usersCursor: null,
   convs: new Map(), // id -> conversation (see newConv)
+  gone: new Set(), // conversations left or removed from: late list answers and frames must not bring them back
   convCursor: null,
   peerConv: new Map(), // peer user id -> direct conversation id
   msgs: new Map(), // conversation id -> Map(seq -> message)
@@ -722,6 +723,7 @@ function onHello() {
 // Conversations list
 
 function upsertConv(data) {
+  if (S.gone.has(data.id)) return null;
   const c = S.convs.get(data.id) || newConv(data.id);
   S.convs.set(data.id, c);
   c.kind = data.kind || c.kind;
@@ -940,6 +942,10 @@ function onPresence(f) {
 // Messages
 
 function onNewConversation({ conversationId, message }) {
+  if (S.gone.has(conversationId)) {
+    S.client.untrack(conversationId);
+    return;
+  }
   const c = S.convs.get(conversationId) || newConv(conversationId);
   S.convs.set(conversationId, c);
   if (message.to) {
@@ -1368,6 +1374,7 @@ async function onLeaveRoom() {
 
 function removeConv(cid, message) {
   const c = S.convs.get(cid);
+  S.gone.add(cid);
   S.client.untrack(cid);
   S.convs.delete(cid);
   S.msgs.delete(cid);
@@ -1391,6 +1398,7 @@ function onMembership(f) {
     if (c) removeConv(f.conversation_id, f.by === S.me.id ? null : `You were removed from ${convTitle(c)}.`);
     return;
   }
+  if (f.user_id === S.me.id && f.change === 'added') S.gone.delete(f.conversation_id);
   if (f.user_id === S.me.id && f.change === 'added' && !c) {
     const fresh = newConv(f.conversation_id);
     fresh.kind = 'room';
