@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::Method;
@@ -153,22 +152,6 @@ async fn watch_and_unwatch() {
     assert!(frames.is_empty(), "unwatched: {frames:?}");
 }
 
-/// A gateway process in its own process, killed with SIGKILL when dropped.
-struct NodeProcess(std::process::Child);
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spare_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("spare port")
-}
-
 /// A node process killed with SIGKILL: its user turns offline within TTL + one heartbeat, and
 /// each watcher connection on the live nodes hears it exactly once, also one that both shares
 /// a room with the user and watches them.
@@ -182,29 +165,16 @@ async fn sigkilled_node_users_go_offline_once_per_watcher() {
     let carol = register(&b, "carol").await;
     create_room(&a, &alice, &[bob.id]).await;
 
-    let (public, internal) = (spare_addr(), spare_addr());
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .env("CHAT_REDIS_URL", chat_core::testing::redis_url())
-        .env("CHAT_DATABASE_URL", &cluster.db_url)
-        .env("CHAT_REDIS_PREFIX", &cluster.prefix)
-        .env("CHAT_REDIS_PARTITIONS", "4")
-        .env("CHAT_JWT_SECRET", SECRET)
-        .env("CHAT_GATEWAY_LISTEN", public.to_string())
-        .env("CHAT_GATEWAY_INTERNAL_LISTEN", internal.to_string())
-        .env("CHAT_GATEWAY_NODE_ID", "node-doomed")
-        .env("CHAT_GATEWAY_WORKERS", "1")
-        .env("CHAT_PRESENCE_TTL_SECS", "3")
-        .env("CHAT_PRESENCE_HEARTBEAT_SECS", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn gateway");
-    let mut doomed = NodeProcess(child);
-    let ready = chat_core::testing::eventually(Duration::from_secs(20), || async move {
-        matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
-    })
-    .await;
-    assert!(ready, "the gateway process became ready");
+    let mut doomed = cluster
+        .spawn_process(
+            "node-doomed",
+            &[
+                ("CHAT_PRESENCE_TTL_SECS", "3"),
+                ("CHAT_PRESENCE_HEARTBEAT_SECS", "1"),
+            ],
+        )
+        .await;
+    let public = doomed.http;
 
     let (mut bob_ws, _) = connect(&a, &bob).await;
     let (mut carol_ws, _) = connect(&b, &carol).await;
@@ -226,8 +196,8 @@ async fn sigkilled_node_users_go_offline_once_per_watcher() {
         );
     }
 
-    let _ = doomed.0.kill();
-    let _ = doomed.0.wait();
+    let _ = doomed.child.kill();
+    let _ = doomed.child.wait();
     let killed = tokio::time::Instant::now();
     // TTL 3 s + heartbeat 1 s, with a little slack for the sweep and the publish.
     let bound = Duration::from_millis(4500);

@@ -309,3 +309,71 @@ pub async fn metric(node: &NodeHandle, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// A gateway running as its own process (to be killed or signalled); SIGKILLed when dropped.
+pub struct NodeProcess {
+    pub child: std::process::Child,
+    pub http: SocketAddr,
+    pub internal: SocketAddr,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NodeProcess {
+    /// Sends SIGTERM, as Kubernetes does to a pod being replaced.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "SIGTERM sent");
+    }
+}
+
+fn spare_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("spare port")
+}
+
+impl Cluster {
+    /// Starts the real `gateway` binary for this deployment with extra `CHAT_*` settings, and
+    /// waits until it is ready.
+    pub async fn spawn_process(&self, node_id: &str, settings: &[(&str, &str)]) -> NodeProcess {
+        let (http, internal) = (spare_addr(), spare_addr());
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"));
+        command
+            .env("CHAT_REDIS_URL", chat_core::testing::redis_url())
+            .env("CHAT_DATABASE_URL", &self.db_url)
+            .env("CHAT_REDIS_PREFIX", &self.prefix)
+            .env("CHAT_REDIS_PARTITIONS", "4")
+            .env("CHAT_JWT_SECRET", SECRET)
+            .env("CHAT_GATEWAY_LISTEN", http.to_string())
+            .env("CHAT_GATEWAY_INTERNAL_LISTEN", internal.to_string())
+            .env("CHAT_GATEWAY_NODE_ID", node_id)
+            .env("CHAT_GATEWAY_WORKERS", "1")
+            .env("CHAT_GATEWAY_SEND_RATE_PER_SEC", "100000")
+            .env("CHAT_GATEWAY_HANDSHAKES_PER_IP_PER_SEC", "100000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (key, value) in settings {
+            command.env(key, value);
+        }
+        let node = NodeProcess {
+            child: command.spawn().expect("spawn gateway"),
+            http,
+            internal,
+        };
+        let ready = chat_core::testing::eventually(Duration::from_secs(20), || async move {
+            matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
+        })
+        .await;
+        assert!(ready, "the gateway process became ready");
+        node
+    }
+}
