@@ -1,6 +1,7 @@
-//! A node's pub/sub connection killed by Redis (`CLIENT KILL TYPE pubsub`) under traffic: the
-//! node re-subscribes, tells its connections to resync, and a client that syncs then holds every
-//! message exactly once. Runs against a Redis of its own, so the kill touches nothing else.
+//! Redis trouble, each test against a `redis-server` of its own so nothing else is touched: a
+//! node's pub/sub connection killed under traffic (the node re-subscribes, tells its connections
+//! to resync, reloads room memberships), and Redis down altogether (sends answered
+//! `unavailable`, never acked; readiness off; recovery without a restart).
 
 mod support;
 
@@ -21,6 +22,10 @@ impl OwnRedis {
             .and_then(|l| l.local_addr())
             .expect("spare port")
             .port();
+        Self::start_on(port).await
+    }
+
+    async fn start_on(port: u16) -> Self {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -260,4 +265,79 @@ async fn room_memberships_are_reloaded_after_pubsub_loss() {
             "a removed member still receives: {frame}"
         );
     }
+}
+
+/// Redis killed and started again: connections stay open, sends get `unavailable` (never an
+/// ack) and readiness fails while it is down; afterwards the node serves again by itself.
+#[actix_rt::test]
+async fn redis_outage_answers_unavailable_and_recovers() {
+    let redis = OwnRedis::start().await;
+    let port: u16 = redis
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let cluster = Cluster::new().await;
+    let config = |node_id: &str| gateway::config::GatewayConfig {
+        redis_url: redis.url.clone(),
+        ..cluster.config(node_id)
+    };
+    let a = cluster.start_with(config("node-a")).await;
+    let b = cluster.start_with(config("node-b")).await;
+    let alice = register(&a, "alice").await;
+    let bob = register(&b, "bob").await;
+    let (mut alice_ws, _) = connect(&a, &alice).await;
+    let (mut bob_ws, _) = connect(&b, &bob).await;
+    send_json(&mut alice_ws, send_frame("before", bob.id, "before")).await;
+    assert_eq!(
+        recv_until(&mut alice_ws, |f| f["id"] == "before")
+            .await
+            .last()
+            .expect("ack")["type"],
+        "ack"
+    );
+
+    drop(redis); // SIGKILL: the process and its data are gone.
+    send_json(&mut alice_ws, send_frame("during", bob.id, "during")).await;
+    let reply = recv_until(&mut alice_ws, |f| f["id"] == "during").await;
+    let reply = reply.last().expect("reply");
+    assert_eq!(
+        (reply["type"].clone(), reply["code"].clone()),
+        (json!("error"), json!("unavailable")),
+        "{reply}"
+    );
+    let internal = a.internal;
+    let not_ready = chat_core::testing::eventually(Duration::from_secs(5), || async move {
+        matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 503)
+    })
+    .await;
+    assert!(not_ready, "readiness fails while Redis is down");
+
+    let _again = OwnRedis::start_on(port).await;
+    let ready = chat_core::testing::eventually(Duration::from_secs(15), || async move {
+        matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
+    })
+    .await;
+    assert!(ready, "the node recovers without a restart");
+    // The same connections work again: the send is acked and delivered across nodes.
+    let mut delivered = false;
+    for attempt in 0..20 {
+        let id = format!("after-{attempt}");
+        send_json(&mut alice_ws, send_frame(&id, bob.id, "after")).await;
+        let reply = recv_until(&mut alice_ws, |f| f["id"] == id.as_str()).await;
+        if reply.last().is_some_and(|f| f["type"] == "ack") {
+            let frames = recv_until(&mut bob_ws, |f| {
+                f["type"] == "message" && f["body"] == "after"
+            })
+            .await;
+            delivered = frames.last().is_some_and(|f| f["body"] == "after");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        delivered,
+        "sends are acked and delivered again on the same connections"
+    );
 }
