@@ -14,6 +14,6 @@ for _ in $(seq 1 100); do curl -fs http://127.0.0.1:$((PORT+1))/readyz >/dev/nul
 start=$(date +%s.%N)
 seq 1 200 | xargs -P 100 -I{} curl -s -o /dev/null -w '%{http_code}\n' -XPOST http://127.0.0.1:$PORT/api/v1/auth/register -H 'content-type: application/json' -d '{"name":"u{}","email":"u{}-'$$'@example.com","password":"password123"}' | sort | uniq -c | tr '\n' ' '
 end=$(date +%s.%N)
-echo "concurrency=$1 peak RSS: $(grep VmHWM /proc/$GW/status | awk '{print $2/1024 " MiB"}') time: $(echo "$end - $start" | bc) s"
+echo "concurrency=$1 peak RSS: $(grep VmHWM /proc/$GW/status | awk '{print $2/1024 " MiB"}') time: $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}') s"
 kill $GW; wait $GW 2>/dev/null || true
 PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE $DB"
