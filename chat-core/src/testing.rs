@@ -1,6 +1,10 @@
 //! Test support: every integration test gets its own Postgres database and Redis prefix, so tests
 //! run in parallel against the same real servers. Enabled by the `testing` feature only.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
@@ -79,4 +83,67 @@ where
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// A TCP proxy in front of a server (Postgres) that a test can cut and restore: cutting drops
+/// every open link and refuses new ones.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let open = Arc::new(AtomicBool::new(true));
+        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (open2, links2) = (open.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !open2.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                links2.lock().expect("lock").push(link);
+            }
+        });
+        Proxy { addr, open, links }
+    }
+
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for link in self.links.lock().expect("lock").drain(..) {
+            link.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A proxy in front of the Postgres of `db_url`, and the database URL that goes through it.
+pub async fn postgres_proxy(db_url: &str) -> (Proxy, String) {
+    let pg: tokio_postgres::Config = db_url.parse().expect("url");
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let password = pg
+        .get_password()
+        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
+    let url = format!(
+        "postgres://{}{password}@{}/{}",
+        pg.get_user().unwrap_or("postgres"),
+        proxy.addr,
+        pg.get_dbname().expect("db name")
+    );
+    (proxy, url)
 }

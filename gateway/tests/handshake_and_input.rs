@@ -490,3 +490,63 @@ async fn login_handshake_and_per_user_limits() {
         .unwrap_or_default()
         .contains("connection attempts"));
 }
+
+/// Postgres unreachable: token checks and history answer 503 JSON, sending to a known recipient
+/// keeps working through Redis on an open connection, and everything comes back with Postgres.
+#[actix_rt::test]
+async fn postgres_outage_answers_503_and_sending_continues() {
+    let cluster = Cluster::new().await;
+    let (proxy, proxied) = chat_core::testing::postgres_proxy(&cluster.db_url).await;
+    let node = cluster
+        .start_with(gateway::config::GatewayConfig {
+            database_url: proxied,
+            ..cluster.config("node-a")
+        })
+        .await;
+    let alice = register(&node, "alice").await;
+    let bob = register(&node, "bob").await;
+    let (mut alice_ws, _) = connect(&node, &alice).await;
+    let (mut bob_ws, _) = connect(&node, &bob).await;
+    send_json(&mut alice_ws, send_frame("1", bob.id, "before")).await;
+    assert_eq!(
+        recv_until(&mut alice_ws, |f| f["id"] == "1")
+            .await
+            .last()
+            .expect("ack")["type"],
+        "ack"
+    );
+    let conversation = chat_core::conversation::direct_conversation_id(alice.id, bob.id);
+
+    proxy.cut();
+    let me = format!("http://{}/api/v1/users/me", node.http);
+    let (status, body) = get(&me, Some(&alice.token)).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (503, json!("unavailable")),
+        "{body}"
+    );
+    let history = format!(
+        "http://{}/api/v1/conversations/{conversation}/messages",
+        node.http
+    );
+    assert_eq!(get(&history, Some(&alice.token)).await.0, 503);
+    send_json(&mut alice_ws, send_frame("2", bob.id, "during")).await;
+    let reply = recv_until(&mut alice_ws, |f| f["id"] == "2").await;
+    assert_eq!(reply.last().expect("ack")["type"], "ack", "{reply:?}");
+    let frames = recv_until(&mut bob_ws, |f| {
+        f["type"] == "message" && f["body"] == "during"
+    })
+    .await;
+    assert_eq!(frames.last().expect("delivered")["seq"], 2);
+
+    proxy.restore();
+    let back = chat_core::testing::eventually(Duration::from_secs(10), || {
+        let (me, token) = (me.clone(), alice.token.clone());
+        async move { get(&me, Some(&token)).await.0 == 200 }
+    })
+    .await;
+    assert!(back, "requests work again once Postgres is back");
+    let (status, page) = get(&history, Some(&alice.token)).await;
+    assert_eq!(status, 200);
+    assert_eq!(page["last_seq"], 2);
+}

@@ -2,15 +2,12 @@
 //! gateway's append script wrote, across a SIGKILLed worker and a Postgres outage.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chat_core::conversation::direct_conversation_id;
 use chat_core::keys::{KeySchema, PERSISTENCE_GROUP};
 use chat_core::stream::{Appender, NewMessage};
-use chat_core::testing::{self, eventually};
+use chat_core::testing::{self, eventually, Proxy};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -42,20 +39,7 @@ impl Fixture {
 
     /// A proxy in front of this test's Postgres, and the database URL that goes through it.
     async fn postgres_proxy(&self) -> (Proxy, String) {
-        let pg: tokio_postgres::Config = self.db_url.parse().expect("url");
-        let port = pg.get_ports().first().copied().unwrap_or(5432);
-        let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
-        let password = pg
-            .get_password()
-            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
-            .unwrap_or_default();
-        let url = format!(
-            "postgres://{}{password}@{}/{}",
-            pg.get_user().unwrap_or("postgres"),
-            proxy.addr,
-            pg.get_dbname().expect("db name")
-        );
-        (proxy, url)
+        testing::postgres_proxy(&self.db_url).await
     }
 
     fn keys(&self) -> KeySchema {
@@ -284,50 +268,6 @@ impl WorkerProcess {
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// A TCP proxy in front of Postgres that the test can cut and restore.
-struct Proxy {
-    addr: SocketAddr,
-    open: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
-        let addr = listener.local_addr().expect("addr");
-        let open = Arc::new(AtomicBool::new(true));
-        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (open2, links2) = (open.clone(), links.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !open2.load(Ordering::SeqCst) {
-                    continue; // dropped: connection refused in effect
-                }
-                let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                links2.lock().expect("lock").push(link);
-            }
-        });
-        Proxy { addr, open, links }
-    }
-
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        for link in self.links.lock().expect("lock").drain(..) {
-            link.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
     }
 }
 
