@@ -51,15 +51,8 @@ impl Drop for OwnRedis {
     }
 }
 
-fn seq(frame: &Value) -> i64 {
-    frame["seq"].as_i64().expect("seq")
-}
-
-/// Under a steady stream of messages, Bob's node loses its pub/sub connection; Bob gets
-/// `resync`, syncs, and ends with every seq once.
-#[actix_rt::test]
-async fn killed_pubsub_connection_resyncs_clients_without_gaps() {
-    let redis = OwnRedis::start().await;
+/// Two nodes on `redis`, Alice registered on the first and Bob on the second.
+async fn two_nodes_on(redis: &OwnRedis) -> (Cluster, NodeHandle, NodeHandle, User, User) {
     let cluster = Cluster::new().await;
     let config = |node_id: &str| gateway::config::GatewayConfig {
         redis_url: redis.url.clone(),
@@ -69,6 +62,19 @@ async fn killed_pubsub_connection_resyncs_clients_without_gaps() {
     let b = cluster.start_with(config("node-b")).await;
     let alice = register(&a, "alice").await;
     let bob = register(&b, "bob").await;
+    (cluster, a, b, alice, bob)
+}
+
+fn seq(frame: &Value) -> i64 {
+    frame["seq"].as_i64().expect("seq")
+}
+
+/// Under a steady stream of messages, Bob's node loses its pub/sub connection; Bob gets
+/// `resync`, syncs, and ends with every seq once.
+#[actix_rt::test]
+async fn killed_pubsub_connection_resyncs_clients_without_gaps() {
+    let redis = OwnRedis::start().await;
+    let (_cluster, a, b, alice, bob) = two_nodes_on(&redis).await;
     let (mut bob_ws, _) = connect(&b, &bob).await;
     let (alice_ws, _) = connect(&a, &alice).await;
 
@@ -136,34 +142,7 @@ async fn killed_pubsub_connection_resyncs_clients_without_gaps() {
         "some messages were published while the node was not subscribed (else the test proves nothing)"
     );
     // Sync as docs/protocol.md says: from the highest seq held without a gap below it.
-    held.sort_unstable();
-    let contiguous = held
-        .iter()
-        .enumerate()
-        .take_while(|(i, s)| **s == *i as i64 + 1)
-        .count() as i64;
-    let mut after = contiguous;
-    let mut complete = false;
-    let mut synced: Vec<i64> = Vec::new();
-    while !complete {
-        send_json(
-            &mut bob_ws,
-            json!({"type": "sync", "conversation_id": conversation, "after_seq": after}),
-        )
-        .await;
-        loop {
-            let frame = recv(&mut bob_ws).await.expect("sync reply");
-            match frame["type"].as_str() {
-                Some("message") => synced.push(seq(&frame)),
-                Some("synced") => {
-                    after = frame["last_seq"].as_i64().expect("last_seq");
-                    complete = frame["complete"] == true;
-                    break;
-                }
-                _ => {}
-            }
-        }
-    }
+    let mut synced = sync_all(&mut bob_ws, &conversation, gap_free(&held)).await;
     while let Some(frame) = recv_within(&mut bob_ws, Duration::from_millis(500)).await {
         if frame["type"] == "message" {
             synced.push(seq(&frame));
@@ -192,15 +171,7 @@ async fn killed_pubsub_connection_resyncs_clients_without_gaps() {
 #[actix_rt::test]
 async fn room_memberships_are_reloaded_after_pubsub_loss() {
     let redis = OwnRedis::start().await;
-    let cluster = Cluster::new().await;
-    let config = |node_id: &str| gateway::config::GatewayConfig {
-        redis_url: redis.url.clone(),
-        ..cluster.config(node_id)
-    };
-    let a = cluster.start_with(config("node-a")).await;
-    let b = cluster.start_with(config("node-b")).await;
-    let alice = register(&a, "alice").await;
-    let bob = register(&b, "bob").await;
+    let (cluster, a, b, alice, bob) = two_nodes_on(&redis).await;
     let carol = register(&b, "carol").await;
     let room = create_room(&a, &alice, &[bob.id]).await;
     let (mut alice_ws, _) = connect(&a, &alice).await;
@@ -278,15 +249,7 @@ async fn redis_outage_answers_unavailable_and_recovers() {
         .next()
         .and_then(|p| p.parse().ok())
         .expect("port");
-    let cluster = Cluster::new().await;
-    let config = |node_id: &str| gateway::config::GatewayConfig {
-        redis_url: redis.url.clone(),
-        ..cluster.config(node_id)
-    };
-    let a = cluster.start_with(config("node-a")).await;
-    let b = cluster.start_with(config("node-b")).await;
-    let alice = register(&a, "alice").await;
-    let bob = register(&b, "bob").await;
+    let (_cluster, a, b, alice, bob) = two_nodes_on(&redis).await;
     let (mut alice_ws, _) = connect(&a, &alice).await;
     let (mut bob_ws, _) = connect(&b, &bob).await;
     send_json(&mut alice_ws, send_frame("before", bob.id, "before")).await;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -115,33 +115,8 @@ async fn rolling_restart_loses_no_acked_message() {
             held.push(frame["seq"].as_i64().expect("seq"));
         }
     }
-    held.sort_unstable();
-    held.dedup();
-    let contiguous = held
-        .iter()
-        .enumerate()
-        .take_while(|(i, s)| **s == *i as i64 + 1)
-        .count() as i64;
-    let mut after = contiguous;
-    loop {
-        send_json(
-            &mut bob_ws,
-            json!({"type": "sync", "conversation_id": conversation, "after_seq": after}),
-        )
-        .await;
-        let frames = recv_until(&mut bob_ws, |f| f["type"] == "synced").await;
-        held.extend(
-            frames
-                .iter()
-                .filter(|f| f["type"] == "message")
-                .map(|f| f["seq"].as_i64().expect("seq")),
-        );
-        let synced = frames.last().expect("synced");
-        after = synced["last_seq"].as_i64().expect("last_seq");
-        if synced["complete"] == true {
-            break;
-        }
-    }
+    let from = gap_free(&held);
+    held.extend(sync_all(&mut bob_ws, conversation, from).await);
     held.sort_unstable();
     held.dedup();
     assert_eq!(held, seqs, "the recipient holds every acked message");

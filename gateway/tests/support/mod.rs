@@ -377,3 +377,46 @@ impl Cluster {
         node
     }
 }
+
+/// The client's gap-free point: the highest seq with every seq from 1 up to it in `held`.
+pub fn gap_free(held: &[i64]) -> i64 {
+    let mut seqs = held.to_vec();
+    seqs.sort_unstable();
+    seqs.dedup();
+    seqs.iter()
+        .enumerate()
+        .take_while(|(i, s)| **s == *i as i64 + 1)
+        .count() as i64
+}
+
+/// Syncs one conversation from `after_seq` until `synced` says complete, as docs/protocol.md
+/// tells clients to; returns the seqs of the `message` frames it got, in arrival order.
+pub async fn sync_all(
+    ws: &mut Ws,
+    conversation: impl serde::Serialize,
+    after_seq: i64,
+) -> Vec<i64> {
+    let conversation = json!(conversation);
+    let mut after = after_seq;
+    let mut got = Vec::new();
+    loop {
+        send_json(
+            ws,
+            json!({"type": "sync", "conversation_id": conversation, "after_seq": after}),
+        )
+        .await;
+        let frames = recv_until(ws, |f| f["type"] == "synced").await;
+        got.extend(
+            frames
+                .iter()
+                .filter(|f| f["type"] == "message")
+                .filter_map(|f| f["seq"].as_i64()),
+        );
+        let synced = frames.last().expect("synced");
+        assert_eq!(synced["type"], "synced", "sync answered: {frames:?}");
+        after = synced["last_seq"].as_i64().expect("last_seq");
+        if synced["complete"] == true {
+            return got;
+        }
+    }
+}
