@@ -44,20 +44,6 @@ pub struct StoredMessage {
     pub ts: i64,
 }
 
-impl From<StoredMessage> for crate::protocol::MessageFrame {
-    fn from(m: StoredMessage) -> Self {
-        crate::protocol::MessageFrame {
-            msg_id: m.msg_id,
-            conversation_id: m.conversation_id,
-            seq: m.seq,
-            from: m.from,
-            to: m.to,
-            body: m.body,
-            ts: m.ts,
-        }
-    }
-}
-
 /// Why a stream entry could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {

@@ -97,8 +97,8 @@ pub fn password_problem(password: &str) -> Option<&'static str> {
     }
 }
 
-/// The field code for a bad (trimmed) display name.
-fn name_problem(name: &str) -> Option<&'static str> {
+/// The field code for a bad (trimmed) display name (users and rooms).
+pub fn name_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() {
         Some("name_required")
     } else if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {

@@ -155,12 +155,7 @@ impl Broker {
         for channel in channels {
             pipe.cmd("PUBLISH").arg(channel).arg(&payload).ignore();
         }
-        self.run(&pipe).await
-    }
-
-    /// Runs a pipeline on the shared command connection, within the append timeout.
-    pub async fn run(&self, pipe: &redis::Pipeline) -> Result<(), BrokerError> {
-        self.query(pipe).await
+        self.query(&pipe).await
     }
 
     /// Runs a pipeline on the shared command connection and returns its replies.

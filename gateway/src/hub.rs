@@ -85,9 +85,12 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds a connection.
-    pub fn register(&self, user: Uuid, conn: LocalConn) {
-        self.lock().users.entry(user).or_default().push(conn);
+    /// Adds a connection; returns true when it is the user's first one on this node.
+    pub fn register(&self, user: Uuid, conn: LocalConn) -> bool {
+        let mut state = self.lock();
+        let conns = state.users.entry(user).or_default();
+        conns.push(conn);
+        conns.len() == 1
     }
 
     /// Removes a connection. When it was the user's last one here, the user leaves every room
@@ -371,8 +374,8 @@ mod tests {
         let (a, _ra) = conn(1);
         let (b, _rb) = conn(1);
         let (a_id, b_id) = (a.conn_id, b.conn_id);
-        hub.register(user, a);
-        hub.register(user, b);
+        assert!(hub.register(user, a), "the first connection here");
+        assert!(!hub.register(user, b));
         assert!(hub.unregister(user, a_id).is_empty());
         assert!(hub.has_local(Topic::User(user)));
         assert_eq!(hub.unregister(user, b_id), vec![Topic::User(user)]);

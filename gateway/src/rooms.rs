@@ -16,7 +16,6 @@ use crate::api_error::ApiError;
 use crate::conversations::parse_id;
 use crate::node::Node;
 
-const MAX_NAME_CHARS: usize = 100;
 /// Most user ids one request may name.
 pub const MAX_IDS_PER_REQUEST: usize = 1000;
 /// Most members listed by `GET /rooms/{id}`.
@@ -178,7 +177,7 @@ async fn announce(
             .arg(&payload)
             .ignore();
     }
-    node.broker.run(&pipe).await.map_err(|e| {
+    node.broker.query::<()>(&pipe).await.map_err(|e| {
         tracing::warn!(error = %e, %room, "membership change not published");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -259,11 +258,8 @@ pub async fn create(
     let identity = authenticate(&node, &req, false).await?;
     let body = body.into_inner();
     let name = body.name.trim().to_string();
-    if name.is_empty() {
-        return Err(validation("name", "name_required"));
-    }
-    if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(validation("name", "name_invalid"));
+    if let Some(code) = crate::accounts::name_problem(&name) {
+        return Err(validation("name", code));
     }
     let mut members = check_ids(body.member_ids, "member_ids")?;
     members.retain(|m| *m != identity.user_id);

@@ -137,7 +137,7 @@ async fn accept(
     let user_id = identity.user_id;
     let (outbound_tx, outbound) = mpsc::channel(cfg.gateway_outbound_queue);
     let kick = CancellationToken::new();
-    node.hub.register(
+    let first_here = node.hub.register(
         user_id,
         LocalConn {
             conn_id,
@@ -165,6 +165,7 @@ async fn accept(
         conn_id,
         token_exp: identity.exp,
         token_iat: identity.iat,
+        first_here,
     };
     node.metrics.connections_open.inc();
     tracing::debug!(%conn_id, %user_id, "connection open");
@@ -250,6 +251,9 @@ struct Connection {
     conn_id: Uuid,
     token_exp: u64,
     token_iat: u64,
+    /// The user's first connection on this node: it records their presence here (the last one
+    /// to close removes it).
+    first_here: bool,
 }
 
 /// What one connection remembers about the frames it wrote, so a sync and live delivery
@@ -392,7 +396,7 @@ impl Connection {
         tokio::pin!(expiry);
         let shutdown = self.node.shutdown.clone();
         let mut delivered = Delivered::default();
-        if end.is_none() {
+        if end.is_none() && self.first_here {
             match self.node.presence.join(&self.node, self.user_id).await {
                 // Announced beside the session: a reconnect storm must not hold up the frames.
                 Ok(true) => {

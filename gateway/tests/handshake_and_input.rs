@@ -410,19 +410,17 @@ async fn send_rate_and_connection_limits() {
         (status, body["error"]["code"].clone()),
         (503, json!("unavailable"))
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", node.internal))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains("chat_gateway_rate_limited_total{limit=\"send\"} 10"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("chat_gateway_rate_limited_total{limit=\"connections\"} 1"));
-    assert!(metrics.contains("chat_gateway_connections_limit 2"));
-    assert!(metrics.contains("chat_gateway_ready 1"));
+    for (series, value) in [
+        ("chat_gateway_rate_limited_total{limit=\"send\"}", 10.0),
+        (
+            "chat_gateway_rate_limited_total{limit=\"connections\"}",
+            1.0,
+        ),
+        ("chat_gateway_connections_limit", 2.0),
+        ("chat_gateway_ready", 1.0),
+    ] {
+        assert_eq!(metric(&node, series).await, Some(value), "{series}");
+    }
 }
 
 /// Logins beyond the per-email limit get 429 `rate_limited` (also with the right password)
