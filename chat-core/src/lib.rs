@@ -11,7 +11,7 @@
 //! - [`redis_pool`]: the Redis connection pool.
 //! - [`admin`]: the internal HTTP server (`/healthz`, `/readyz`, `/metrics`).
 //! - [`backoff`]: exponential backoff with jitter for every retry loop.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging and tracing setup, and the trace context carried in messages.
 //! - [`shutdown`]: SIGTERM/SIGINT into a cancellation token.
 #![forbid(unsafe_code)]
 

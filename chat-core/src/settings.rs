@@ -81,6 +81,28 @@ pub fn check_urls(redis_url: &str, database_url: &str) -> Result<(), SettingsErr
     Ok(())
 }
 
+/// Checks the tracing settings shared by both binaries and returns the export endpoint, if any
+/// (`otel_endpoint` empty or unset turns export off).
+pub fn check_tracing(
+    endpoint: Option<&str>,
+    sampling_ratio: f64,
+) -> Result<Option<String>, SettingsError> {
+    if !(0.0..=1.0).contains(&sampling_ratio) {
+        return Err(SettingsError::invalid(
+            "otel_sampling_ratio",
+            "must be 0.0 to 1.0",
+        ));
+    }
+    match endpoint.map(str::trim).filter(|e| !e.is_empty()) {
+        None => Ok(None),
+        Some(e) if e.starts_with("http://") || e.starts_with("https://") => Ok(Some(e.to_string())),
+        Some(_) => Err(SettingsError::invalid(
+            "otel_endpoint",
+            "must be an OTLP/HTTP URL such as http://otel-collector:4318",
+        )),
+    }
+}
+
 /// Checks a key prefix: non-empty, short, and free of characters that break key parsing.
 pub fn check_prefix(key: &'static str, value: &str) -> Result<(), SettingsError> {
     let ok = !value.is_empty()

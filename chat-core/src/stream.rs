@@ -17,6 +17,8 @@ pub mod field {
     pub const TO: &str = "to";
     pub const BODY: &str = "body";
     pub const TS: &str = "ts";
+    /// The W3C `traceparent` of the gateway span that accepted the message, when traced.
+    pub const TRACE_PARENT: &str = "tp";
 }
 
 /// A message as the gateway accepts it, before Redis assigns its sequence number.
@@ -29,6 +31,9 @@ pub struct NewMessage {
     pub to: Option<Uuid>,
     pub body: String,
     pub ts: i64,
+    /// The accepting span's `traceparent`, carried in the entry and the published payload so
+    /// the worker and the delivering nodes continue the trace. `None` when not traced.
+    pub trace_parent: Option<String>,
 }
 
 /// A message as stored in the stream and in Postgres.
@@ -125,12 +130,47 @@ pub fn frame_conversation_seq(frame: &str) -> Option<(Uuid, i64)> {
     Some((conversation, rest[..end].parse().ok()?))
 }
 
-/// Splits a published payload into the origin connection id and the frame text.
-/// Payload layout: `<origin conn uuid>\n<message frame JSON>`.
-pub fn split_published(payload: &[u8]) -> Option<(Uuid, &[u8])> {
+/// A published payload, split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published<'a> {
+    /// The connection that sent the message (it gets an ack instead), or nil.
+    pub origin: Uuid,
+    /// The sending span's `traceparent`, when the message was traced.
+    pub trace_parent: Option<&'a str>,
+    /// The frame, forwarded to recipients unchanged.
+    pub frame: &'a [u8],
+}
+
+/// The header line of a published payload: the origin, then the `traceparent` if any.
+pub fn published_header(origin: Uuid, trace_parent: Option<&str>) -> String {
+    match trace_parent {
+        Some(tp) => format!("{origin} {tp}"),
+        None => origin.to_string(),
+    }
+}
+
+/// Splits a published payload. Layout: `<origin conn uuid>[ <traceparent>]\n<frame JSON>`.
+pub fn split_published(payload: &[u8]) -> Option<Published<'_>> {
     let newline = payload.iter().position(|b| *b == b'\n')?;
-    let origin = std::str::from_utf8(&payload[..newline]).ok()?;
-    Some((Uuid::parse_str(origin).ok()?, &payload[newline + 1..]))
+    let header = std::str::from_utf8(&payload[..newline]).ok()?;
+    let (origin, trace_parent) = match header.split_once(' ') {
+        Some((origin, tp)) => (origin, Some(tp)),
+        None => (header, None),
+    };
+    Some(Published {
+        origin: Uuid::parse_str(origin).ok()?,
+        trace_parent,
+        frame: &payload[newline + 1..],
+    })
+}
+
+/// The `traceparent` a stream entry carries, if any.
+pub fn entry_trace_parent(fields: &HashMap<String, Value>) -> Option<String> {
+    match fields.get(field::TRACE_PARENT)? {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
 }
 
 /// Unless the sender's client id was appended in this conversation within the dedup window
@@ -139,7 +179,8 @@ pub fn split_published(payload: &[u8]) -> Option<(Uuid, &[u8])> {
 /// conversation's members with its first message, remembers the client id, and publishes the
 /// frame to every channel given (both users' channels, or the room's). Every key is in one slot:
 /// KEYS[1] the counter, KEYS[2] the partition stream, KEYS[3] the tail, KEYS[4] the pair,
-/// KEYS[5] the client id's record.
+/// KEYS[5] the client id's record. ARGV[14] is the traceparent (empty when not traced), kept in
+/// the entry for the worker; the channels follow from ARGV[15].
 /// The tail is a cache: if its XADD fails (its last id is above `seq` after a Redis data loss),
 /// the message is still accepted, and history reads notice the hole (see `docs/architecture.md`).
 const APPEND_LUA: &str = r#"
@@ -149,16 +190,20 @@ if prior then
   return {tonumber(seq), msg_id, tonumber(ts)}
 end
 local seq = redis.call('INCR', KEYS[1])
-redis.call('XADD', KEYS[2], '*',
-  'msg_id', ARGV[1], 'conv', ARGV[2], 'seq', seq, 'from', ARGV[3], 'to', ARGV[4],
-  'body', ARGV[5], 'ts', ARGV[6])
+local entry = {'msg_id', ARGV[1], 'conv', ARGV[2], 'seq', seq, 'from', ARGV[3], 'to', ARGV[4],
+  'body', ARGV[5], 'ts', ARGV[6]}
+if ARGV[14] ~= '' then
+  entry[#entry + 1] = 'tp'
+  entry[#entry + 1] = ARGV[14]
+end
+redis.call('XADD', KEYS[2], '*', unpack(entry))
 local frame = ARGV[7] .. seq .. ARGV[8]
 redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], seq .. '-0', 'f', frame)
 redis.call('PEXPIRE', KEYS[3], ARGV[11])
 if seq == 1 and ARGV[13] ~= '' then redis.call('SET', KEYS[4], ARGV[13]) end
 redis.call('SET', KEYS[5], seq .. ':' .. ARGV[1] .. ':' .. ARGV[6], 'PX', ARGV[12])
 local payload = ARGV[9] .. '\n' .. frame
-for i = 14, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end
+for i = 15, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end
 return {seq}
 "#;
 
@@ -278,7 +323,7 @@ impl Appender {
             .arg(msg.ts)
             .arg(head)
             .arg(tail)
-            .arg(origin.to_string())
+            .arg(published_header(origin, msg.trace_parent.as_deref()))
             .arg(self.tail_len)
             .arg(self.tail_ttl_ms)
             .arg(self.dedup_window_ms);
@@ -291,11 +336,15 @@ impl Appender {
                 };
                 invocation
                     .arg(format!("{low}:{high}"))
+                    .arg(msg.trace_parent.as_deref().unwrap_or_default())
                     .arg(self.keys.user_channel(to))
                     .arg(self.keys.user_channel(msg.from));
             }
             None => {
-                invocation.arg("").arg(self.keys.room_channel(conv));
+                invocation
+                    .arg("")
+                    .arg(msg.trace_parent.as_deref().unwrap_or_default())
+                    .arg(self.keys.room_channel(conv));
             }
         }
         invocation.invoke_async(conn).await
@@ -317,6 +366,7 @@ mod tests {
             to: Some(Uuid::now_v7()),
             body: "quote \" backslash \\ newline \n unicode é 🙂".into(),
             ts: 1_700_000_000_123,
+            trace_parent: None,
         };
         let (head, tail) = frame_parts(&msg);
         let text = format!("{head}42{tail}");
@@ -356,10 +406,18 @@ mod tests {
     #[test]
     fn split_published_round_trips() {
         let origin = Uuid::new_v4();
-        let payload = format!("{origin}\n{{\"a\":1}}");
-        let (o, frame) = split_published(payload.as_bytes()).expect("split");
-        assert_eq!(o, origin);
-        assert_eq!(frame, b"{\"a\":1}");
+        let payload = format!("{}\n{{\"a\":1}}", published_header(origin, None));
+        let published = split_published(payload.as_bytes()).expect("split");
+        assert_eq!(published.origin, origin);
+        assert_eq!(published.trace_parent, None);
+        assert_eq!(published.frame, b"{\"a\":1}");
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let payload = format!("{}\n{{}}", published_header(origin, Some(tp)));
+        let published = split_published(payload.as_bytes()).expect("split");
+        assert_eq!(
+            (published.origin, published.trace_parent, published.frame),
+            (origin, Some(tp), &b"{}"[..])
+        );
         assert!(split_published(b"no newline").is_none());
         assert!(split_published(b"not-a-uuid\n{}").is_none());
     }
@@ -385,6 +443,7 @@ mod frame_ts_tests {
             to: Some(Uuid::now_v7()),
             body: "\"ts\":5}".into(),
             ts: 1_700_000_000_999,
+            trace_parent: None,
         };
         let (head, tail) = frame_parts(&msg);
         assert_eq!(frame_ts(&format!("{head}1{tail}")), Some(1_700_000_000_999));

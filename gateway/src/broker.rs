@@ -496,10 +496,20 @@ async fn read(
         let Some(topic) = keys.parse_channel(msg.get_channel_name()) else {
             continue;
         };
-        let Some((origin, frame)) = split_published(msg.get_payload_bytes()) else {
+        let Some(published) = split_published(msg.get_payload_bytes()) else {
             tracing::warn!("malformed pub/sub payload dropped");
             continue;
         };
+        let (origin, frame) = (published.origin, published.frame);
+        // A traced message gets a delivery span on every node that hands it to local sockets.
+        let delivery = published
+            .trace_parent
+            .filter(|_| chat_core::telemetry::exporting())
+            .map(|tp| {
+                let span = tracing::info_span!("chat.deliver", connections = tracing::field::Empty);
+                chat_core::telemetry::continue_trace(&span, tp);
+                span
+            });
         // Validated as UTF-8 once here; every recipient shares these bytes.
         let Ok(frame) = ByteString::try_from(Bytes::copy_from_slice(frame)) else {
             tracing::warn!("non-UTF-8 pub/sub payload dropped");
@@ -548,6 +558,12 @@ async fn read(
                 skip_user = Some(user_id);
             }
         }
-        hub.deliver(topic, origin, skip_user, &frame);
+        let queued = {
+            let _entered = delivery.as_ref().map(|span| span.enter());
+            hub.deliver(topic, origin, skip_user, &frame)
+        };
+        if let Some(span) = delivery {
+            span.record("connections", queued);
+        }
     }
 }

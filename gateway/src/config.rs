@@ -91,6 +91,10 @@ pub struct GatewayConfig {
     pub gateway_tls_key_path: Option<String>,
     /// How often the certificate files are checked for changes.
     pub gateway_tls_reload_secs: u64,
+    /// OTLP/HTTP endpoint spans are exported to (`http://collector:4318`); unset: no export.
+    pub otel_endpoint: Option<String>,
+    /// Fraction of new traces exported (a continued trace follows its parent's decision).
+    pub otel_sampling_ratio: f64,
 }
 
 impl Default for GatewayConfig {
@@ -141,6 +145,8 @@ impl Default for GatewayConfig {
             gateway_tls_cert_path: None,
             gateway_tls_key_path: None,
             gateway_tls_reload_secs: 30,
+            otel_endpoint: None,
+            otel_sampling_ratio: 0.1,
         }
     }
 }
@@ -158,6 +164,8 @@ pub struct Validated {
     pub insecure_dev_secret: bool,
     /// Native TLS on the public port, when configured (checked to load).
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Span export, when `otel_endpoint` is set.
+    pub tracing: chat_core::telemetry::TracingSettings,
 }
 
 impl GatewayConfig {
@@ -318,6 +326,8 @@ impl GatewayConfig {
                 ))
             }
         };
+        let otel_endpoint =
+            settings::check_tracing(self.otel_endpoint.as_deref(), self.otel_sampling_ratio)?;
         let allowed_origins = self
             .gateway_allowed_origins
             .split(',')
@@ -329,6 +339,12 @@ impl GatewayConfig {
             .clone()
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| settings::hostname_or("gateway"));
+        let tracing = chat_core::telemetry::TracingSettings {
+            endpoint: otel_endpoint,
+            sampling_ratio: self.otel_sampling_ratio,
+            service_name: "chat-gateway",
+            instance: node_id.clone(),
+        };
         Ok(Validated {
             raw: self,
             listen,
@@ -338,6 +354,7 @@ impl GatewayConfig {
             allowed_origins,
             insecure_dev_secret,
             tls,
+            tracing,
         })
     }
 }

@@ -24,7 +24,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    chat_core::telemetry::init(config.raw.log_format);
+    let telemetry = match chat_core::telemetry::init(config.raw.log_format, &config.tracing) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if config.insecure_dev_secret {
         tracing::warn!("CHAT_DEV_MODE is on and no CHAT_JWT_SECRET is set: using a public development secret; never do this in production");
     }
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
         actix_web::rt::spawn(chat_core::shutdown::cancel_on_signal(shutdown.clone()));
         gateway::run(config, listeners, shutdown).await
     });
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -18,6 +18,7 @@ use chat_core::protocol::{
 use chat_core::stream::{frame_conversation_seq, frame_ts, Appended, NewMessage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::accounts::authenticate;
@@ -74,11 +75,21 @@ pub async fn handshake(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let result = accept(&node, &req, body).await;
+    let span = tracing::info_span!("ws.handshake", result = tracing::field::Empty);
+    if let Some(parent) = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| chat_core::telemetry::exporting())
+    {
+        chat_core::telemetry::continue_trace(&span, parent);
+    }
+    let result = accept(&node, &req, body).instrument(span.clone()).await;
     let label = match &result {
         Ok(_) => "accepted",
         Err(e) => e.code.as_str(),
     };
+    span.record("result", label);
     node.metrics.handshakes.with_label_values(&[label]).inc();
     result
 }
@@ -593,7 +604,23 @@ impl Connection {
                     let message = format!("more than {rate} messages per second; slow down");
                     ServerFrame::error(Some(id), ErrorCode::RateLimited, message)
                 } else {
-                    match self.accept_send(&id, to, conversation_id, body).await {
+                    let span = tracing::info_span!(
+                        "chat.send",
+                        conn_id = %self.conn_id,
+                        outcome = tracing::field::Empty,
+                    );
+                    let accepted = self
+                        .accept_send(&id, to, conversation_id, body)
+                        .instrument(span.clone())
+                        .await;
+                    span.record(
+                        "outcome",
+                        match &accepted {
+                            Ok(_) => "ack",
+                            Err((code, _)) => code.as_str(),
+                        },
+                    );
+                    match accepted {
                         Ok(ack) => ack,
                         Err((code, message)) => ServerFrame::error(Some(id), code, message),
                     }
@@ -972,44 +999,10 @@ impl Connection {
         conversation_id: Option<Uuid>,
         body: String,
     ) -> Result<ServerFrame, (ErrorCode, String)> {
-        let max_body = self.node.config.raw.gateway_max_body_bytes;
-        if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES {
-            return Err((
-                ErrorCode::BadRequest,
-                format!("id must be 1 to {MAX_CLIENT_ID_BYTES} bytes"),
-            ));
-        }
-        if body.trim().is_empty() {
-            return Err((ErrorCode::BadRequest, "body must not be empty".into()));
-        }
-        if body.contains('\0') {
-            return Err((
-                ErrorCode::BadRequest,
-                "body must not contain NUL characters".into(),
-            ));
-        }
-        if body.len() > max_body {
-            return Err((
-                ErrorCode::TooLarge,
-                format!("body exceeds {max_body} bytes"),
-            ));
-        }
-        let (conversation_id, to) = match (to, conversation_id) {
-            (Some(to), None) => {
-                self.check_recipient(to).await?;
-                (direct_conversation_id(self.user_id, to), Some(to))
-            }
-            (None, Some(conversation)) => match self.membership(conversation).await? {
-                Membership::Direct { peer } => (conversation, Some(peer)),
-                Membership::Room => (conversation, None),
-            },
-            _ => {
-                return Err((
-                    ErrorCode::BadRequest,
-                    "give exactly one of to and conversation_id".into(),
-                ))
-            }
-        };
+        let (conversation_id, to) = self
+            .validate_send(id, to, conversation_id, &body)
+            .instrument(tracing::info_span!("chat.send.validate"))
+            .await?;
         let msg = NewMessage {
             msg_id: Uuid::now_v7(),
             conversation_id,
@@ -1017,8 +1010,15 @@ impl Connection {
             to,
             body,
             ts: chat_core::now_ms(),
+            trace_parent: chat_core::telemetry::traceparent(&tracing::Span::current()),
         };
-        match self.node.broker.append(&msg, id, self.conn_id).await {
+        let appended = self
+            .node
+            .broker
+            .append(&msg, id, self.conn_id)
+            .instrument(tracing::info_span!("redis.append"))
+            .await;
+        match appended {
             Ok(Appended::New { seq }) => {
                 self.node.metrics.messages_accepted.inc();
                 Ok(ServerFrame::Ack {
@@ -1045,6 +1045,56 @@ impl Connection {
                 Err((ErrorCode::Unavailable, "message not accepted; retry".into()))
             }
         }
+    }
+
+    /// Checks a `send`: its id and body, and that the sender may write to the conversation.
+    /// Returns the conversation and the direct recipient (`None` in a room).
+    async fn validate_send(
+        &self,
+        id: &str,
+        to: Option<Uuid>,
+        conversation_id: Option<Uuid>,
+        body: &str,
+    ) -> Result<(Uuid, Option<Uuid>), (ErrorCode, String)> {
+        let max_body = self.node.config.raw.gateway_max_body_bytes;
+        if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("id must be 1 to {MAX_CLIENT_ID_BYTES} bytes"),
+            ));
+        }
+        if body.trim().is_empty() {
+            return Err((ErrorCode::BadRequest, "body must not be empty".into()));
+        }
+        if body.contains('\0') {
+            return Err((
+                ErrorCode::BadRequest,
+                "body must not contain NUL characters".into(),
+            ));
+        }
+        if body.len() > max_body {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("body exceeds {max_body} bytes"),
+            ));
+        }
+        let pair = match (to, conversation_id) {
+            (Some(to), None) => {
+                self.check_recipient(to).await?;
+                (direct_conversation_id(self.user_id, to), Some(to))
+            }
+            (None, Some(conversation)) => match self.membership(conversation).await? {
+                Membership::Direct { peer } => (conversation, Some(peer)),
+                Membership::Room => (conversation, None),
+            },
+            _ => {
+                return Err((
+                    ErrorCode::BadRequest,
+                    "give exactly one of to and conversation_id".into(),
+                ))
+            }
+        };
+        Ok(pair)
     }
 
     /// Checks a direct message's recipient: not the sender, and an existing user.

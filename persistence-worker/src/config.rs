@@ -33,6 +33,10 @@ pub struct WorkerConfig {
     /// Acked entries younger than this stay in the stream (recent history is served from it).
     pub worker_stream_retention_secs: u64,
     pub worker_pg_pool_size: usize,
+    /// OTLP/HTTP endpoint spans are exported to (`http://collector:4318`); unset: no export.
+    pub otel_endpoint: Option<String>,
+    /// Fraction of batch traces exported.
+    pub otel_sampling_ratio: f64,
 }
 
 impl Default for WorkerConfig {
@@ -54,6 +58,8 @@ impl Default for WorkerConfig {
             worker_stream_retention_secs: 3600,
             // One per partition loop (8 by default) and one for the readiness probe.
             worker_pg_pool_size: 9,
+            otel_endpoint: None,
+            otel_sampling_ratio: 0.1,
         }
     }
 }
@@ -64,6 +70,8 @@ pub struct Validated {
     pub raw: WorkerConfig,
     pub internal_listen: SocketAddr,
     pub consumer_name: String,
+    /// Span export, when `otel_endpoint` is set.
+    pub tracing: chat_core::telemetry::TracingSettings,
 }
 
 impl WorkerConfig {
@@ -110,10 +118,20 @@ impl WorkerConfig {
             .clone()
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| settings::hostname_or("worker"));
+        let tracing = chat_core::telemetry::TracingSettings {
+            endpoint: settings::check_tracing(
+                self.otel_endpoint.as_deref(),
+                self.otel_sampling_ratio,
+            )?,
+            sampling_ratio: self.otel_sampling_ratio,
+            service_name: "chat-persistence-worker",
+            instance: consumer_name.clone(),
+        };
         Ok(Validated {
             raw: self,
             internal_listen,
             consumer_name,
+            tracing,
         })
     }
 }

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use chat_core::backoff::Backoff;
 use chat_core::keys::{KeySchema, PERSISTENCE_GROUP};
-use chat_core::stream::StoredMessage;
+use chat_core::stream::{entry_trace_parent, StoredMessage};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::Validated;
 use crate::metrics::Metrics;
@@ -27,6 +28,9 @@ pub struct Context {
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
 }
+
+/// Most links from one batch span to the spans that accepted its messages.
+const MAX_BATCH_LINKS: usize = 128;
 
 /// A Redis failure in the loop; the loop reconnects with backoff.
 type RedisResult<T> = redis::RedisResult<T>;
@@ -191,8 +195,9 @@ impl<'a> PartitionReader<'a> {
         Ok(())
     }
 
-    /// Writes a batch (retrying while Postgres is down) and acks it. Returns false when shutdown
-    /// interrupted a retry; the entries then stay pending for a later claim.
+    /// Writes a batch (retrying while Postgres is down) and acks it, in a `worker.batch` span
+    /// linked to the gateway spans that accepted its traced messages. Returns false when
+    /// shutdown interrupted a retry; the entries then stay pending for a later claim.
     async fn process(
         &mut self,
         conn: &mut MultiplexedConnection,
@@ -201,6 +206,28 @@ impl<'a> PartitionReader<'a> {
         if entries.is_empty() {
             return Ok(true);
         }
+        let span = tracing::info_span!(
+            "worker.batch",
+            partition = self.label,
+            entries = entries.len()
+        );
+        if chat_core::telemetry::exporting() {
+            for tp in entries
+                .iter()
+                .filter_map(|e| entry_trace_parent(&e.map))
+                .take(MAX_BATCH_LINKS)
+            {
+                chat_core::telemetry::link_to(&span, &tp);
+            }
+        }
+        self.process_batch(conn, entries).instrument(span).await
+    }
+
+    async fn process_batch(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        entries: Vec<StreamId>,
+    ) -> RedisResult<bool> {
         let started = std::time::Instant::now();
         let mut messages = Vec::with_capacity(entries.len());
         let mut sources = Vec::with_capacity(entries.len());
@@ -267,7 +294,8 @@ impl<'a> PartitionReader<'a> {
     async fn write_retrying(&self, batch: &[StoredMessage]) -> Option<Result<u64, String>> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match self.ctx.sink.write(batch).await {
+            let insert = tracing::info_span!("worker.insert", rows = batch.len());
+            match self.ctx.sink.write(batch).instrument(insert).await {
                 Ok(rows) => return Some(Ok(rows)),
                 Err(SinkError::Rejected(reason)) => return Some(Err(reason)),
                 Err(SinkError::Unavailable(reason)) => {

@@ -24,7 +24,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    chat_core::telemetry::init(config.raw.log_format);
+    let telemetry = match chat_core::telemetry::init(config.raw.log_format, &config.tracing) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("persistence-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let internal = match std::net::TcpListener::bind(config.internal_listen) {
         Ok(l) => l,
         Err(e) => {
@@ -41,6 +47,7 @@ fn main() -> ExitCode {
         actix_web::rt::spawn(chat_core::shutdown::cancel_on_signal(shutdown.clone()));
         persistence_worker::run(config, internal, shutdown).await
     });
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -71,6 +71,7 @@ impl Fixture {
                     to: Some(to),
                     body: format!("message {i}"),
                     ts: chat_core::now_ms(),
+                    trace_parent: None,
                 };
                 let mut conn = conn.clone();
                 let appender = appender.clone();

@@ -128,9 +128,14 @@ pub struct User {
 }
 
 pub async fn register(node: &NodeHandle, name: &str) -> User {
+    register_at(node.http, name).await
+}
+
+/// [`register`] at a node by address (a node running as its own process).
+pub async fn register_at(addr: SocketAddr, name: &str) -> User {
     let email = format!("{name}-{}@example.test", Uuid::new_v4().simple());
-    let resp = post(
-        node,
+    let resp = post_to(
+        addr,
         "/api/v1/auth/register",
         json!({"name": name, "email": email, "password": "password123"}),
     )
@@ -147,8 +152,13 @@ pub async fn register(node: &NodeHandle, name: &str) -> User {
 
 /// POSTs JSON; returns status and JSON body.
 pub async fn post(node: &NodeHandle, path: &str, body: Value) -> (u16, Value) {
+    post_to(node.http, path, body).await
+}
+
+/// [`post`] to a node by address.
+pub async fn post_to(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
     let resp = reqwest::Client::new()
-        .post(format!("http://{}{path}", node.http))
+        .post(format!("http://{addr}{path}"))
         .json(&body)
         .send()
         .await

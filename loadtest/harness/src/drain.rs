@@ -307,6 +307,7 @@ pub async fn append_load(
                     to: Some(to),
                     body: body.clone(),
                     ts: chat_core::now_ms(),
+                    trace_parent: None,
                 };
                 appender
                     .append(&mut conn, &msg, &msg.msg_id.to_string(), Uuid::nil())
