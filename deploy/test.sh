@@ -34,6 +34,8 @@ cargo test --workspace --locked
 echo "== k6 smoke (loadtest/k6/chat.js against two local gateway nodes)"
 cargo build --locked -p gateway -p persistence-worker
 STACK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" loadtest/k6-smoke.sh
+echo "== Autobahn WebSocket test cases against /debug/echo (deploy/checks/autobahn.sh)"
+STACK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" deploy/checks/autobahn.sh
 echo "== web client in headless Chromium (deploy/check-web.sh)"
 STACK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" deploy/check-web.sh
 echo "== Prometheus scrapes a local gateway and worker"

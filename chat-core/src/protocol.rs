@@ -245,6 +245,8 @@ pub enum CloseCode {
     GoingAway,
     /// 1002: WebSocket protocol violation.
     ProtocolError,
+    /// 1007: a text message (or a close reason) that is not valid UTF-8.
+    InvalidPayload,
     /// 1009: a frame or message exceeded the frame limit.
     MessageTooBig,
     /// 1011: unexpected server fault.
@@ -257,20 +259,24 @@ pub enum CloseCode {
     TokenExpired,
     /// 4101: the user's password changed; tokens issued before no longer work. Log in again.
     TokenRevoked,
+    /// 4029: the client kept sending far above its rate limit after being told `rate_limited`.
+    RateLimited,
 }
 
 impl CloseCode {
     /// Every code, for docs and tests.
-    pub const ALL: [CloseCode; 9] = [
+    pub const ALL: [CloseCode; 11] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
+        CloseCode::InvalidPayload,
         CloseCode::MessageTooBig,
         CloseCode::InternalError,
         CloseCode::HeartbeatTimeout,
         CloseCode::SlowConsumer,
         CloseCode::TokenExpired,
         CloseCode::TokenRevoked,
+        CloseCode::RateLimited,
     ];
 
     /// The numeric code on the wire.
@@ -279,12 +285,14 @@ impl CloseCode {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
             CloseCode::ProtocolError => 1002,
+            CloseCode::InvalidPayload => 1007,
             CloseCode::MessageTooBig => 1009,
             CloseCode::InternalError => 1011,
             CloseCode::HeartbeatTimeout => 4000,
             CloseCode::SlowConsumer => 4008,
             CloseCode::TokenExpired => 4100,
             CloseCode::TokenRevoked => 4101,
+            CloseCode::RateLimited => 4029,
         }
     }
 
@@ -294,12 +302,14 @@ impl CloseCode {
             CloseCode::Normal => "normal",
             CloseCode::GoingAway => "going_away",
             CloseCode::ProtocolError => "protocol_error",
+            CloseCode::InvalidPayload => "invalid_payload",
             CloseCode::MessageTooBig => "message_too_big",
             CloseCode::InternalError => "internal_error",
             CloseCode::HeartbeatTimeout => "heartbeat_timeout",
             CloseCode::SlowConsumer => "slow_consumer",
             CloseCode::TokenExpired => "token_expired",
             CloseCode::TokenRevoked => "token_revoked",
+            CloseCode::RateLimited => "rate_limited",
         }
     }
 }

@@ -342,6 +342,9 @@ pub async fn authenticate(
 ) -> Result<Identity, ApiError> {
     let identity = verify_token(node, req, allow_query)?;
     let client = node.db.get().await.map_err(ApiError::pool)?;
+    if let Some(name) = &identity.external_name {
+        provision_external_user(&client, &identity, name.as_deref()).await?;
+    }
     let row = client
         .query_opt(
             "SELECT floor(extract(epoch FROM password_changed_at))::int8 FROM users WHERE id = $1",
@@ -357,6 +360,39 @@ pub async fn authenticate(
         _ => Ok(identity),
     }
 }
+
+/// Creates the user of an external identity on first use: its id is derived from issuer and
+/// subject, its name is the token's `name` claim when that is a valid display name, and it has
+/// no usable password or email (it logs in through its identity provider only).
+async fn provision_external_user(
+    client: &deadpool_postgres::Client,
+    identity: &Identity,
+    name: Option<&str>,
+) -> Result<(), ApiError> {
+    let name = name
+        .map(str::trim)
+        .filter(|n| name_problem(n).is_none())
+        .unwrap_or("user");
+    let placeholder_email = format!("{}@external.invalid", identity.user_id);
+    client
+        .execute(
+            "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+            &[
+                &identity.user_id,
+                &name,
+                &placeholder_email,
+                &EXTERNAL_PASSWORD_HASH,
+            ],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    Ok(())
+}
+
+/// The password hash of users from an external identity provider: not a PHC string, so no
+/// password ever verifies against it.
+const EXTERNAL_PASSWORD_HASH: &str = "!external";
 
 fn verify_token(node: &Node, req: &HttpRequest, allow_query: bool) -> Result<Identity, ApiError> {
     let header = req

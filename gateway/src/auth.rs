@@ -1,4 +1,5 @@
-//! Credentials: argon2id password hashing and HS256 JWTs with the algorithm pinned on verify.
+//! Credentials: argon2id password hashing, our HS256 JWTs, and RS256/ES256 JWTs from an external
+//! identity provider verified with keys from a JWKS file; every algorithm is pinned on verify.
 
 use argon2::password_hash::{
     rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
@@ -25,14 +26,169 @@ struct Claims {
     exp: u64,
 }
 
+/// Claims of an external identity provider's token (issuer, audience and expiry are checked by
+/// the validation; `sub` is the provider's own user id, any string).
+#[derive(Debug, Deserialize)]
+struct ExternalClaims {
+    sub: String,
+    #[serde(default)]
+    iat: Option<u64>,
+    exp: u64,
+    #[serde(default)]
+    name: Option<String>,
+}
+
 /// A verified token.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Identity {
     pub user_id: Uuid,
     /// Issued at, Unix seconds: tokens issued before the user's last password change are refused.
     pub iat: u64,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// Set when an external identity provider issued the token: the user is created on first
+    /// use with this display name (the `name` claim, if any).
+    pub external_name: Option<Option<String>>,
+}
+
+/// The user id of an external identity: a UUIDv5 of issuer and subject, the same on every node,
+/// so concurrent first logins create one user.
+pub fn external_user_id(issuer: &str, subject: &str) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_URL,
+        format!("{issuer}#{subject}").as_bytes(),
+    )
+}
+
+/// A JWKS that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("not a JWKS document: {0}")]
+    Parse(String),
+    #[error("key {kid:?}: {reason}")]
+    Key { kid: String, reason: String },
+    #[error("no RS256 or ES256 signing key in the set")]
+    Empty,
+}
+
+/// One provider key, usable with exactly one algorithm.
+#[derive(Clone)]
+struct ProviderKey {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+/// An external identity provider: its signing keys (RS256 and ES256 only), issuer and audience.
+#[derive(Clone)]
+pub struct ExternalProvider {
+    issuer: String,
+    keys: Vec<ProviderKey>,
+    validations: Vec<(Algorithm, Validation)>,
+}
+
+impl ExternalProvider {
+    /// Keys from a JWKS document; tokens must carry `iss` = `issuer` and `aud` containing
+    /// `audience`. Keys for other algorithms or uses are skipped; at least one must remain.
+    pub fn from_jwks(jwks: &str, issuer: &str, audience: &str) -> Result<Self, JwksError> {
+        use jsonwebtoken::jwk::{
+            AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse,
+        };
+        let set: JwkSet =
+            serde_json::from_str(jwks).map_err(|e| JwksError::Parse(e.to_string()))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+                continue;
+            }
+            let algorithm = match (&jwk.algorithm, jwk.common.key_algorithm) {
+                (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+                (AlgorithmParameters::EllipticCurve(p), None | Some(KeyAlgorithm::ES256))
+                    if p.curve == EllipticCurve::P256 =>
+                {
+                    Algorithm::ES256
+                }
+                _ => continue,
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| JwksError::Key {
+                kid: jwk.common.key_id.clone().unwrap_or_default(),
+                reason: e.to_string(),
+            })?;
+            keys.push(ProviderKey {
+                kid: jwk.common.key_id.clone(),
+                algorithm,
+                key,
+            });
+        }
+        if keys.is_empty() {
+            return Err(JwksError::Empty);
+        }
+        let validations = [Algorithm::RS256, Algorithm::ES256]
+            .into_iter()
+            .map(|algorithm| {
+                let mut v = Validation::new(algorithm);
+                v.algorithms = vec![algorithm];
+                v.leeway = 5;
+                v.validate_nbf = true;
+                v.set_issuer(&[issuer]);
+                v.set_audience(&[audience]);
+                v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+                (algorithm, v)
+            })
+            .collect();
+        Ok(ExternalProvider {
+            issuer: issuer.to_string(),
+            keys,
+            validations,
+        })
+    }
+
+    /// Verifies a token whose header names `algorithm` (RS256 or ES256) and `kid`.
+    fn verify(
+        &self,
+        token: &str,
+        algorithm: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<Identity, TokenError> {
+        let validation = self
+            .validations
+            .iter()
+            .find(|(a, _)| *a == algorithm)
+            .map(|(_, v)| v)
+            .ok_or(TokenError::Invalid)?;
+        // A token naming a key must use that key, with that key's algorithm; one naming none is
+        // tried against every key of its algorithm.
+        let candidates = self
+            .keys
+            .iter()
+            .filter(|k| k.algorithm == algorithm && (kid.is_none() || k.kid.as_deref() == kid));
+        let mut outcome = Err(TokenError::Invalid);
+        for candidate in candidates {
+            match jsonwebtoken::decode::<ExternalClaims>(token, &candidate.key, validation) {
+                Ok(data) => {
+                    let claims = data.claims;
+                    if claims.sub.is_empty() || claims.sub.len() > 255 {
+                        return Err(TokenError::Invalid);
+                    }
+                    return Ok(Identity {
+                        user_id: external_user_id(&self.issuer, &claims.sub),
+                        iat: claims.iat.unwrap_or(0),
+                        exp: claims.exp,
+                        external_name: Some(claims.name),
+                    });
+                }
+                Err(e) => outcome = Err(token_error(&e)),
+            }
+        }
+        outcome
+    }
+}
+
+fn token_error(e: &jsonwebtoken::errors::Error) -> TokenError {
+    match e.kind() {
+        jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+        _ => TokenError::Invalid,
+    }
 }
 
 /// Issues and verifies tokens and hashes passwords.
@@ -42,6 +198,8 @@ pub struct Auth {
     decoding: DecodingKey,
     validation: Validation,
     ttl_secs: u64,
+    /// RS256/ES256 tokens from an external identity provider, when configured.
+    external: Option<ExternalProvider>,
     /// A real argon2id hash of a random password, verified against when the email is unknown, so
     /// unknown-email and wrong-password logins take similar time.
     dummy_hash: String,
@@ -52,6 +210,7 @@ impl Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
         validation.leeway = 5;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         let dummy_hash = hash_password(&Uuid::new_v4().to_string())?;
         Ok(Auth {
@@ -59,8 +218,15 @@ impl Auth {
             decoding: DecodingKey::from_secret(secret.as_bytes()),
             validation,
             ttl_secs,
+            external: None,
             dummy_hash,
         })
+    }
+
+    /// Also accepts tokens from `provider`.
+    pub fn with_external(mut self, provider: ExternalProvider) -> Self {
+        self.external = Some(provider);
+        self
     }
 
     /// A new token for `user_id`.
@@ -74,18 +240,27 @@ impl Auth {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
     }
 
-    /// Verifies signature, algorithm and expiry.
+    /// Verifies signature, algorithm, expiry and not-before. HS256 tokens are ours; RS256 and
+    /// ES256 tokens are the external provider's (never checked with our secret, and ours never
+    /// with its keys); every other algorithm, `none` included, is refused.
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
-        match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
-            Ok(data) => Ok(Identity {
-                user_id: data.claims.sub,
-                iat: data.claims.iat,
-                exp: data.claims.exp,
-            }),
-            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
-                Err(TokenError::Expired)
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+        match (header.alg, &self.external) {
+            (Algorithm::HS256, _) => {
+                match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
+                    Ok(data) => Ok(Identity {
+                        user_id: data.claims.sub,
+                        iat: data.claims.iat,
+                        exp: data.claims.exp,
+                        external_name: None,
+                    }),
+                    Err(e) => Err(token_error(&e)),
+                }
             }
-            Err(_) => Err(TokenError::Invalid),
+            (alg @ (Algorithm::RS256 | Algorithm::ES256), Some(provider)) => {
+                provider.verify(token, alg, header.kid.as_deref())
+            }
+            _ => Err(TokenError::Invalid),
         }
     }
 

@@ -22,6 +22,12 @@ pub struct GatewayConfig {
     pub redis_partitions: u16,
     pub jwt_secret: Option<String>,
     pub jwt_ttl_secs: u64,
+    /// JWKS file of an external identity provider whose RS256/ES256 tokens are also accepted.
+    pub jwt_jwks_path: Option<String>,
+    /// Required `iss` of external tokens (required with `jwt_jwks_path`).
+    pub jwt_external_issuer: Option<String>,
+    /// Required `aud` of external tokens (required with `jwt_jwks_path`).
+    pub jwt_external_audience: Option<String>,
     /// Allows starting without a JWT secret (a fixed, public one is used) and says so loudly.
     pub dev_mode: bool,
     pub log_format: LogFormat,
@@ -91,6 +97,9 @@ pub struct GatewayConfig {
     pub gateway_tls_key_path: Option<String>,
     /// How often the certificate files are checked for changes.
     pub gateway_tls_reload_secs: u64,
+    /// Serves `/debug/echo`, an unauthenticated WebSocket echo for protocol conformance tests.
+    /// Never in production.
+    pub gateway_debug_echo: bool,
     /// OTLP/HTTP endpoint spans are exported to (`http://collector:4318`); unset: no export.
     pub otel_endpoint: Option<String>,
     /// Fraction of new traces exported (a continued trace follows its parent's decision).
@@ -106,6 +115,9 @@ impl Default for GatewayConfig {
             redis_partitions: 8,
             jwt_secret: None,
             jwt_ttl_secs: 86_400,
+            jwt_jwks_path: None,
+            jwt_external_issuer: None,
+            jwt_external_audience: None,
             dev_mode: false,
             log_format: LogFormat::Json,
             gateway_listen: "0.0.0.0:8080".into(),
@@ -145,6 +157,7 @@ impl Default for GatewayConfig {
             gateway_tls_cert_path: None,
             gateway_tls_key_path: None,
             gateway_tls_reload_secs: 30,
+            gateway_debug_echo: false,
             otel_endpoint: None,
             otel_sampling_ratio: 0.1,
         }
@@ -166,6 +179,23 @@ pub struct Validated {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Span export, when `otel_endpoint` is set.
     pub tracing: chat_core::telemetry::TracingSettings,
+    /// The external identity provider, when `jwt_jwks_path` is set (checked to load).
+    pub external_jwt: Option<ExternalJwt>,
+}
+
+/// An external identity provider's JWKS document, issuer and audience.
+#[derive(Debug, Clone)]
+pub struct ExternalJwt {
+    pub jwks: String,
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl ExternalJwt {
+    /// The provider's keys.
+    pub fn provider(&self) -> Result<crate::auth::ExternalProvider, crate::auth::JwksError> {
+        crate::auth::ExternalProvider::from_jwks(&self.jwks, &self.issuer, &self.audience)
+    }
 }
 
 impl GatewayConfig {
@@ -328,6 +358,7 @@ impl GatewayConfig {
         };
         let otel_endpoint =
             settings::check_tracing(self.otel_endpoint.as_deref(), self.otel_sampling_ratio)?;
+        let external_jwt = self.external_jwt()?;
         let allowed_origins = self
             .gateway_allowed_origins
             .split(',')
@@ -355,7 +386,33 @@ impl GatewayConfig {
             insecure_dev_secret,
             tls,
             tracing,
+            external_jwt,
         })
+    }
+
+    /// Reads and checks the external provider's settings and JWKS file.
+    fn external_jwt(&self) -> Result<Option<ExternalJwt>, SettingsError> {
+        let Some(path) = self.jwt_jwks_path.as_deref().filter(|p| !p.is_empty()) else {
+            return Ok(None);
+        };
+        let required = |key: &'static str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| SettingsError::invalid(key, "is required when jwt_jwks_path is set"))
+        };
+        let external = ExternalJwt {
+            jwks: std::fs::read_to_string(path)
+                .map_err(|e| SettingsError::invalid("jwt_jwks_path", format!("{path}: {e}")))?,
+            issuer: required("jwt_external_issuer", &self.jwt_external_issuer)?,
+            audience: required("jwt_external_audience", &self.jwt_external_audience)?,
+        };
+        external
+            .provider()
+            .map_err(|e| SettingsError::invalid("jwt_jwks_path", e.to_string()))?;
+        Ok(Some(external))
     }
 }
 

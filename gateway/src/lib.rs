@@ -5,6 +5,8 @@
 //! - [`config`]: the one typed configuration, validated before anything binds.
 //! - [`node`]: the composition root handlers share.
 //! - [`session`]: one WebSocket connection (handshake, frame loop, heartbeats).
+//! - [`inbound`]: a client's WebSocket frames, reassembled, with RFC 6455 close codes.
+//! - [`echo`]: the WebSocket echo route for conformance tests (off unless configured).
 //! - [`hub`]: local connections by user, bounded outbound queues.
 //! - [`broker`]: Redis append script and the node's pub/sub subscriptions.
 //! - [`accounts`]: register, login, `users/me`, recipient directory.
@@ -27,8 +29,10 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod conversations;
+pub mod echo;
 pub mod history;
 pub mod hub;
+pub mod inbound;
 pub mod limits;
 pub mod metrics;
 pub mod node;
@@ -152,8 +156,14 @@ pub async fn run(
         return Ok(());
     }
 
-    let auth = Auth::new(&config.jwt_secret, cfg.jwt_ttl_secs)
+    let mut auth = Auth::new(&config.jwt_secret, cfg.jwt_ttl_secs)
         .map_err(|e| GatewayError::Auth(e.to_string()))?;
+    if let Some(external) = &config.external_jwt {
+        let provider = external
+            .provider()
+            .map_err(|e| GatewayError::Auth(e.to_string()))?;
+        auth = auth.with_external(provider);
+    }
     let workers = if cfg.gateway_workers == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -203,16 +213,25 @@ pub async fn run(
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let app_node = node.clone();
+    let debug_echo = node.config.raw.gateway_debug_echo;
+    if debug_echo {
+        tracing::warn!("gateway_debug_echo is on: /debug/echo echoes WebSocket frames without authentication; never in production");
+    }
     let server = HttpServer::new(move || {
-        App::new()
+        let app = App::new()
             .app_data(app_node.clone())
             .app_data(
                 web::JsonConfig::default()
                     .limit(MAX_JSON_BODY_BYTES)
                     .error_handler(api_error::json_body_error),
             )
-            .app_data(web::QueryConfig::default().error_handler(api_error::query_error))
-            .route("/ws", web::get().to(session::handshake))
+            .app_data(web::QueryConfig::default().error_handler(api_error::query_error));
+        let app = if debug_echo {
+            app.route("/debug/echo", web::get().to(echo::echo))
+        } else {
+            app
+        };
+        app.route("/ws", web::get().to(session::handshake))
             .route("/", web::get().to(crate::web_client::index))
             .route("/style.css", web::get().to(crate::web_client::style))
             .route("/app.js", web::get().to(crate::web_client::app))

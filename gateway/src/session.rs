@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{
-    AggregatedMessage, AggregatedMessageStream, CloseReason, Closed, ProtocolError, Session,
-};
+use actix_ws::{CloseReason, Closed, Session};
 use bytestring::ByteString;
 use chat_core::conversation::direct_conversation_id;
 use chat_core::keys::Topic;
@@ -26,11 +24,17 @@ use crate::api_error::ApiError;
 use crate::conversations::{self, Membership};
 use crate::history;
 use crate::hub::LocalConn;
+use crate::inbound::{FrameReader, Inbound, InboundError};
 use crate::node::Node;
 use crate::presence;
 
 /// Longest a single write to the socket may wait before the client counts as a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection is closed with 4029 once its refused sends, draining at the send rate per
+/// second, exceed this many seconds' worth of the rate (sending at over twice the limit for
+/// about ten seconds, or one flood of twelve seconds' worth).
+const ABUSE_FACTOR: f64 = 10.0;
 
 /// Longest client message id accepted.
 const MAX_CLIENT_ID_BYTES: usize = 128;
@@ -135,15 +139,8 @@ async fn accept(
             "this node is full; connect to another node",
         ));
     }
-    let (response, session, stream) = actix_ws::handle(req, body).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
-            "expected a WebSocket upgrade request",
-        )
-    })?;
-
     let cfg = &node.config.raw;
+    let (response, session, stream) = upgrade(req, body, cfg.gateway_max_frame_bytes).await?;
     let conn_id = Uuid::new_v4();
     let user_id = identity.user_id;
     let (outbound_tx, outbound) = mpsc::channel(cfg.gateway_outbound_queue);
@@ -166,10 +163,6 @@ async fn accept(
         return Err(ApiError::unavailable("messaging"));
     }
 
-    let stream = stream
-        .max_frame_size(cfg.gateway_max_frame_bytes)
-        .aggregate_continuations()
-        .max_continuation_size(cfg.gateway_max_frame_bytes);
     let connection = Connection {
         node: node.clone(),
         user_id,
@@ -182,6 +175,32 @@ async fn accept(
     tracing::debug!(%conn_id, %user_id, "connection open");
     actix_web::rt::spawn(connection.run(session, stream, outbound, kick));
     Ok(response)
+}
+
+/// Upgrades the request: the response and the outbound session from actix-ws, and the inbound
+/// frames through [`FrameReader`] (frames and reassembled messages up to `max_message` bytes).
+pub async fn upgrade(
+    req: &HttpRequest,
+    body: web::Payload,
+    max_message: usize,
+) -> Result<(HttpResponse, Session, FrameReader), ApiError> {
+    let not_upgrade = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "expected a WebSocket upgrade request",
+        )
+    };
+    // actix-ws gets an empty body: the client's frames are read by the FrameReader.
+    let unused = <web::Payload as actix_web::FromRequest>::from_request(
+        req,
+        &mut actix_web::dev::Payload::None,
+    )
+    .await
+    .map_err(|_| not_upgrade())?;
+    let (response, session, _unused_stream) =
+        actix_ws::handle(req, unused).map_err(|_| not_upgrade())?;
+    Ok((response, session, FrameReader::new(body, max_message)))
 }
 
 /// Why a handshake could not subscribe the user.
@@ -285,6 +304,10 @@ struct Delivered {
     /// Tokens for `send` frames: refilled at `gateway_send_rate_per_sec`, up to twice that.
     send_tokens: f64,
     tokens_at: Option<Instant>,
+    /// Refused sends not yet forgiven: +1 per refusal, draining at the send rate per second.
+    refused_level: f64,
+    /// Set when `refused_level` passed its bound: the connection is closed with 4029.
+    abusive: bool,
 }
 
 impl Delivered {
@@ -297,18 +320,24 @@ impl Delivered {
     }
 
     /// Takes one send token; false when the connection sends faster than `rate` per second.
+    /// Refusals pile up (draining at `rate` per second); beyond `ABUSE_FACTOR` × `rate` of them
+    /// the connection is marked abusive.
     fn take_send_token(&mut self, rate: u32) -> bool {
         let now = Instant::now();
-        let burst = f64::from(rate) * 2.0;
-        let elapsed = self.tokens_at.map_or(burst, |at| {
-            now.duration_since(at).as_secs_f64() * f64::from(rate)
-        });
-        self.send_tokens = (self.send_tokens + elapsed).min(burst);
+        let rate = f64::from(rate);
+        let burst = rate * 2.0;
+        let refill = self
+            .tokens_at
+            .map_or(burst, |at| now.duration_since(at).as_secs_f64() * rate);
+        self.send_tokens = (self.send_tokens + refill).min(burst);
+        self.refused_level = (self.refused_level - refill).max(0.0);
         self.tokens_at = Some(now);
         if self.send_tokens >= 1.0 {
             self.send_tokens -= 1.0;
             true
         } else {
+            self.refused_level += 1.0;
+            self.abusive |= self.refused_level > ABUSE_FACTOR * rate;
             false
         }
     }
@@ -381,7 +410,7 @@ impl Connection {
     async fn run(
         self,
         mut session: Session,
-        mut stream: AggregatedMessageStream,
+        mut stream: FrameReader,
         mut outbound: mpsc::Receiver<ByteString>,
         kick: CancellationToken,
     ) {
@@ -516,28 +545,26 @@ impl Connection {
     async fn on_client_message(
         &self,
         session: &mut Session,
-        msg: Option<Result<AggregatedMessage, ProtocolError>>,
+        msg: Option<Result<Inbound, InboundError>>,
         delivered: &mut Delivered,
     ) -> Option<End> {
         let msg = match msg {
             None => return Some(End::Gone),
             Some(Ok(m)) => m,
-            Some(Err(ProtocolError::Overflow)) => {
-                return Some(End::Close(CloseCode::MessageTooBig))
-            }
-            // actix-ws reports an over-long continuation as an I/O error.
-            Some(Err(ProtocolError::Io(e))) if e.to_string().contains("continuation size") => {
-                return Some(End::Close(CloseCode::MessageTooBig))
-            }
-            Some(Err(ProtocolError::Io(_))) => return Some(End::Gone),
             Some(Err(e)) => {
-                tracing::debug!(error = %e, conn_id = %self.conn_id, "protocol error");
-                return Some(End::Close(CloseCode::ProtocolError));
+                tracing::debug!(error = %e, conn_id = %self.conn_id, "inbound frame error");
+                return Some(e.close_code().map_or(End::Gone, End::Close));
             }
         };
         let sent = match msg {
-            AggregatedMessage::Text(text) => self.on_text(session, &text, delivered).await,
-            AggregatedMessage::Binary(_) => {
+            Inbound::Text(text) => {
+                let sent = self.on_text(session, &text, delivered).await;
+                if delivered.abusive {
+                    return Some(End::Close(CloseCode::RateLimited));
+                }
+                sent
+            }
+            Inbound::Binary(_) => {
                 self.node
                     .metrics
                     .frames_in
@@ -550,14 +577,14 @@ impl Connection {
                 );
                 self.send(session, &frame).await
             }
-            AggregatedMessage::Ping(payload) => {
+            Inbound::Ping(payload) => {
                 match tokio::time::timeout(WRITE_TIMEOUT, session.pong(&payload)).await {
                     Ok(result) => result,
                     Err(_) => Err(Closed),
                 }
             }
-            AggregatedMessage::Pong(_) => Ok(()),
-            AggregatedMessage::Close(reason) => return Some(End::ClientClosed(reason)),
+            Inbound::Pong(_) => Ok(()),
+            Inbound::Close(reason) => return Some(End::ClientClosed(reason)),
         };
         sent.err().map(|_| End::Gone)
     }

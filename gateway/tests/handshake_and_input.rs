@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -400,7 +400,7 @@ async fn send_rate_and_connection_limits() {
         (json!("ack"), json!(11))
     );
 
-    let _second = connect(&node, &bob).await;
+    let (mut bob_ws, _) = connect(&node, &bob).await;
     let (status, body) = refused(
         &format!("ws://{}/ws", node.http),
         &[("Authorization", format!("Bearer {}", bob.token))],
@@ -421,6 +421,40 @@ async fn send_rate_and_connection_limits() {
     ] {
         assert_eq!(metric(&node, series).await, Some(value), "{series}");
     }
+
+    // Sustained abuse: refusals beyond ten seconds' worth of the rate (50 here) close the
+    // connection with 4029; other connections are unaffected.
+    for i in 0..200 {
+        send_json(&mut ws, send_frame(&format!("flood{i}"), bob.id, "hi")).await;
+    }
+    let mut replies = 0;
+    let code = loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(_))) => replies += 1,
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(4029), "closed as rate_limited");
+    // About 7 refusals from the burst above are not yet forgiven, so some 44 more close it.
+    assert!(
+        (40..200).contains(&replies),
+        "closed after the refusals piled up, before the flood was answered: {replies} replies"
+    );
+    assert_eq!(
+        metric(&node, "chat_gateway_closes_total{reason=\"rate_limited\"}").await,
+        Some(1.0)
+    );
+    send_json(
+        &mut bob_ws,
+        send_frame("after-flood", alice.id, "still here"),
+    )
+    .await;
+    // Bob first gets the flood's accepted messages, then his ack.
+    let frames = recv_until(&mut bob_ws, |f| f["type"] == "ack").await;
+    let last = frames.last().expect("frames");
+    assert_eq!(last["id"], "after-flood", "{last}");
 }
 
 /// Logins beyond the per-email limit get 429 `rate_limited` (also with the right password)
