@@ -298,22 +298,10 @@ async fn another_users_conversation_is_neither_read_nor_written() {
         assert_eq!(reply["code"], "forbidden", "{frame} -> {reply}");
     }
     // Nothing reached Alice or Bob's conversation.
-    let (status, page) = get(
-        &format!(
-            "http://{}/api/v1/conversations/{conversation}/messages",
-            a.http
-        ),
-        Some(&alice.token),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let bodies: Vec<&str> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .filter_map(|m| m["body"].as_str())
-        .collect();
-    assert_eq!(bodies, ["for bob only"]);
+    assert_eq!(
+        history_bodies(&a, &conversation, &alice).await,
+        ["for bob only"]
+    );
     drop(cluster);
 }
 
@@ -406,22 +394,7 @@ async fn sql_metacharacters_and_odd_unicode_are_stored_as_data() {
     })
     .await;
     assert!(stored, "every message reached Postgres");
-    let (status, page) = get(
-        &format!(
-            "http://{}/api/v1/conversations/{conversation}/messages?limit=50",
-            node.http
-        ),
-        Some(&bob.token),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let bodies: Vec<&str> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .filter_map(|m| m["body"].as_str())
-        .collect();
-    assert_eq!(bodies, hostile);
+    assert_eq!(history_bodies(&node, &conversation, bob).await, hostile);
     let tables: i64 = db
         .query_one(
             "SELECT count(*) FROM pg_tables WHERE tablename IN ('users', 'messages')",
@@ -433,6 +406,25 @@ async fn sql_metacharacters_and_odd_unicode_are_stored_as_data() {
     assert_eq!(tables, 2, "no statement was injected");
     worker.cancel();
     node.shutdown.cancel();
+}
+
+/// The bodies of a conversation's first 50 messages, as `user` reads them through the history API.
+async fn history_bodies(node: &NodeHandle, conversation: &str, user: &User) -> Vec<String> {
+    let (status, page) = get(
+        &format!(
+            "http://{}/api/v1/conversations/{conversation}/messages?limit=50",
+            node.http
+        ),
+        Some(&user.token),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["body"].as_str().map(str::to_string))
+        .collect()
 }
 
 /// Percent-encodes every byte outside unreserved characters.
