@@ -19,14 +19,9 @@ tools_ok() {
 }
 if ! tools_ok; then
   echo "check-deploy: installing ${PACKAGES[*]} into $VENV"
-  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
-    # Debian ships venv separately.
-    rm -rf "$VENV"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; } \
-      || { echo "check-deploy: python3 -m venv is unavailable and python3-venv could not be installed"; exit 1; }
-    python3 -m venv "$VENV"
-  fi
-  "$PY" -m pip install -q --disable-pip-version-check "${PACKAGES[@]}"
+  # shellcheck source=deploy/lib/venv.sh
+  source deploy/lib/venv.sh
+  venv_install "$VENV" "${PACKAGES[@]}" || exit 1
 fi
 if ! command -v kubectl >/dev/null 2>&1; then
   echo "check-deploy: installing kubectl (for kubectl kustomize)"

@@ -159,6 +159,16 @@ where
         .with(spans)
 }
 
+/// `make()` when spans are exported, else a disabled span: per-message spans cost nothing
+/// (no registry slot, no formatted fields) while tracing is off.
+pub fn span_if_exporting(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if exporting() {
+        make()
+    } else {
+        tracing::Span::none()
+    }
+}
+
 /// The W3C `traceparent` of `span` when it is sampled and exported, to carry in a stream entry or
 /// a published payload.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {

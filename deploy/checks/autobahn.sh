@@ -17,12 +17,9 @@ VENV=${CHAT_CONFORMANCE_VENV:-/var/tmp/chat-conformance-venv}
 KOSOKU=kosoku==0.1.0
 
 if ! { [ -x "$VENV/bin/kosoku" ] && "$VENV/bin/python" -m pip freeze 2>/dev/null | grep -qxF "$KOSOKU"; }; then
-  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; } \
-      || { echo "autobahn: cannot create a Python venv" >&2; exit 1; }
-    python3 -m venv "$VENV"
-  fi
-  "$VENV/bin/python" -m pip install -q "$KOSOKU"
+  # shellcheck source=deploy/lib/venv.sh
+  source deploy/lib/venv.sh
+  venv_install "$VENV" "$KOSOKU"
 fi
 
 # The suite's largest messages are 16 MiB (cases 9.x); our default limit (16 KiB) would answer

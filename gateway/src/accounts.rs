@@ -342,8 +342,12 @@ pub async fn authenticate(
 ) -> Result<Identity, ApiError> {
     let identity = verify_token(node, req, allow_query)?;
     let client = node.db.get().await.map_err(ApiError::pool)?;
-    if let Some(name) = &identity.external_name {
-        provision_external_user(&client, &identity, name.as_deref()).await?;
+    if let Some(profile) = &identity.external {
+        // Created once; after that the directory knows the user and no write is needed.
+        if !node.directory.knows(identity.user_id) {
+            provision_external_user(&client, &identity, profile.name.as_deref()).await?;
+            node.directory.remember(identity.user_id);
+        }
     }
     let row = client
         .query_opt(
@@ -436,6 +440,14 @@ impl UserDirectory {
             known: Mutex::new(HashSet::new()),
             capacity,
         }
+    }
+
+    /// Whether `user` is known to exist, without asking Postgres.
+    pub fn knows(&self, user: Uuid) -> bool {
+        self.known
+            .lock()
+            .map(|known| known.contains(&user))
+            .unwrap_or(false)
     }
 
     /// Records a user known to exist.

@@ -46,9 +46,15 @@ pub struct Identity {
     pub iat: u64,
     /// Expiry, Unix seconds.
     pub exp: u64,
-    /// Set when an external identity provider issued the token: the user is created on first
-    /// use with this display name (the `name` claim, if any).
-    pub external_name: Option<Option<String>>,
+    /// Set when an external identity provider issued the token.
+    pub external: Option<ExternalProfile>,
+}
+
+/// What an external provider's token says about its user, who is created on first use.
+#[derive(Debug, Clone)]
+pub struct ExternalProfile {
+    /// The `name` claim, if any.
+    pub name: Option<String>,
 }
 
 /// The user id of an external identity: a UUIDv5 of issuer and subject, the same on every node,
@@ -174,7 +180,7 @@ impl ExternalProvider {
                         user_id: external_user_id(&self.issuer, &claims.sub),
                         iat: claims.iat.unwrap_or(0),
                         exp: claims.exp,
-                        external_name: Some(claims.name),
+                        external: Some(ExternalProfile { name: claims.name }),
                     });
                 }
                 Err(e) => outcome = Err(token_error(&e)),
@@ -252,7 +258,7 @@ impl Auth {
                         user_id: data.claims.sub,
                         iat: data.claims.iat,
                         exp: data.claims.exp,
-                        external_name: None,
+                        external: None,
                     }),
                     Err(e) => Err(token_error(&e)),
                 }

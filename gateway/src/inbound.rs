@@ -110,6 +110,8 @@ impl FrameReader {
                 Err(e) => return Some(Err(classify(e))),
             }
             match self.payload.next().await {
+                // Take an empty buffer's chunk as is (no copy; the old allocation is freed).
+                Some(Ok(chunk)) if self.buffer.is_empty() => self.buffer = BytesMut::from(chunk),
                 Some(Ok(chunk)) => self.buffer.extend_from_slice(&chunk),
                 Some(Err(e)) => return Some(Err(InboundError::Connection(e.to_string()))),
                 None => return None,

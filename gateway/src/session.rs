@@ -631,11 +631,13 @@ impl Connection {
                     let message = format!("more than {rate} messages per second; slow down");
                     ServerFrame::error(Some(id), ErrorCode::RateLimited, message)
                 } else {
-                    let span = tracing::info_span!(
-                        "chat.send",
-                        conn_id = %self.conn_id,
-                        outcome = tracing::field::Empty,
-                    );
+                    let span = chat_core::telemetry::span_if_exporting(|| {
+                        tracing::info_span!(
+                            "chat.send",
+                            conn_id = %self.conn_id,
+                            outcome = tracing::field::Empty,
+                        )
+                    });
                     let accepted = self
                         .accept_send(&id, to, conversation_id, body)
                         .instrument(span.clone())
@@ -1028,7 +1030,9 @@ impl Connection {
     ) -> Result<ServerFrame, (ErrorCode, String)> {
         let (conversation_id, to) = self
             .validate_send(id, to, conversation_id, &body)
-            .instrument(tracing::info_span!("chat.send.validate"))
+            .instrument(chat_core::telemetry::span_if_exporting(|| {
+                tracing::info_span!("chat.send.validate")
+            }))
             .await?;
         let msg = NewMessage {
             msg_id: Uuid::now_v7(),
@@ -1043,7 +1047,9 @@ impl Connection {
             .node
             .broker
             .append(&msg, id, self.conn_id)
-            .instrument(tracing::info_span!("redis.append"))
+            .instrument(chat_core::telemetry::span_if_exporting(|| {
+                tracing::info_span!("redis.append")
+            }))
             .await;
         match appended {
             Ok(Appended::New { seq }) => {
