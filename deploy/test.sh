@@ -31,6 +31,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== fuzz the client-frame decoder and validator (deploy/checks/fuzz.sh, about a minute)"
+deploy/checks/fuzz.sh
 echo "== k6 smoke (loadtest/k6/chat.js against two local gateway nodes)"
 cargo build --locked -p gateway -p persistence-worker
 STACK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" loadtest/k6-smoke.sh

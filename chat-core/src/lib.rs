@@ -20,7 +20,8 @@ pub mod backoff;
 pub mod conversation;
 pub mod db;
 pub mod keys;
-pub mod protocol;
+/// The wire protocol lives in its own small crate (so the fuzz target builds quickly).
+pub use chat_protocol as protocol;
 pub mod redis_pool;
 pub mod settings;
 pub mod shutdown;

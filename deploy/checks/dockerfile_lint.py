@@ -108,6 +108,12 @@ def check_dockerignore(errors: list[str]) -> None:
     lines = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
     if "**" not in lines and "target" not in lines and "/target" not in lines:
         errors.append(".dockerignore: target/ is not excluded")
+    if "**" in lines:
+        # Everything is ignored but what is re-included: each workspace member must be.
+        members = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["members"]
+        for m in members:
+            if f"!{m}/" not in lines and f"!{m}" not in lines:
+                errors.append(f".dockerignore: workspace member {m}/ is not re-included (!{m}/)")
 
 
 def main() -> int:

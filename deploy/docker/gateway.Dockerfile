@@ -7,16 +7,18 @@
 FROM rust:1.95.0-slim-bookworm AS deps
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY chat-protocol/Cargo.toml chat-protocol/
 COPY chat-core/Cargo.toml chat-core/
 COPY gateway/Cargo.toml gateway/
 COPY persistence-worker/Cargo.toml persistence-worker/
 COPY loadtest/harness/Cargo.toml loadtest/harness/
 # Stub crate roots: every member must have its targets for the workspace to load.
-RUN for d in chat-core gateway persistence-worker; do mkdir -p "$d/src" && touch "$d/src/lib.rs"; done \
+RUN for d in chat-protocol chat-core gateway persistence-worker; do mkdir -p "$d/src" && touch "$d/src/lib.rs"; done \
  && for d in gateway persistence-worker loadtest/harness; do mkdir -p "$d/src" && echo 'fn main() {}' > "$d/src/main.rs"; done \
  && cargo build --release --locked -p gateway --bin gateway
 
 FROM deps AS build
+COPY chat-protocol chat-protocol
 COPY chat-core chat-core
 COPY gateway gateway
 COPY persistence-worker persistence-worker
@@ -25,7 +27,7 @@ COPY loadtest/harness loadtest/harness
 COPY web web
 # COPY keeps the files' own mtimes, which may be older than the stub build: touch the crate
 # roots so Cargo rebuilds the workspace crates instead of reusing the stubs.
-RUN touch chat-core/src/lib.rs gateway/src/lib.rs gateway/src/main.rs \
+RUN touch chat-protocol/src/lib.rs chat-core/src/lib.rs gateway/src/lib.rs gateway/src/main.rs \
  && cargo build --release --locked -p gateway --bin gateway \
  && install -m 0755 target/release/gateway /usr/local/bin/gateway
 

@@ -10,6 +10,7 @@ use actix_ws::{CloseReason, Closed, Session};
 use bytestring::ByteString;
 use chat_core::conversation::direct_conversation_id;
 use chat_core::keys::Topic;
+use chat_core::protocol::validate::{self, SendTarget};
 use chat_core::protocol::{
     ClientFrame, CloseCode, ErrorCode, PresenceStatus, ServerFrame, SyncPoint,
 };
@@ -36,25 +37,12 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// about ten seconds, or one flood of twelve seconds' worth).
 const ABUSE_FACTOR: f64 = 10.0;
 
-/// Longest client message id accepted.
-const MAX_CLIENT_ID_BYTES: usize = 128;
-/// Most conversations one `sync` frame may name.
-const MAX_SYNC_CONVERSATIONS: usize = 100;
 /// Most messages one `sync` sends per conversation; `synced.complete` is false beyond it.
 const SYNC_PAGE: i64 = 500;
 /// At most one `typing` relayed per conversation per connection in this interval.
 const TYPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Conversations a connection remembers typing times for, before forgetting the old ones.
 const MAX_TYPING_ENTRIES: usize = 64;
-/// Every client frame type, for error messages.
-const KNOWN_FRAME_TYPES: [&str; 6] = [
-    "send",
-    "sync",
-    "read",
-    "typing",
-    "presence.watch",
-    "presence.unwatch",
-];
 /// Users a connection remembers the last presence status of, before starting over.
 const MAX_PRESENCE_SEEN: usize = 10_000;
 /// The start of the node-internal frame that revokes tokens issued before a password change.
@@ -596,21 +584,15 @@ impl Connection {
         delivered: &mut Delivered,
     ) -> Result<(), Closed> {
         let received = Instant::now();
-        let frame = match serde_json::from_str::<ClientFrame>(text) {
+        let frame = match validate::decode(text) {
             Ok(f) => f,
-            Err(e) => {
+            Err(rejection) => {
                 self.node
                     .metrics
                     .frames_in
                     .with_label_values(&["invalid"])
                     .inc();
-                let (id, message) = describe_parse_error(text, &e);
-                return self
-                    .send(
-                        session,
-                        &ServerFrame::error(id, ErrorCode::BadRequest, message),
-                    )
-                    .await;
+                return self.send(session, &rejection.into_frame()).await;
             }
         };
         match frame {
@@ -669,25 +651,11 @@ impl Connection {
                 conversations,
             } => {
                 self.count_in("sync");
-                let points = match (conversation_id, conversations) {
-                    (Some(conversation_id), None) => vec![SyncPoint {
-                        conversation_id,
-                        after_seq: after_seq.unwrap_or(0),
-                    }],
-                    (None, Some(points)) if after_seq.is_none() => points,
-                    _ => {
-                        let message = "give conversation_id (and after_seq) or conversations";
-                        return self
-                            .reply_error(session, ErrorCode::BadRequest, message)
-                            .await;
-                    }
+                let points = match validate::sync_points(conversation_id, after_seq, conversations)
+                {
+                    Ok(points) => points,
+                    Err((code, message)) => return self.reply_error(session, code, message).await,
                 };
-                if points.is_empty() || points.len() > MAX_SYNC_CONVERSATIONS {
-                    let message = format!("sync 1 to {MAX_SYNC_CONVERSATIONS} conversations");
-                    return self
-                        .reply_error(session, ErrorCode::BadRequest, message)
-                        .await;
-                }
                 for point in points {
                     self.sync(session, point, delivered).await?;
                 }
@@ -1090,42 +1058,15 @@ impl Connection {
         body: &str,
     ) -> Result<(Uuid, Option<Uuid>), (ErrorCode, String)> {
         let max_body = self.node.config.raw.gateway_max_body_bytes;
-        if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES {
-            return Err((
-                ErrorCode::BadRequest,
-                format!("id must be 1 to {MAX_CLIENT_ID_BYTES} bytes"),
-            ));
-        }
-        if body.trim().is_empty() {
-            return Err((ErrorCode::BadRequest, "body must not be empty".into()));
-        }
-        if body.contains('\0') {
-            return Err((
-                ErrorCode::BadRequest,
-                "body must not contain NUL characters".into(),
-            ));
-        }
-        if body.len() > max_body {
-            return Err((
-                ErrorCode::TooLarge,
-                format!("body exceeds {max_body} bytes"),
-            ));
-        }
-        let pair = match (to, conversation_id) {
-            (Some(to), None) => {
+        let pair = match validate::check_send(id, to, conversation_id, body, max_body)? {
+            SendTarget::User(to) => {
                 self.check_recipient(to).await?;
                 (direct_conversation_id(self.user_id, to), Some(to))
             }
-            (None, Some(conversation)) => match self.membership(conversation).await? {
+            SendTarget::Conversation(conversation) => match self.membership(conversation).await? {
                 Membership::Direct { peer } => (conversation, Some(peer)),
                 Membership::Room => (conversation, None),
             },
-            _ => {
-                return Err((
-                    ErrorCode::BadRequest,
-                    "give exactly one of to and conversation_id".into(),
-                ))
-            }
         };
         Ok(pair)
     }
@@ -1181,25 +1122,4 @@ impl Connection {
             Err(_) => Err(Closed),
         }
     }
-}
-
-/// The client id (when the frame had one) and a message for a frame that did not parse.
-fn describe_parse_error(text: &str, err: &serde_json::Error) -> (Option<String>, String) {
-    let value: Option<serde_json::Value> = serde_json::from_str(text).ok();
-    let id = value
-        .as_ref()
-        .and_then(|v| v.get("id"))
-        .and_then(|v| v.as_str())
-        .filter(|s| s.len() <= MAX_CLIENT_ID_BYTES)
-        .map(str::to_string);
-    let message = match &value {
-        None => "malformed JSON".to_string(),
-        Some(v) if !v.is_object() => "a frame must be a JSON object".to_string(),
-        Some(v) => match v.get("type").and_then(|t| t.as_str()) {
-            None => "missing field `type`".to_string(),
-            Some(t) if !KNOWN_FRAME_TYPES.contains(&t) => "unknown frame type".to_string(),
-            Some(_) => format!("invalid frame: {err}"),
-        },
-    };
-    (id, message)
 }
