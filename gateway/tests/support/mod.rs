@@ -266,8 +266,19 @@ pub async fn call(
     user: &User,
     body: Option<Value>,
 ) -> (u16, Value) {
+    call_at(method, node.http, path, user, body).await
+}
+
+/// [`call`] to a node by address (a node running as its own process).
+pub async fn call_at(
+    method: reqwest::Method,
+    addr: SocketAddr,
+    path: &str,
+    user: &User,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut req = reqwest::Client::new()
-        .request(method, format!("http://{}{path}", node.http))
+        .request(method, format!("http://{addr}{path}"))
         .bearer_auth(&user.token);
     if let Some(body) = body {
         req = req.json(&body);
@@ -279,9 +290,14 @@ pub async fn call(
 
 /// Creates a room owned by `owner` with `members`; returns its id.
 pub async fn create_room(node: &NodeHandle, owner: &User, members: &[Uuid]) -> Uuid {
-    let (status, body) = call(
+    create_room_at(node.http, owner, members).await
+}
+
+/// [`create_room`] on a node by address.
+pub async fn create_room_at(addr: SocketAddr, owner: &User, members: &[Uuid]) -> Uuid {
+    let (status, body) = call_at(
         reqwest::Method::POST,
-        node,
+        addr,
         "/api/v1/rooms",
         owner,
         Some(json!({"name": "room", "member_ids": members})),
@@ -309,7 +325,12 @@ pub async fn recv_until(ws: &mut Ws, pred: impl Fn(&Value) -> bool) -> Vec<Value
 
 /// The value of one series (`name` or `name{labels}` exactly as exported) on a node's /metrics.
 pub async fn metric(node: &NodeHandle, series: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{}/metrics", node.internal))
+    metric_at(node.internal, series).await
+}
+
+/// [`metric`] from a node's internal address (a node running as its own process).
+pub async fn metric_at(internal: SocketAddr, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{internal}/metrics"))
         .await
         .ok()?
         .text()
