@@ -139,3 +139,39 @@ failureThreshold: {{ .probe.failureThreshold }}
 {{- fail (printf "gateway.terminationGracePeriodSeconds (%v) must exceed gateway.preStopSleepSeconds + gateway.config.gateway_shutdown_grace_secs + 2 (%v)" $g.terminationGracePeriodSeconds $need) -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The external identity provider (auth.externalProvider). The JWKS is always mounted as this file,
+whatever its key in the ConfigMap; the gateway reads it once, at start.
+*/}}
+{{- define "chat-gateway.jwksDir" -}}/etc/chat/jwks{{- end -}}
+{{- define "chat-gateway.jwksPath" -}}{{ include "chat-gateway.jwksDir" . }}/jwks.json{{- end -}}
+
+{{- define "chat-gateway.jwksConfigMapName" -}}
+{{- default (printf "%s-jwks" (include "chat-gateway.componentName" (dict "ctx" . "component" "gateway"))) .Values.auth.externalProvider.existingConfigMap -}}
+{{- end -}}
+
+{{/*
+The inline JWKS (JSON text), after the checks the schema also makes
+(for `--skip-schema-validation`) and one it cannot: the text must be a JSON object with a
+non-empty `keys` list, or the gateway would refuse to start. Renders nothing when disabled or
+when the JWKS comes from an existing ConfigMap.
+*/}}
+{{- define "chat-gateway.jwks" -}}
+{{- $p := .Values.auth.externalProvider -}}
+{{- if $p.enabled -}}
+{{- if not (and (trim (toString $p.issuer)) (trim (toString $p.audience))) -}}
+{{- fail "auth.externalProvider.issuer and auth.externalProvider.audience are required when auth.externalProvider.enabled (the gateway refuses to start without them)" -}}
+{{- end -}}
+{{- if eq (empty $p.jwks) (empty $p.existingConfigMap) -}}
+{{- fail "auth.externalProvider: set exactly one of jwks (inline) and existingConfigMap" -}}
+{{- end -}}
+{{- with $p.jwks -}}
+{{- $doc := fromJson . -}}
+{{- if or (hasKey $doc "Error") (not (kindIs "slice" (get $doc "keys"))) (empty (get $doc "keys")) -}}
+{{- fail "auth.externalProvider.jwks must be a JWKS: a JSON object with a non-empty \"keys\" list" -}}
+{{- end -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
