@@ -4,10 +4,11 @@
 # docs/benchmarks/. Everything it starts listens on 127.0.0.1 and is stopped at exit; it uses
 # its own database (chat_bench) and Redis key prefix, and deletes them afterwards.
 #
-# Usage: loadtest/run-bench.sh [conns|chat|drain|ceiling|all]...   (default: all)
+# Usage: loadtest/run-bench.sh [conns|chat|rooms|drain|ceiling|all]...   (default: all)
 # Knobs (environment): BENCH_CONNS (19000), BENCH_CONN_PROCS (3), BENCH_PAIRS (500),
 #   BENCH_RATES (1000,2000,5000,10000,15000), BENCH_STEP_SECS (10), BENCH_WINDOW (8),
-#   BENCH_DRAIN_COUNT (100000), BENCH_TARGETS ("ours socketio sockudo").
+#   BENCH_DRAIN_COUNT (100000), BENCH_ROOM_SIZES (100,1000,10000), BENCH_ROOM_MESSAGES (20),
+#   BENCH_TARGETS ("ours socketio sockudo").
 # Sockudo runs only when SOCKUDO_BIN names its binary (built outside this repository; see
 # loadtest/README.md); otherwise it is skipped with a message.
 set -euo pipefail
@@ -25,6 +26,8 @@ RATES=${BENCH_RATES:-1000,2000,5000,10000,15000}
 STEP_SECS=${BENCH_STEP_SECS:-10}
 WINDOW=${BENCH_WINDOW:-8}
 DRAIN_COUNT=${BENCH_DRAIN_COUNT:-100000}
+ROOM_SIZES=${BENCH_ROOM_SIZES:-100,1000,10000}
+ROOM_MESSAGES=${BENCH_ROOM_MESSAGES:-20}
 TARGETS=${BENCH_TARGETS:-ours socketio sockudo}
 STACK_DB=chat_bench
 STACK_PREFIX="bench$(date +%s)"
@@ -118,6 +121,39 @@ if want chat; then
       --label sockudo --out "$OUT/chat-sockudo.json"
     stack_kill sockudo-a
     stack_kill sockudo-b
+  fi
+fi
+
+if want rooms; then
+  # One sender, members dealt over two nodes; a message every 500 ms per room size.
+  rooms() { # label protocol node-a-port node-b-port [extra loadgen args...]
+    local label=$1 protocol=$2 a=$3 b=$4
+    shift 4
+    stack_log "rooms: $label, rooms of $ROOM_SIZES members across two nodes"
+    "$LOADGEN" rooms --protocol "$protocol" --nodes "ws://127.0.0.1:$a,ws://127.0.0.1:$b" \
+      --sizes "$ROOM_SIZES" --messages "$ROOM_MESSAGES" --concurrency 200 "${redis_watch[@]}" "$@" \
+      --label "$label" --out "$OUT/rooms-$label.json"
+  }
+  if target ours; then
+    [ -n "${PID_gw_a:-}" ] || stack_gateway gw-a 18080 19090
+    [ -n "${PID_gw_b:-}" ] || stack_gateway gw-b 18081 19092
+    [ -n "${PID_worker:-}" ] || stack_worker worker 19191
+    rooms ours chat 18080 18081 --database-url "$STACK_DB_URL" \
+      --watch "gateway-a=$PID_gw_a" --watch "gateway-b=$PID_gw_b" --watch "worker=$PID_worker"
+  fi
+  if target socketio; then
+    stack_reference rooms-sio-a 13001
+    stack_reference rooms-sio-b 13002
+    rooms socketio socketio 13001 13002 --watch "node-a=$PID_rooms_sio_a" --watch "node-b=$PID_rooms_sio_b"
+    stack_kill rooms-sio-a
+    stack_kill rooms-sio-b
+  fi
+  if target sockudo; then
+    stack_sockudo rooms-sockudo-a 16001 16101
+    stack_sockudo rooms-sockudo-b 16002 16102
+    rooms sockudo pusher 16001 16002 --watch "node-a=$PID_rooms_sockudo_a" --watch "node-b=$PID_rooms_sockudo_b"
+    stack_kill rooms-sockudo-a
+    stack_kill rooms-sockudo-b
   fi
 fi
 

@@ -2,6 +2,9 @@
 // adapter (the stack the origin app used) doing the gateway's job on the same machine:
 // authenticate with the same HS256 JWT, send to a user, deliver across nodes through Redis.
 // It stores nothing; ours appends every message to a Redis stream before it acks.
+// Rooms (the harness's `rooms` workload): a client names one room in its CONNECT auth and is
+// trusted to be a member (ours checks membership in Postgres); a `send` with `room` instead of
+// `to` goes to the room's other members on every node.
 //
 // Usage: JWT_SECRET=... PORT=3001 REDIS_URL=redis://127.0.0.1:6379 node server.js
 'use strict';
@@ -46,6 +49,8 @@ async function main() {
       const token = socket.handshake.auth && socket.handshake.auth.token;
       const claims = jwt.verify(token, secret, { algorithms: ['HS256'] });
       socket.data.userId = claims.sub;
+      const room = socket.handshake.auth.room;
+      socket.data.room = typeof room === 'string' && room.length <= 64 ? room : null;
       next();
     } catch {
       next(new Error('unauthorized'));
@@ -55,11 +60,26 @@ async function main() {
   io.on('connection', (socket) => {
     const userId = socket.data.userId;
     socket.join(`user:${userId}`);
+    if (socket.data.room) socket.join(`room:${socket.data.room}`);
     socket.on('send', (msg, ack) => {
       if (typeof ack !== 'function') return;
-      if (!msg || typeof msg.id !== 'string' || typeof msg.to !== 'string'
+      const toRoom = msg && typeof msg.room === 'string';
+      if (!msg || typeof msg.id !== 'string' || (typeof msg.to !== 'string' && !toRoom)
           || typeof msg.body !== 'string' || msg.body.length === 0 || msg.body.length > maxBody) {
         ack({ type: 'error', code: 'bad_request' });
+        return;
+      }
+      if (toRoom) {
+        if (msg.room !== socket.data.room) {
+          ack({ type: 'error', id: msg.id, code: 'forbidden' });
+          return;
+        }
+        const frame = {
+          type: 'message', msg_id: randomUUID(), from: userId, room: msg.room, body: msg.body, ts: Date.now(),
+        };
+        // Like the gateway: every member's connections but the sending one.
+        socket.to(`room:${msg.room}`).emit('message', frame);
+        ack({ type: 'ack', id: msg.id, msg_id: frame.msg_id, ts: frame.ts });
         return;
       }
       const frame = {

@@ -222,6 +222,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             let credentials = Credentials {
                 token: &token,
                 pusher: pusher_app.map(|app| (app, Some(channel.as_str()))),
+                room: None,
             };
             let ws = protocol
                 .connect(&node, &credentials, None)

@@ -213,6 +213,7 @@ pub async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
                 let credentials = Credentials {
                     token: &token,
                     pusher: pusher_app.map(|app| (app, None)),
+                    room: None,
                 };
                 match protocol.connect(url, &credentials, source).await {
                     Ok(ws) => {

@@ -2,7 +2,7 @@
 //! (ours or a reference stack) and writes its result as JSON; `plot` draws the results as SVG.
 //!
 //! Layout: `proto` speaks the wire protocols, `identity` mints users and tokens, `conns` holds
-//! idle connections, `chat` drives one-to-one traffic, `drain` bursts the worker, `ceiling`
+//! idle connections, `chat` drives one-to-one traffic, `rooms` fans out into rooms, `drain` bursts the worker, `ceiling`
 //! measures Redis on our publish path, `procstat` reads memory and CPU from `/proc`, `report`
 //! holds the result types, `plot` draws them. `loadtest/README.md` documents every workload.
 
@@ -15,6 +15,7 @@ mod plot;
 mod procstat;
 mod proto;
 mod report;
+mod rooms;
 
 use std::path::PathBuf;
 
@@ -38,6 +39,8 @@ enum Command {
     ConnsShard(conns::ShardArgs),
     /// Drives one-to-one messages between pairs of users on different nodes.
     Chat(chat::ChatArgs),
+    /// Posts into rooms of growing size across nodes; reports the time to the last member.
+    Rooms(rooms::RoomsArgs),
     /// Appends a burst of messages to the stream and measures the worker draining them.
     Drain(drain::DrainArgs),
     /// Measures how many appends per second Redis takes on our append script.
@@ -67,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             Command::Conns(args) => conns::run(args).await,
             Command::ConnsShard(args) => conns::run_shard(args).await,
             Command::Chat(args) => chat::run(args).await,
+            Command::Rooms(args) => rooms::run(args).await,
             Command::Drain(args) => drain::run(args).await,
             Command::Ceiling(args) => ceiling::run(args).await,
             Command::Plot { .. } => Ok(()),

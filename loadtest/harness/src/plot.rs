@@ -111,6 +111,34 @@ pub fn draw_all(results: &Path, out: &Path) -> anyhow::Result<()> {
         )?;
     }
 
+    let mut rooms = Vec::new();
+    for d in of("rooms") {
+        let steps = d["result"]["steps"].as_array().cloned().unwrap_or_default();
+        for (field, name) in [("p50_ms", "p50"), ("p99_ms", "p99")] {
+            rooms.push(Series {
+                name: format!("{} {name}", label(d)),
+                points: steps
+                    .iter()
+                    .filter_map(|s| {
+                        Some((s["members"].as_f64()?, s["last_member"][field].as_f64()?))
+                    })
+                    .collect(),
+            });
+        }
+    }
+    if !rooms.is_empty() {
+        write(
+            out,
+            "rooms-last-member.svg",
+            &log_chart(
+                "Room fan-out: time until the last member has the message",
+                "members in the room",
+                "ms from send (log scale)",
+                &rooms,
+            ),
+        )?;
+    }
+
     let drains: Vec<Series> = of("drain")
         .map(|d| Series {
             name: label(d),

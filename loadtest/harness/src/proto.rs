@@ -38,6 +38,9 @@ pub struct Credentials<'a> {
     pub token: &'a str,
     /// Pusher: the app, and the private channel to subscribe to if any.
     pub pusher: Option<(&'a PusherApp, Option<&'a str>)>,
+    /// Socket.IO: a room to join at connect (the reference trusts it; ours reads a user's rooms
+    /// from Postgres, Pusher subscribes to the room's channel).
+    pub room: Option<&'a str>,
 }
 
 /// Command-line options for Pusher targets.
@@ -238,7 +241,10 @@ impl Protocol {
                         truncate(&open)
                     );
                 }
-                let connect = serde_json::json!({ "token": token });
+                let connect = match credentials.room {
+                    Some(room) => serde_json::json!({ "token": token, "room": room }),
+                    None => serde_json::json!({ "token": token }),
+                };
                 ws.send(Message::text(format!("40{connect}"))).await?;
                 loop {
                     let reply = next_text(&mut ws).await?;
@@ -273,6 +279,22 @@ impl Protocol {
                 "data": { "id": id, "body": body },
             })
             .to_string(),
+        }
+    }
+
+    /// The text frame that posts `body` into room `room` (its name in this protocol) with client
+    /// id `id`. The sender's own connection does not receive it in any of the three.
+    pub fn encode_room_send(self, id: &str, room: &str, body: &str) -> String {
+        match self {
+            Protocol::Chat => serde_json::json!({
+                "type": "send", "id": id, "conversation_id": room, "body": body,
+            })
+            .to_string(),
+            Protocol::Socketio => {
+                let payload = serde_json::json!({ "id": id, "room": room, "body": body });
+                format!("421[\"send\",{payload}]")
+            }
+            Protocol::Pusher => self.encode_send(id, room, body),
         }
     }
 
