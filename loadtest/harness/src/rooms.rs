@@ -1,7 +1,10 @@
 //! The `rooms` workload: one sender and rooms of growing size (100, 1,000, 10,000 members by
-//! default) with the members spread over the nodes. The sender posts a message every interval;
-//! every member's connection records when it read it. Reported per room size: every delivery's
-//! latency (the fan-out) and, per message, the time until the last member had it.
+//! default) with the members spread over the nodes. The sender posts one message at a time: the
+//! next goes out once every member has the last one (or the drain time passed), and no sooner
+//! than the interval after it, so each fan-out is measured alone rather than queued behind the
+//! previous one. Every member's connection records when it read each message. Reported per room
+//! size: every delivery's latency (the fan-out) and, per message, the time until the last member
+//! had it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -37,14 +40,13 @@ pub struct RoomsArgs {
     /// Messages the sender posts per room size.
     #[arg(long, default_value_t = 20)]
     messages: usize,
-    /// Milliseconds between two messages.
+    /// Least milliseconds between two messages (the next also waits for the last fan-out).
     #[arg(long, default_value_t = 500)]
     interval_ms: u64,
     /// Body size in bytes (at least 24: the message's index and send time travel in the body).
     #[arg(long, default_value_t = 64)]
     body_bytes: usize,
-    /// Longest wait for the last deliveries after the last send (it ends sooner when every
-    /// connected member has every message).
+    /// Longest wait for one message to reach every member before the next is sent.
     #[arg(long, default_value_t = 15)]
     drain_secs: u64,
     #[arg(long, env = "LOADGEN_JWT_SECRET")]
@@ -121,10 +123,10 @@ fn parse_body(body: &str) -> Option<(usize, u64)> {
     Some((index, sent))
 }
 
-/// What one member's connection saw: every delivery's latency, and per message the latency of
-/// this member's read (0 when it never read it).
+/// What one member's connection saw: per message, the latency of this member's read in µs
+/// (0 when it never read it). One small vector per member: a histogram each would cost tens of
+/// KiB per member, hundreds of MiB for a room of 10,000.
 struct MemberLog {
-    fanout: Histogram<u64>,
     per_message_micros: Vec<u64>,
 }
 
@@ -253,7 +255,8 @@ async fn run_size(args: &RoomsArgs, size: usize) -> anyhow::Result<RoomStep> {
 
     let stop = CancellationToken::new();
     let disconnects = Arc::new(AtomicU64::new(0));
-    let delivered_so_far = Arc::new(AtomicU64::new(0));
+    let reached: Arc<Vec<AtomicU64>> =
+        Arc::new((0..args.messages).map(|_| AtomicU64::new(0)).collect());
     let mut readers = Vec::with_capacity(size);
     for ws in sockets.into_iter().skip(1).flatten() {
         readers.push(tokio::spawn(read_member(
@@ -262,38 +265,33 @@ async fn run_size(args: &RoomsArgs, size: usize) -> anyhow::Result<RoomStep> {
             args.messages,
             stop.clone(),
             disconnects.clone(),
-            delivered_so_far.clone(),
+            reached.clone(),
         )));
     }
     let connected = readers.len() as u64;
 
     let cpu = CpuMeter::start(&args.watch);
-    let acks = send_all(sender, protocol, &target, args).await?;
-    // Wait for the last deliveries (or the drain time), then stop the readers.
-    let all = connected * args.messages as u64;
-    let drain_until = Instant::now() + Duration::from_secs(args.drain_secs);
-    while delivered_so_far.load(Ordering::Relaxed) < all && Instant::now() < drain_until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let fanned_out = |i: usize| reached[i].load(Ordering::Relaxed) >= connected;
+    let acks = send_all(sender, protocol, &target, args, fanned_out).await?;
     let cpu_percent = cpu.finish();
     stop.cancel();
 
     let mut fanout = micros_histogram();
     let mut last = vec![0u64; args.messages];
-    let mut reached = vec![0u64; args.messages];
+    let mut got = vec![0u64; args.messages];
     for reader in readers {
         let log = reader.await.context("reader task")?;
-        fanout.add(&log.fanout).context("merging histograms")?;
         for (i, micros) in log.per_message_micros.iter().enumerate() {
             if *micros > 0 {
-                reached[i] += 1;
+                fanout.record(*micros).context("recording")?;
+                got[i] += 1;
                 last[i] = last[i].max(*micros);
             }
         }
     }
     let mut last_member = micros_histogram();
     for (i, micros) in last.iter().enumerate() {
-        if reached[i] == connected {
+        if got[i] == connected {
             last_member.record(*micros).context("recording")?;
         }
     }
@@ -320,64 +318,66 @@ async fn run_size(args: &RoomsArgs, size: usize) -> anyhow::Result<RoomStep> {
     })
 }
 
-/// Posts `args.messages` messages at the interval, answering pings and reading acks in between;
-/// returns the ack latencies.
+/// Posts `args.messages` messages one at a time: each after the previous one has reached every
+/// member (`fanned_out`) or waited the drain time, and at least the interval after it. Answers
+/// pings and reads acks meanwhile; returns the ack latencies.
 async fn send_all(
     mut ws: Ws,
     protocol: Protocol,
     target: &str,
     args: &RoomsArgs,
+    fanned_out: impl Fn(usize) -> bool,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut acks = micros_histogram();
     let mut sent_at = vec![0u64; args.messages];
-    let mut ticker = tokio::time::interval(Duration::from_millis(args.interval_ms.max(1)));
-    let mut next = 0;
-    let deadline = tokio::time::sleep(Duration::from_secs(3600));
-    tokio::pin!(deadline);
-    let mut acked = 0;
-    let wanted = if protocol.acks() { args.messages } else { 0 };
-    while next < args.messages || acked < wanted {
-        tokio::select! {
-            _ = ticker.tick(), if next < args.messages => {
-                let now = now_nanos();
-                sent_at[next] = now;
-                let body = make_body(next, now, args.body_bytes);
-                let frame = protocol.encode_room_send(&next.to_string(), target, &body);
-                ws.send(Message::text(frame)).await.context("sending")?;
-                next += 1;
-                if next == args.messages {
-                    // Acks of the last messages get as long as the deliveries.
-                    deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + Duration::from_secs(args.drain_secs));
-                }
-            }
-            frame = ws.next() => {
-                let text = match frame {
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(e).context("sender connection"),
-                    None => bail!("the sender's connection ended"),
-                };
-                match protocol.decode(text.as_str()) {
-                    Incoming::Ack(id) => {
-                        if let Some(at) = id.parse::<usize>().ok().and_then(|i| sent_at.get(i)) {
-                            acks.record((now_nanos() - at) / 1000).context("recording")?;
+    let interval = Duration::from_millis(args.interval_ms);
+    let drain = Duration::from_secs(args.drain_secs);
+    let mut poll = tokio::time::interval(Duration::from_millis(2));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    for index in 0..args.messages {
+        let now = now_nanos();
+        sent_at[index] = now;
+        let body = make_body(index, now, args.body_bytes);
+        let frame = protocol.encode_room_send(&index.to_string(), target, &body);
+        ws.send(Message::text(frame)).await.context("sending")?;
+        let sent = Instant::now();
+        let mut done = false;
+        // Until this message reached everyone (or the drain time) and the interval passed.
+        while !(done && sent.elapsed() >= interval) {
+            tokio::select! {
+                _ = poll.tick() => {
+                    if !done && (fanned_out(index) || sent.elapsed() >= drain) {
+                        if !fanned_out(index) {
+                            eprintln!("loadgen: rooms: message {index} did not reach every member");
                         }
-                        acked += 1;
+                        done = true;
                     }
-                    Incoming::Error(_) => bail!("the server refused a room send: {}", text.as_str()),
-                    Incoming::Ping => {
-                        if let Some(pong) = protocol.pong() {
-                            ws.send(Message::text(pong)).await.context("pong")?;
-                        }
-                    }
-                    Incoming::Message(_) | Incoming::Other => {}
                 }
-            }
-            _ = &mut deadline => {
-                eprintln!("loadgen: rooms: {acked} of {wanted} acks before the deadline");
-                break;
+                frame = ws.next() => {
+                    let text = match frame {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Err(e).context("sender connection"),
+                        None => bail!("the sender's connection ended"),
+                    };
+                    match protocol.decode(text.as_str()) {
+                        Incoming::Ack(id) => {
+                            let at = id.parse::<usize>().ok().and_then(|i| sent_at.get(i));
+                            if let Some(at) = at {
+                                acks.record((now_nanos() - at) / 1000).context("recording")?;
+                            }
+                        }
+                        Incoming::Error(_) => {
+                            bail!("the server refused a room send: {}", text.as_str())
+                        }
+                        Incoming::Ping => {
+                            if let Some(pong) = protocol.pong() {
+                                ws.send(Message::text(pong)).await.context("pong")?;
+                            }
+                        }
+                        Incoming::Message(_) | Incoming::Other => {}
+                    }
+                }
             }
         }
     }
@@ -392,10 +392,9 @@ async fn read_member(
     messages: usize,
     stop: CancellationToken,
     disconnects: Arc<AtomicU64>,
-    delivered: Arc<AtomicU64>,
+    reached: Arc<Vec<AtomicU64>>,
 ) -> MemberLog {
     let mut log = MemberLog {
-        fanout: micros_histogram(),
         per_message_micros: vec![0; messages],
     };
     loop {
@@ -415,10 +414,11 @@ async fn read_member(
             Incoming::Message(body) => {
                 if let Some((index, sent)) = parse_body(&body) {
                     let micros = (now_nanos().saturating_sub(sent) / 1000).max(1);
-                    let _ = log.fanout.record(micros);
-                    delivered.fetch_add(1, Ordering::Relaxed);
                     if let Some(slot) = log.per_message_micros.get_mut(index) {
-                        *slot = micros;
+                        if *slot == 0 {
+                            *slot = micros;
+                            reached[index].fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
