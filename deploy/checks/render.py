@@ -3,7 +3,10 @@ default values and each helm/chat-gateway/ci/*.yaml, after checking the values a
 values.schema.json and linting the chart (strict: warnings fail). Also proves the chart's guards
 refuse what the binaries would refuse, and that an external identity provider
 (auth.externalProvider) reaches the gateway pods: JWKS volume, read-only mount, the three env vars,
-and a checksum that rolls the pods when an inline JWKS changes. Writes OUT/helm-<case>.yaml.
+and a checksum that rolls the pods when an inline JWKS changes; and that TLS in the gateways
+(gateway.tls) does too: the Secret's volume, a read-only directory mount (no subPath, which would
+never see a renewed certificate), the env vars, an `https` Service port, probes still plain HTTP
+on the internal port. Writes OUT/helm-<case>.yaml.
 
 Usage: render.py OUT_DIR"""
 
@@ -44,11 +47,23 @@ MUST_FAIL = {
     "inline JWKS without keys": (
         {"auth": {"externalProvider": {"enabled": True, "issuer": "https://idp", "audience": "chat",
                                        "jwks": '{"kid": "a"}'}}}, "keys"),
+    "gateway TLS without a Secret": ({"gateway": {"tls": {"enabled": True}}}, "secretName"),
+    "gateway TLS with a Secret name that is no object name": (
+        {"gateway": {"tls": {"enabled": True, "secretName": "Chat_TLS"}}}, "secretName"),
+    "gateway TLS with a negative reload interval": (
+        {"gateway": {"tls": {"enabled": True, "secretName": "chat-tls", "reloadSecs": -1}}}, "reloadSecs"),
+    "gateway TLS behind the chart's Ingress": (
+        {"gateway": {"tls": {"enabled": True, "secretName": "chat-tls"}}, "ingress": {"enabled": True}},
+        "ingress.enabled"),
 }
 
 # auth.externalProvider: where the JWKS file is, and the settings it turns on (gateway only).
 JWKS_DIR, JWKS_FILE = "/etc/chat/jwks", "jwks.json"
 EXTERNAL_ENV = ("CHAT_JWT_JWKS_PATH", "CHAT_JWT_EXTERNAL_ISSUER", "CHAT_JWT_EXTERNAL_AUDIENCE")
+
+# gateway.tls: where the Secret is mounted, and the settings it turns on (gateway only).
+TLS_DIR = "/etc/chat/tls"
+TLS_ENV = ("CHAT_GATEWAY_TLS_CERT_PATH", "CHAT_GATEWAY_TLS_KEY_PATH", "CHAT_GATEWAY_TLS_RELOAD_SECS")
 
 
 def cases() -> dict[str, dict]:
@@ -114,6 +129,65 @@ def check_external_provider(name: str, values: dict, body: str, errors: list[str
                 errors.append(f"{where}: checksum/jwks is not the sha256 of the JWKS (a new key set would not roll the pods)")
 
 
+def check_gateway_tls(name: str, values: dict, body: str, errors: list[str]) -> None:
+    """With gateway.tls.enabled, the gateway pods mount the kubernetes.io/tls Secret read-only as
+    a directory (no subPath) where CHAT_GATEWAY_TLS_CERT_PATH and _KEY_PATH point, get
+    CHAT_GATEWAY_TLS_RELOAD_SECS only when reloadSecs is set, carry no checksum of it (the gateway
+    reloads the files), keep HTTP probes on the internal port, and the public Service port is
+    `https` with appProtocol https; there is no Ingress. Without it, none of that."""
+    t = {**yaml.safe_load((CHART / "values.yaml").read_text())["gateway"]["tls"],
+         **values.get("gateway", {}).get("tls", {})}
+    docs = [d for d in yaml.safe_load_all(body) if d]
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d["kind"] == "ConfigMap"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for dep in (d for d in docs if d["kind"] == "Deployment"):
+        pod = dep["spec"]["template"]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        annotations = pod["metadata"].get("annotations") or {}
+        for c in pod["spec"]["containers"]:
+            where = f"render {name}: Deployment {dep['metadata']['name']} container {c['name']}"
+            env = _pod_env(c, configmaps)
+            mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+            if c["name"] != "gateway" or not t["enabled"]:
+                found = [e for e in TLS_ENV if e in env] + [f"volume {n}" for n in ("tls",)
+                                                           if n in volumes or n in mounts]
+                if found:
+                    errors.append(f"{where}: gateway TLS off, yet {found}")
+                continue
+            want_env = {"CHAT_GATEWAY_TLS_CERT_PATH": f"{TLS_DIR}/tls.crt",
+                        "CHAT_GATEWAY_TLS_KEY_PATH": f"{TLS_DIR}/tls.key",
+                        "CHAT_GATEWAY_TLS_RELOAD_SECS": str(t["reloadSecs"]) if t["reloadSecs"] else None}
+            have_env = {k: env.get(k) for k in want_env}
+            if have_env != want_env:
+                errors.append(f"{where}: env {have_env} != {want_env}")
+            mount = mounts.get("tls", {})
+            if mount.get("mountPath") != TLS_DIR or mount.get("readOnly") is not True or "subPath" in mount:
+                errors.append(f"{where}: volumeMount tls {mount or 'missing'}, want {TLS_DIR} read-only, no subPath")
+            sub = [m["name"] for m in c.get("volumeMounts", []) if "subPath" in m or "subPathExpr" in m]
+            if sub:
+                errors.append(f"{where}: subPath mounts {sub} never see updates")
+            want_vol = {"name": "tls", "secret": {"secretName": t["secretName"], "items": [
+                {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}}
+            if volumes.get("tls") != want_vol:
+                errors.append(f"{where}: volume {volumes.get('tls')} != {want_vol}")
+            rolls = [a for a in annotations if a.startswith("checksum/") and "tls" in a]
+            if rolls:
+                errors.append(f"{where}: {rolls}: the gateway reloads the certificate, no rollout wanted")
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                get = (c.get(probe) or {}).get("httpGet", {})
+                if get and (get.get("port") != "internal" or get.get("scheme", "HTTP") != "HTTP"):
+                    errors.append(f"{where}: {probe} {get}: the internal port stays plain HTTP")
+    gw = next((d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"
+               and d["metadata"]["name"].endswith("-gateway")), None)
+    ports = services.get(gw, {}).get("spec", {}).get("ports", [])
+    want_port = ({"name": "https", "appProtocol": "https"} if t["enabled"] else {"name": "http", "appProtocol": None})
+    have_port = [{"name": p.get("name"), "appProtocol": p.get("appProtocol")} for p in ports]
+    if have_port != [want_port] or any(p.get("targetPort") != "http" for p in ports):
+        errors.append(f"render {name}: Service {gw} ports {ports}, want one {want_port} to targetPort http")
+    if t["enabled"] and any(d["kind"] == "Ingress" for d in docs):
+        errors.append(f"render {name}: gateway TLS with an Ingress (plain HTTP to a TLS port)")
+
+
 def check_jwks_rolls(chart, values: dict, errors: list[str]) -> None:
     """A different inline JWKS gives a different gateway pod template (a rollout)."""
     other = copy.deepcopy(values)
@@ -133,6 +207,7 @@ def main() -> int:
     out_dir = Path(sys.argv[1])
     errors: list[str] = []
     external_cases: list[str] = []
+    tls_cases: list[str] = []
     with helm.Chart.load(CHART) as chart:
         for name, values in cases().items():
             lint = helm.lint(CHART, values, strict=True, kube_version=KUBE_VERSION, namespace=NAMESPACE)
@@ -160,6 +235,11 @@ def main() -> int:
                 external_cases.append(f"{name} (inline)")
             elif ext.get("enabled"):
                 external_cases.append(f"{name} (existing ConfigMap)")
+            check_gateway_tls(name, values, body, errors)
+            tls = values.get("gateway", {}).get("tls", {})
+            if tls.get("enabled"):
+                tls_cases.append(f"{name} (reload {tls['reloadSecs']} s)" if tls.get("reloadSecs")
+                                 else f"{name} (default reload)")
         for what, (values, word) in MUST_FAIL.items():
             try:
                 chart.validate_schema(values)
@@ -172,6 +252,11 @@ def main() -> int:
             errors.append(f"ci/*.yaml must enable auth.externalProvider with an inline JWKS and with an "
                           f"existing ConfigMap; found {external_cases or 'neither'}")
         print(f"  external identity provider: {', '.join(external_cases)}: JWKS volume, read-only mount, env, checksum")
+        if not any("(reload " in c for c in tls_cases) or not any("(default" in c for c in tls_cases):
+            errors.append(f"ci/*.yaml must enable gateway.tls with and without reloadSecs; "
+                          f"found {tls_cases or 'neither'}")
+        print(f"  gateway TLS: {', '.join(tls_cases)}: Secret volume, read-only mount without subPath, "
+              f"env, https Service port, HTTP probes; absent elsewhere")
         print(f"  {len(cases())} renders (default, ci/*.yaml), lint clean; refused {len(MUST_FAIL)} bad value sets")
     return report("helm", errors)
 

@@ -175,3 +175,26 @@ when the JWKS comes from an existing ConfigMap.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+TLS on the gateways' public port (gateway.tls). The kubernetes.io/tls Secret is mounted as this
+directory, whole (no subPath: a subPath mount never sees the Secret's updates), so the files are
+tls.crt and tls.key in it.
+*/}}
+{{- define "chat-gateway.tlsDir" -}}/etc/chat/tls{{- end -}}
+
+{{/*
+The rules of gateway.tls, also for `--skip-schema-validation`: a Secret name when enabled, and
+no chart Ingress at the same time (it would speak plain HTTP to a port that speaks only TLS).
+*/}}
+{{- define "chat-gateway.checkTls" -}}
+{{- $t := .Values.gateway.tls -}}
+{{- if $t.enabled -}}
+{{- if not (trim (toString $t.secretName)) -}}
+{{- fail "gateway.tls.secretName is required when gateway.tls.enabled (an existing kubernetes.io/tls Secret with tls.crt and tls.key)" -}}
+{{- end -}}
+{{- if .Values.ingress.enabled -}}
+{{- fail "gateway.tls.enabled and ingress.enabled cannot both be on: the chart's Ingress sends plain HTTP to the gateways' public port, which then speaks only TLS. Terminate TLS at the ingress (ingress.tls) or in the gateways without the chart's Ingress (docs/kubernetes.md, TLS)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
