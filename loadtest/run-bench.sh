@@ -58,15 +58,18 @@ redis_watch=()
 pg_watch=(--watch "postgres=comm:postgres")
 
 # Connections first, on fresh processes, so memory is measured from a clean start.
-hold_conns() { # label protocol port server-pid
-  stack_log "conns: $CONNS idle connections to $1"
-  "$LOADGEN" conns --protocol "$2" --url "ws://127.0.0.1:$3" --count "$CONNS" --procs "$CONN_PROCS" \
-    --server-pid "$4" --label "$1" --out "$OUT/conns-$1.json"
+hold_conns() { # label protocol port server-pid [extra loadgen args...]
+  local label=$1 protocol=$2 port=$3 pid=$4
+  shift 4
+  stack_log "conns: $CONNS idle connections to $label"
+  "$LOADGEN" conns --protocol "$protocol" --url "ws://127.0.0.1:$port" --count "$CONNS" --procs "$CONN_PROCS" \
+    --server-pid "$pid" "$@" --label "$label" --out "$OUT/conns-$label.json"
 }
 if want conns; then
   if target ours; then
     stack_gateway conns-gw 18090 19190
-    hold_conns ours chat 18090 "$PID_conns_gw"
+    # The gateway refuses tokens of users it does not know: they are seeded first.
+    hold_conns ours chat 18090 "$PID_conns_gw" --database-url "$STACK_DB_URL"
     stack_kill conns-gw
   fi
   if target socketio; then

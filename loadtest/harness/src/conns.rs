@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::{new_users, TokenMint};
+use crate::identity::{new_users, seed_users, TokenMint};
 use crate::procstat::{fd_count, rss_bytes};
 use crate::proto::{Credentials, Incoming, Protocol};
 use crate::report::{self, micros_histogram, Latency};
@@ -46,6 +46,10 @@ pub struct ConnsArgs {
     /// The server process whose memory is measured.
     #[arg(long)]
     server_pid: u32,
+    /// Our gateway's Postgres: the users are seeded there first (the gateway refuses tokens of
+    /// users it does not know).
+    #[arg(long)]
+    database_url: Option<String>,
     /// Seconds to hold the connections before measuring memory.
     #[arg(long, default_value_t = 10)]
     settle_secs: u64,
@@ -68,6 +72,9 @@ pub struct ShardArgs {
     concurrency: usize,
     #[arg(long)]
     source: IpAddr,
+    /// A file with this child's user ids, one per line (seeded by the parent); new ids otherwise.
+    #[arg(long)]
+    users_file: Option<PathBuf>,
     #[arg(long, env = "LOADGEN_JWT_SECRET")]
     jwt_secret: String,
     #[command(flatten)]
@@ -106,14 +113,35 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
         bail!("--procs and --count must be positive");
     }
     let exe = std::env::current_exe().context("finding the loadgen binary")?;
+    // Seeded users, one file per child (too many ids for an argument or a variable).
+    let mut users_files = Vec::new();
+    if let Some(url) = &args.database_url {
+        let users = new_users(args.count);
+        seed_users(url, &users).await?;
+        let mut rest = users.as_slice();
+        for i in 0..args.procs {
+            let share = args.count / args.procs + usize::from(i < args.count % args.procs);
+            let (mine, others) = rest.split_at(share);
+            rest = others;
+            let path =
+                std::env::temp_dir().join(format!("loadgen-users-{}-{i}", std::process::id()));
+            let text: String = mine.iter().map(|u| format!("{u}\n")).collect();
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            users_files.push(path);
+        }
+    }
     let rss_before = rss_bytes(args.server_pid)?;
     let started = Instant::now();
     let mut children = Vec::new();
     for i in 0..args.procs {
         let share = args.count / args.procs + usize::from(i < args.count % args.procs);
         let source = format!("127.0.0.{}", usize::from(args.first_source) + i);
-        let child = tokio::process::Command::new(&exe)
-            .arg("conns-shard")
+        let mut command = tokio::process::Command::new(&exe);
+        command.arg("conns-shard");
+        if let Some(path) = users_files.get(i) {
+            command.arg("--users-file").arg(path);
+        }
+        let child = command
             .args(["--protocol", protocol_arg(args.protocol)])
             .args(["--url", &args.url])
             .args(["--count", &share.to_string()])
@@ -195,7 +223,19 @@ fn protocol_arg(p: Protocol) -> &'static str {
 
 pub async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
     let mint = TokenMint::new(&args.jwt_secret);
-    let tokens = new_users(args.count)
+    let users = match &args.users_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            // A hand-over from the parent, read once.
+            let _ = std::fs::remove_file(path);
+            text.lines()
+                .map(|l| l.parse::<uuid::Uuid>().context("a user id"))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        }
+        None => new_users(args.count),
+    };
+    let tokens = users
         .into_iter()
         .map(|u| mint.token(u))
         .collect::<anyhow::Result<Vec<_>>>()?;

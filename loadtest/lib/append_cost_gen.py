@@ -1,0 +1,24 @@
+# Writes N EVALSHA calls of the append script (loadtest/append-script-cost.sh) in RESP, shaped
+# like the gateway's: 500 conversations over 8 partition streams, a 64-byte body, a fresh client id each, two channels.
+# Usage: append_cost_gen.py N SHA > file
+import sys
+import uuid
+def resp(*args):
+    out = [f"*{len(args)}\r\n"]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(f"${len(b)}\r\n")
+        out.append(b.decode('latin1') + "\r\n")
+    return "".join(out)
+n, sha = int(sys.argv[1]), sys.argv[2]
+convs = [uuid.uuid4().hex for _ in range(500)]
+body = "x" * 64
+w = sys.stdout
+for i in range(n):
+    c = convs[i % 500]
+    keys = [f"lt:{{{c}}}:seq", f"lt:stream:{i % 8}", f"lt:{{{c}}}:tail", f"lt:{{{c}}}:pair", f"lt:{{{c}}}:dedup:{i}"]
+    msg = str(uuid.uuid4())
+    frame_a = '{"type":"message","msg_id":"%s","conversation_id":"%s","seq":' % (msg, c)
+    frame_b = ',"from":"%s","to":"%s","body":"%s","ts":1795397327000}' % (c, c, body)
+    args = [msg, c, c, c, body, "1795397327000", frame_a, frame_b, str(uuid.uuid4()), "1000", "604800000", "600000", "a:b", "", f"lt:ch:{c}:a", f"lt:ch:{c}:b"]
+    w.write(resp("EVALSHA", sha, 5, *keys, *args))
