@@ -210,13 +210,17 @@ async fn subscribe_user_and_rooms(node: &Node, user: Uuid) -> Result<(), Subscri
         .await
         .map_err(|e| SubscribeError::Rooms(chat_core::db::describe_pool(&e)))?;
     let max_rooms = node.config.raw.gateway_max_rooms_per_user as i64;
-    let rooms: Vec<Uuid> = client
-        .query(
+    // Every handshake runs this: prepared once per pooled connection (one round trip, not two).
+    let statement = client
+        .prepare_cached(
             "SELECT m.conversation_id FROM conversation_members m
              JOIN conversations c ON c.id = m.conversation_id
              WHERE m.user_id = $1 AND c.kind = 'room' LIMIT $2",
-            &[&user, &max_rooms],
         )
+        .await
+        .map_err(|e| SubscribeError::Rooms(chat_core::db::describe(&e)))?;
+    let rooms: Vec<Uuid> = client
+        .query(&statement, &[&user, &max_rooms])
         .await
         .map_err(|e| SubscribeError::Rooms(chat_core::db::describe(&e)))?
         .iter()
