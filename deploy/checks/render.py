@@ -82,6 +82,21 @@ def _pod_env(container: dict, configmaps: dict) -> dict[str, object]:
     return env
 
 
+def _containers(name: str, docs: list[dict]):
+    """Every container of every Deployment in a render, with what the checks look at: a label
+    for errors, its environment as the pod sees it, its mounts, the pod's volumes and
+    annotations."""
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d["kind"] == "ConfigMap"}
+    for dep in (d for d in docs if d["kind"] == "Deployment"):
+        pod = dep["spec"]["template"]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        annotations = pod["metadata"].get("annotations") or {}
+        for c in pod["spec"]["containers"]:
+            where = f"render {name}: Deployment {dep['metadata']['name']} container {c['name']}"
+            mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+            yield dep, c, where, _pod_env(c, configmaps), mounts, volumes, annotations
+
+
 def check_external_provider(name: str, values: dict, body: str, errors: list[str]) -> None:
     """With auth.externalProvider.enabled, the gateway pods mount the JWKS read-only where
     CHAT_JWT_JWKS_PATH points and get the issuer and audience; an inline JWKS is in the chart's
@@ -90,43 +105,36 @@ def check_external_provider(name: str, values: dict, body: str, errors: list[str
          **values.get("auth", {}).get("externalProvider", {})}
     docs = [d for d in yaml.safe_load_all(body) if d]
     configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d["kind"] == "ConfigMap"}
-    for dep in (d for d in docs if d["kind"] == "Deployment"):
-        pod = dep["spec"]["template"]
-        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
-        annotations = pod["metadata"].get("annotations") or {}
-        for c in pod["spec"]["containers"]:
-            where = f"render {name}: Deployment {dep['metadata']['name']} container {c['name']}"
-            env = _pod_env(c, configmaps)
-            mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
-            if c["name"] != "gateway" or not p["enabled"]:
-                found = [e for e in EXTERNAL_ENV if e in env] + [f"volume {n}" for n in ("jwks",)
-                                                                 if n in volumes or n in mounts]
-                found += [a for a in ("checksum/jwks",) if a in annotations]
-                if found:
-                    errors.append(f"{where}: external provider off, yet {found}")
-                continue
-            want_env = {"CHAT_JWT_JWKS_PATH": f"{JWKS_DIR}/{JWKS_FILE}",
-                        "CHAT_JWT_EXTERNAL_ISSUER": p["issuer"], "CHAT_JWT_EXTERNAL_AUDIENCE": p["audience"]}
-            have_env = {k: env.get(k) for k in want_env}
-            if have_env != want_env:
-                errors.append(f"{where}: env {have_env} != {want_env}")
-            mount = mounts.get("jwks", {})
-            if mount.get("mountPath") != JWKS_DIR or mount.get("readOnly") is not True:
-                errors.append(f"{where}: volumeMount jwks {mount or 'missing'}, want {JWKS_DIR} read-only")
-            cm_name = p["existingConfigMap"] or f"{dep['metadata']['name']}-jwks"
-            want_vol = {"name": "jwks", "configMap": {
-                "name": cm_name, "items": [{"key": p["configMapKey"], "path": JWKS_FILE}]}}
-            if volumes.get("jwks") != want_vol:
-                errors.append(f"{where}: volume {volumes.get('jwks')} != {want_vol}")
-            if p["existingConfigMap"]:
-                if cm_name in configmaps or "checksum/jwks" in annotations:
-                    errors.append(f"{where}: existingConfigMap {cm_name}, yet the chart renders it or checksum/jwks")
-                continue
-            text = configmaps.get(cm_name, {}).get(p["configMapKey"])
-            if text != p["jwks"]:
-                errors.append(f"{where}: ConfigMap {cm_name} key {p['configMapKey']} does not hold the inline JWKS")
-            elif annotations.get("checksum/jwks") != hashlib.sha256(text.encode()).hexdigest():
-                errors.append(f"{where}: checksum/jwks is not the sha256 of the JWKS (a new key set would not roll the pods)")
+    for dep, c, where, env, mounts, volumes, annotations in _containers(name, docs):
+        if c["name"] != "gateway" or not p["enabled"]:
+            found = [e for e in EXTERNAL_ENV if e in env] + [f"volume {n}" for n in ("jwks",)
+                                                             if n in volumes or n in mounts]
+            found += [a for a in ("checksum/jwks",) if a in annotations]
+            if found:
+                errors.append(f"{where}: external provider off, yet {found}")
+            continue
+        want_env = {"CHAT_JWT_JWKS_PATH": f"{JWKS_DIR}/{JWKS_FILE}",
+                    "CHAT_JWT_EXTERNAL_ISSUER": p["issuer"], "CHAT_JWT_EXTERNAL_AUDIENCE": p["audience"]}
+        have_env = {k: env.get(k) for k in want_env}
+        if have_env != want_env:
+            errors.append(f"{where}: env {have_env} != {want_env}")
+        mount = mounts.get("jwks", {})
+        if mount.get("mountPath") != JWKS_DIR or mount.get("readOnly") is not True:
+            errors.append(f"{where}: volumeMount jwks {mount or 'missing'}, want {JWKS_DIR} read-only")
+        cm_name = p["existingConfigMap"] or f"{dep['metadata']['name']}-jwks"
+        want_vol = {"name": "jwks", "configMap": {
+            "name": cm_name, "items": [{"key": p["configMapKey"], "path": JWKS_FILE}]}}
+        if volumes.get("jwks") != want_vol:
+            errors.append(f"{where}: volume {volumes.get('jwks')} != {want_vol}")
+        if p["existingConfigMap"]:
+            if cm_name in configmaps or "checksum/jwks" in annotations:
+                errors.append(f"{where}: existingConfigMap {cm_name}, yet the chart renders it or checksum/jwks")
+            continue
+        text = configmaps.get(cm_name, {}).get(p["configMapKey"])
+        if text != p["jwks"]:
+            errors.append(f"{where}: ConfigMap {cm_name} key {p['configMapKey']} does not hold the inline JWKS")
+        elif annotations.get("checksum/jwks") != hashlib.sha256(text.encode()).hexdigest():
+            errors.append(f"{where}: checksum/jwks is not the sha256 of the JWKS (a new key set would not roll the pods)")
 
 
 def check_gateway_tls(name: str, values: dict, body: str, errors: list[str]) -> None:
@@ -138,45 +146,37 @@ def check_gateway_tls(name: str, values: dict, body: str, errors: list[str]) -> 
     t = {**yaml.safe_load((CHART / "values.yaml").read_text())["gateway"]["tls"],
          **values.get("gateway", {}).get("tls", {})}
     docs = [d for d in yaml.safe_load_all(body) if d]
-    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d["kind"] == "ConfigMap"}
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
-    for dep in (d for d in docs if d["kind"] == "Deployment"):
-        pod = dep["spec"]["template"]
-        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
-        annotations = pod["metadata"].get("annotations") or {}
-        for c in pod["spec"]["containers"]:
-            where = f"render {name}: Deployment {dep['metadata']['name']} container {c['name']}"
-            env = _pod_env(c, configmaps)
-            mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
-            if c["name"] != "gateway" or not t["enabled"]:
-                found = [e for e in TLS_ENV if e in env] + [f"volume {n}" for n in ("tls",)
-                                                           if n in volumes or n in mounts]
-                if found:
-                    errors.append(f"{where}: gateway TLS off, yet {found}")
-                continue
-            want_env = {"CHAT_GATEWAY_TLS_CERT_PATH": f"{TLS_DIR}/tls.crt",
-                        "CHAT_GATEWAY_TLS_KEY_PATH": f"{TLS_DIR}/tls.key",
-                        "CHAT_GATEWAY_TLS_RELOAD_SECS": str(t["reloadSecs"]) if t["reloadSecs"] else None}
-            have_env = {k: env.get(k) for k in want_env}
-            if have_env != want_env:
-                errors.append(f"{where}: env {have_env} != {want_env}")
-            mount = mounts.get("tls", {})
-            if mount.get("mountPath") != TLS_DIR or mount.get("readOnly") is not True or "subPath" in mount:
-                errors.append(f"{where}: volumeMount tls {mount or 'missing'}, want {TLS_DIR} read-only, no subPath")
-            sub = [m["name"] for m in c.get("volumeMounts", []) if "subPath" in m or "subPathExpr" in m]
-            if sub:
-                errors.append(f"{where}: subPath mounts {sub} never see updates")
-            want_vol = {"name": "tls", "secret": {"secretName": t["secretName"], "items": [
-                {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}}
-            if volumes.get("tls") != want_vol:
-                errors.append(f"{where}: volume {volumes.get('tls')} != {want_vol}")
-            rolls = [a for a in annotations if a.startswith("checksum/") and "tls" in a]
-            if rolls:
-                errors.append(f"{where}: {rolls}: the gateway reloads the certificate, no rollout wanted")
-            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                get = (c.get(probe) or {}).get("httpGet", {})
-                if get and (get.get("port") != "internal" or get.get("scheme", "HTTP") != "HTTP"):
-                    errors.append(f"{where}: {probe} {get}: the internal port stays plain HTTP")
+    for _dep, c, where, env, mounts, volumes, annotations in _containers(name, docs):
+        if c["name"] != "gateway" or not t["enabled"]:
+            found = [e for e in TLS_ENV if e in env] + [f"volume {n}" for n in ("tls",)
+                                                       if n in volumes or n in mounts]
+            if found:
+                errors.append(f"{where}: gateway TLS off, yet {found}")
+            continue
+        want_env = {"CHAT_GATEWAY_TLS_CERT_PATH": f"{TLS_DIR}/tls.crt",
+                    "CHAT_GATEWAY_TLS_KEY_PATH": f"{TLS_DIR}/tls.key",
+                    "CHAT_GATEWAY_TLS_RELOAD_SECS": str(t["reloadSecs"]) if t["reloadSecs"] else None}
+        have_env = {k: env.get(k) for k in want_env}
+        if have_env != want_env:
+            errors.append(f"{where}: env {have_env} != {want_env}")
+        mount = mounts.get("tls", {})
+        if mount.get("mountPath") != TLS_DIR or mount.get("readOnly") is not True or "subPath" in mount:
+            errors.append(f"{where}: volumeMount tls {mount or 'missing'}, want {TLS_DIR} read-only, no subPath")
+        sub = [m["name"] for m in c.get("volumeMounts", []) if "subPath" in m or "subPathExpr" in m]
+        if sub:
+            errors.append(f"{where}: subPath mounts {sub} never see updates")
+        want_vol = {"name": "tls", "secret": {"secretName": t["secretName"], "items": [
+            {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}}
+        if volumes.get("tls") != want_vol:
+            errors.append(f"{where}: volume {volumes.get('tls')} != {want_vol}")
+        rolls = [a for a in annotations if a.startswith("checksum/") and "tls" in a]
+        if rolls:
+            errors.append(f"{where}: {rolls}: the gateway reloads the certificate, no rollout wanted")
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = (c.get(probe) or {}).get("httpGet", {})
+            if get and (get.get("port") != "internal" or get.get("scheme", "HTTP") != "HTTP"):
+                errors.append(f"{where}: {probe} {get}: the internal port stays plain HTTP")
     gw = next((d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"
                and d["metadata"]["name"].endswith("-gateway")), None)
     ports = services.get(gw, {}).get("spec", {}).get("ports", [])

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use support::*;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -44,14 +43,7 @@ async fn connect_small_buffer(
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     let stream = socket.connect(addr).await.expect("tcp connect");
-    let mut req = format!("ws://{addr}/ws")
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "Authorization",
-        format!("Bearer {}", user.token).parse().expect("header"),
-    );
-    let (ws, _) = tokio_tungstenite::client_async(req, stream)
+    let (ws, _) = tokio_tungstenite::client_async(ws_request(addr, user), stream)
         .await
         .expect("ws handshake");
     ws

@@ -172,8 +172,11 @@ pub async fn connect(node: &NodeHandle, user: &User) -> (Ws, Value) {
     connect_to(node.http, user).await
 }
 
-/// [`connect`] to a node by address (a node running as its own process).
-pub async fn connect_to(addr: SocketAddr, user: &User) -> (Ws, Value) {
+/// The `/ws` upgrade request of a node by address, with the user's token in the header.
+pub fn ws_request(
+    addr: SocketAddr,
+    user: &User,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
     let mut req = format!("ws://{addr}/ws")
         .into_client_request()
         .expect("request");
@@ -181,6 +184,12 @@ pub async fn connect_to(addr: SocketAddr, user: &User) -> (Ws, Value) {
         "Authorization",
         format!("Bearer {}", user.token).parse().expect("header"),
     );
+    req
+}
+
+/// [`connect`] to a node by address (a node running as its own process).
+pub async fn connect_to(addr: SocketAddr, user: &User) -> (Ws, Value) {
+    let req = ws_request(addr, user);
     let (mut ws, _) = tokio_tungstenite::connect_async(req)
         .await
         .expect("ws connect");
