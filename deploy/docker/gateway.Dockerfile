@@ -5,6 +5,10 @@
 # only the binary, runs as a numeric non-root user and needs no shell tools but bash.
 
 FROM rust:1.95.0-slim-bookworm AS deps
+# jemalloc (the gateway's allocator, tikv-jemallocator) builds its C sources with make, which the
+# slim image lacks.
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY chat-protocol/Cargo.toml chat-protocol/

@@ -7,6 +7,10 @@ use clap::Parser;
 use gateway::config::GatewayConfig;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc instead of glibc malloc: see docs/benchmarks.md ("Changes these numbers made").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Chat gateway node")]
 struct Args {
