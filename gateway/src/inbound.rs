@@ -132,31 +132,25 @@ impl FrameReader {
     }
 
     fn on_fragment(&mut self, item: Item) -> Result<Option<Inbound>, InboundError> {
-        let (bytes, last) = match item {
-            Item::FirstText(_) | Item::FirstBinary(_) if self.partial.is_some() => {
+        // `first` is whether a new message starts, and then whether it is text.
+        let (first, bytes, last) = match item {
+            Item::FirstText(bytes) => (Some(true), bytes, false),
+            Item::FirstBinary(bytes) => (Some(false), bytes, false),
+            Item::Continue(bytes) => (None, bytes, false),
+            Item::Last(bytes) => (None, bytes, true),
+        };
+        if let Some(text) = first {
+            if self.partial.is_some() {
                 return Err(InboundError::Protocol(
                     "a new message inside a fragmented one".into(),
                 ));
             }
-            Item::FirstText(bytes) => {
-                self.partial = Some(Partial {
-                    text: true,
-                    bytes: BytesMut::new(),
-                    checked: 0,
-                });
-                (bytes, false)
-            }
-            Item::FirstBinary(bytes) => {
-                self.partial = Some(Partial {
-                    text: false,
-                    bytes: BytesMut::new(),
-                    checked: 0,
-                });
-                (bytes, false)
-            }
-            Item::Continue(bytes) => (bytes, false),
-            Item::Last(bytes) => (bytes, true),
-        };
+            self.partial = Some(Partial {
+                text,
+                bytes: BytesMut::new(),
+                checked: 0,
+            });
+        }
         let Some(partial) = self.partial.as_mut() else {
             return Err(InboundError::Protocol(
                 "a continuation without a first fragment".into(),

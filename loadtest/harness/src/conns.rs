@@ -210,6 +210,10 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
         server_fds_held: fds_held,
         sample_errors: errors,
     };
+    // Children remove their file once read; this covers a child that failed before.
+    for path in &users_files {
+        let _ = std::fs::remove_file(path);
+    }
     report::write(&args.out, "conns", result)
 }
 

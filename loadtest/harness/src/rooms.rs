@@ -123,13 +123,6 @@ fn parse_body(body: &str) -> Option<(usize, u64)> {
     Some((index, sent))
 }
 
-/// What one member's connection saw: per message, the latency of this member's read in µs
-/// (0 when it never read it). One small vector per member: a histogram each would cost tens of
-/// KiB per member, hundreds of MiB for a room of 10,000.
-struct MemberLog {
-    per_message_micros: Vec<u64>,
-}
-
 /// The room's name as each protocol addresses it.
 fn room_target(protocol: Protocol, room: Uuid) -> String {
     match protocol {
@@ -280,8 +273,8 @@ async fn run_size(args: &RoomsArgs, size: usize) -> anyhow::Result<RoomStep> {
     let mut last = vec![0u64; args.messages];
     let mut got = vec![0u64; args.messages];
     for reader in readers {
-        let log = reader.await.context("reader task")?;
-        for (i, micros) in log.per_message_micros.iter().enumerate() {
+        let per_message_micros = reader.await.context("reader task")?;
+        for (i, micros) in per_message_micros.iter().enumerate() {
             if *micros > 0 {
                 fanout.record(*micros).context("recording")?;
                 got[i] += 1;
@@ -385,7 +378,9 @@ async fn send_all(
     Ok(acks)
 }
 
-/// Reads one member's connection until `stop`, answering pings.
+/// Reads one member's connection until `stop`, answering pings. Returns, per message, the
+/// latency of this member's read in µs (0 when it never read it): one small vector per member,
+/// where a histogram each would cost tens of KiB, hundreds of MiB for a room of 10,000.
 async fn read_member(
     mut ws: Ws,
     protocol: Protocol,
@@ -393,10 +388,8 @@ async fn read_member(
     stop: CancellationToken,
     disconnects: Arc<AtomicU64>,
     reached: Arc<Vec<AtomicU64>>,
-) -> MemberLog {
-    let mut log = MemberLog {
-        per_message_micros: vec![0; messages],
-    };
+) -> Vec<u64> {
+    let mut per_message_micros = vec![0; messages];
     loop {
         let frame = tokio::select! {
             _ = stop.cancelled() => break,
@@ -414,7 +407,7 @@ async fn read_member(
             Incoming::Message(body) => {
                 if let Some((index, sent)) = parse_body(&body) {
                     let micros = (now_nanos().saturating_sub(sent) / 1000).max(1);
-                    if let Some(slot) = log.per_message_micros.get_mut(index) {
+                    if let Some(slot) = per_message_micros.get_mut(index) {
                         if *slot == 0 {
                             *slot = micros;
                             reached[index].fetch_add(1, Ordering::Relaxed);
@@ -431,7 +424,7 @@ async fn read_member(
         }
     }
     let _ = ws.close(None).await;
-    log
+    per_message_micros
 }
 
 #[cfg(test)]
