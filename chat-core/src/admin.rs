@@ -1,15 +1,12 @@
 //! The internal HTTP server both binaries run on their own port: `/healthz` (alive),
 //! `/readyz` (serving, dependencies reachable, health flags up) and `/metrics` (Prometheus text).
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
+use async_trait::async_trait;
 use prometheus::{Encoder, TextEncoder};
-
-/// How long one readiness probe of a dependency may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 const STARTING: u8 = 0;
 const SERVING: u8 = 1;
@@ -41,61 +38,34 @@ impl Lifecycle {
     }
 }
 
-/// A health flag owned by another part of the process (for example the gateway's pub/sub
-/// connection); readiness fails under `name` while it is false.
-pub type HealthFlag = (&'static str, Arc<AtomicBool>);
+/// One dependency or part of the process that readiness checks, under its name.
+#[async_trait]
+pub trait Probe: Send + Sync {
+    /// The name `/readyz` lists when the probe fails (`redis`, `postgres`, `pubsub`).
+    fn name(&self) -> &'static str;
+    /// Whether it is ready now; a probe answers within about a second.
+    async fn ready(&self) -> bool;
+}
 
-/// What `/readyz` checks.
+/// What `/readyz` checks: the lifecycle, then every probe (run concurrently).
 #[derive(Clone)]
 pub struct Readiness {
-    pub redis: deadpool_redis::Pool,
-    pub postgres: deadpool_postgres::Pool,
     pub lifecycle: Lifecycle,
-    pub flags: Vec<HealthFlag>,
+    pub probes: Vec<Arc<dyn Probe>>,
 }
 
 impl Readiness {
-    /// Names of the failing checks; empty when ready.
+    /// Names of the failing checks, in the probes' order; empty when ready.
     pub async fn failing(&self) -> Vec<&'static str> {
         let mut failing: Vec<&'static str> = self.lifecycle.failing().into_iter().collect();
-        for (name, healthy) in &self.flags {
-            if !healthy.load(Ordering::Relaxed) {
-                failing.push(name);
-            }
-        }
-        let (redis_ok, pg_ok) = tokio::join!(self.redis_ok(), self.postgres_ok());
-        if !redis_ok {
-            failing.push("redis");
-        }
-        if !pg_ok {
-            failing.push("postgres");
-        }
+        let results = futures_util::future::join_all(
+            self.probes
+                .iter()
+                .map(|p| async move { (p.name(), p.ready().await) }),
+        )
+        .await;
+        failing.extend(results.into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n));
         failing
-    }
-
-    async fn redis_ok(&self) -> bool {
-        let probe = async {
-            let mut conn = self.redis.get().await.ok()?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .ok()
-        };
-        matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, probe).await,
-            Ok(Some(_))
-        )
-    }
-
-    async fn postgres_ok(&self) -> bool {
-        let probe = async {
-            let client = self.postgres.get().await.ok()?;
-            client.simple_query("SELECT 1").await.ok()
-        };
-        matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, probe).await,
-            Ok(Some(_))
-        )
     }
 }
 

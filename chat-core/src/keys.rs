@@ -1,8 +1,11 @@
-//! The Redis key and channel schema. Every name starts with the configured prefix; every key a
-//! script touches shares one hash tag (`{p<N>}`, the stream partition), so the schema runs on
-//! Redis Cluster unchanged.
+//! The Redis key and channel schema. Every name starts with the configured prefix; the keys the
+//! append script touches share one hash tag (`{p<N>}`, the stream partition). Only the Redis
+//! backend's files use it.
 
 use uuid::Uuid;
+
+use crate::counters::CounterKey;
+use crate::pubsub::Topic;
 
 /// Consumer group the persistence workers read each stream partition with.
 pub const PERSISTENCE_GROUP: &str = "persistence";
@@ -111,6 +114,14 @@ impl KeySchema {
         format!("{}:presence:deadlines", self.prefix)
     }
 
+    /// A shared counter's key; it expires with its window.
+    pub fn counter(&self, key: &CounterKey) -> String {
+        match key {
+            CounterKey::LoginEmail(email) => format!("{}:limit:login:email:{email}", self.prefix),
+            CounterKey::LoginIp(ip) => format!("{}:limit:login:ip:{ip}", self.prefix),
+        }
+    }
+
     /// The channel name of a topic.
     pub fn channel(&self, topic: Topic) -> String {
         match topic {
@@ -132,15 +143,6 @@ impl KeySchema {
         let room = rest.strip_prefix(":room:")?;
         Uuid::parse_str(room).ok().map(Topic::Room)
     }
-}
-
-/// What a node subscribes to: a user's own channel, a room's channel, or the presence changes
-/// of a user that a local connection watches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Topic {
-    User(Uuid),
-    Room(Uuid),
-    Presence(Uuid),
 }
 
 #[cfg(test)]

@@ -64,9 +64,9 @@ pub fn parse_listen(key: &'static str, value: &str) -> Result<std::net::SocketAd
     })
 }
 
-/// Checks the Redis and Postgres URL schemes.
-pub fn check_urls(redis_url: &str, database_url: &str) -> Result<(), SettingsError> {
-    if !redis_url.starts_with("redis://") && !redis_url.starts_with("rediss://") {
+/// Checks the Redis (when used) and Postgres URL schemes.
+pub fn check_urls(redis_url: Option<&str>, database_url: &str) -> Result<(), SettingsError> {
+    if redis_url.is_some_and(|u| !u.starts_with("redis://") && !u.starts_with("rediss://")) {
         return Err(SettingsError::invalid(
             "redis_url",
             "must start with redis:// or rediss://",

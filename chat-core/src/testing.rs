@@ -39,7 +39,7 @@ pub async fn fresh_database() -> String {
     drop(client);
     let _ = driver.await;
     let url = format!("{}/{name}", pg_server());
-    crate::db::migrate(&url)
+    crate::store::migrate::migrate(&url)
         .await
         .expect("migrate test database");
     url

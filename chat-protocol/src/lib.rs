@@ -68,8 +68,8 @@ pub struct SyncPoint {
     pub after_seq: i64,
 }
 
-/// The `message` frame, as history answers and sync send it. Live deliveries carry the same
-/// fields in the same order, built once per message by `chat_core::stream`.
+/// The `message` frame, as history answers, sync sends and live delivery forwards it (the log
+/// serializes it once per message, around its seq: [`MessageFrame::around_seq`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename = "message")]
 pub struct MessageFrame {
@@ -84,6 +84,35 @@ pub struct MessageFrame {
     pub ts: i64,
 }
 
+/// The placeholder seq [`MessageFrame::around_seq`] serializes and splits at.
+const SEQ_PLACEHOLDER: i64 = i64::MIN;
+
+impl MessageFrame {
+    /// The frame's JSON split around its seq: `head + seq + tail` is what serde writes for this
+    /// frame with that seq. Lets a log that assigns the seq later (inside a Redis script) finish
+    /// the frame without serializing it again. The split point is found, not assumed: a body
+    /// cannot contain the unescaped text `"seq":`, since serde escapes its quotes.
+    pub fn around_seq(&self) -> (String, String) {
+        let placeholder = MessageFrame {
+            seq: SEQ_PLACEHOLDER,
+            ..self.clone()
+        };
+        // Serializing plain strings, uuids and integers cannot fail.
+        let json = serde_json::to_string(&placeholder).unwrap_or_default();
+        let marker = format!("\"seq\":{SEQ_PLACEHOLDER}");
+        match json.find(&marker) {
+            Some(at) => {
+                let split = at + marker.len() - SEQ_PLACEHOLDER.to_string().len();
+                (
+                    json[..split].to_string(),
+                    json[at + marker.len()..].to_string(),
+                )
+            }
+            None => (json, String::new()),
+        }
+    }
+}
+
 /// How a room's membership changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -92,9 +121,8 @@ pub enum MembershipChange {
     Removed,
 }
 
-/// Frames the server sends, other than `message` (which is pre-serialized once per message, see
-/// `chat_core::stream`).
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+/// Frames the server sends, other than `message` ([`MessageFrame`], serialized once per message).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     /// First frame on every connection.
@@ -158,7 +186,37 @@ pub enum ServerFrame {
     },
 }
 
+/// Every `type` a server frame may have, `message` included: the frame names the docs, the
+/// AsyncAPI file and the `chat_gateway_frames_out_total` labels use.
+pub const SERVER_FRAME_TYPES: [&str; 10] = [
+    "hello",
+    "ack",
+    "message",
+    "synced",
+    "read",
+    "typing",
+    "membership",
+    "presence",
+    "resync",
+    "error",
+];
+
 impl ServerFrame {
+    /// The frame's `type` on the wire, also its metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerFrame::Hello { .. } => "hello",
+            ServerFrame::Ack { .. } => "ack",
+            ServerFrame::Synced { .. } => "synced",
+            ServerFrame::Read { .. } => "read",
+            ServerFrame::Typing { .. } => "typing",
+            ServerFrame::Membership { .. } => "membership",
+            ServerFrame::Presence { .. } => "presence",
+            ServerFrame::Resync { .. } => "resync",
+            ServerFrame::Error { .. } => "error",
+        }
+    }
+
     /// The JSON text of this frame.
     pub fn to_json(&self) -> String {
         // Serializing these plain structs cannot fail: no maps with non-string keys, no floats.
@@ -330,6 +388,59 @@ mod tests {
         for code in ErrorCode::ALL {
             let json = serde_json::to_string(&code).expect("serialize");
             assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+
+    /// `kind` is the `type` serde writes, and every kind is in the table.
+    #[test]
+    fn server_frame_kind_is_its_wire_type() {
+        let id = Uuid::nil();
+        let frames = [
+            ServerFrame::Hello {
+                user_id: id,
+                conn_id: id,
+                node_id: "n".into(),
+                heartbeat_ms: 1,
+            },
+            ServerFrame::Ack {
+                id: "1".into(),
+                msg_id: id,
+                conversation_id: id,
+                seq: 1,
+                ts: 1,
+            },
+            ServerFrame::Synced {
+                conversation_id: id,
+                last_seq: 1,
+                complete: true,
+            },
+            ServerFrame::Read {
+                conversation_id: id,
+                user_id: id,
+                seq: 1,
+            },
+            ServerFrame::Typing {
+                conversation_id: id,
+                user_id: id,
+            },
+            ServerFrame::Membership {
+                conversation_id: id,
+                user_id: id,
+                change: MembershipChange::Added,
+                by: id,
+            },
+            ServerFrame::Presence {
+                user_id: id,
+                status: PresenceStatus::Online,
+                ts: 1,
+            },
+            ServerFrame::Resync { reason: "r".into() },
+            ServerFrame::error(None, ErrorCode::Internal, "x"),
+        ];
+        for frame in frames {
+            let v: serde_json::Value = serde_json::from_str(&frame.to_json()).expect("json");
+            assert_eq!(v["type"], frame.kind());
+            assert!(SERVER_FRAME_TYPES.contains(&frame.kind()));
         }
     }
 

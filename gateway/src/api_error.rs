@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use chat_core::protocol::ErrorCode;
+use chat_core::store::StoreError;
+
+use crate::passwords::PasswordError;
 
 /// An error answered to an HTTP client.
 #[derive(Debug)]
@@ -44,15 +47,34 @@ impl ApiError {
     }
 
     /// A Postgres failure: logged (without row data), answered `503 unavailable`.
-    pub fn db(e: tokio_postgres::Error) -> Self {
-        tracing::warn!(error = %chat_core::db::describe(&e), "postgres request failed");
+    pub fn store(e: StoreError) -> Self {
+        tracing::warn!(error = %e, "postgres request failed");
         Self::unavailable("the database")
     }
 
-    /// No Postgres connection: logged, answered `503 unavailable`.
-    pub fn pool(e: deadpool_postgres::PoolError) -> Self {
-        tracing::warn!(error = %chat_core::db::describe_pool(&e), "postgres connection failed");
-        Self::unavailable("the database")
+    /// `422 validation_failed`, its fields to be added.
+    pub fn validation() -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::ValidationFailed,
+            "some fields are invalid",
+        )
+    }
+
+    /// `422 validation_failed` naming one field.
+    pub fn invalid_field(field: &'static str, code: &'static str) -> Self {
+        let mut err = Self::validation();
+        err.fields.insert(field, code);
+        err
+    }
+
+    /// This validation error when it names a field; `Ok` when none failed.
+    pub fn into_result(self) -> Result<(), ApiError> {
+        if self.fields.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
     }
 
     pub fn internal() -> Self {
@@ -61,6 +83,28 @@ impl ApiError {
             ErrorCode::Internal,
             "internal error",
         )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::store(e)
+    }
+}
+
+impl From<PasswordError> for ApiError {
+    fn from(e: PasswordError) -> Self {
+        match e {
+            PasswordError::Busy => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "too many password checks in progress; retry shortly",
+            ),
+            PasswordError::Hash(reason) => {
+                tracing::error!(error = %reason, "password hashing failed");
+                ApiError::internal()
+            }
+        }
     }
 }
 

@@ -1,10 +1,6 @@
-//! Credentials: argon2id password hashing, our HS256 JWTs, and RS256/ES256 JWTs from an external
-//! identity provider verified with keys from a JWKS file; every algorithm is pinned on verify.
+//! Tokens: our HS256 JWTs, and RS256/ES256 JWTs from an external identity provider verified
+//! with keys from a JWKS file; every algorithm is pinned on verify.
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
-use argon2::Argon2;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -206,27 +202,22 @@ pub struct Auth {
     ttl_secs: u64,
     /// RS256/ES256 tokens from an external identity provider, when configured.
     external: Option<ExternalProvider>,
-    /// A real argon2id hash of a random password, verified against when the email is unknown, so
-    /// unknown-email and wrong-password logins take similar time.
-    dummy_hash: String,
 }
 
 impl Auth {
-    pub fn new(secret: &str, ttl_secs: u64) -> Result<Self, argon2::password_hash::Error> {
+    pub fn new(secret: &str, ttl_secs: u64) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
         validation.leeway = 5;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        let dummy_hash = hash_password(&Uuid::new_v4().to_string())?;
-        Ok(Auth {
+        Auth {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
             validation,
             ttl_secs,
             external: None,
-            dummy_hash,
-        })
+        }
     }
 
     /// Also accepts tokens from `provider`.
@@ -269,67 +260,6 @@ impl Auth {
             _ => Err(TokenError::Invalid),
         }
     }
-
-    /// The hash to verify against when no user has the email.
-    pub fn dummy_hash(&self) -> &str {
-        &self.dummy_hash
-    }
-}
-
-/// A job for the password threads.
-type PasswordJob = Box<dyn FnOnce() + Send>;
-
-/// Password work waiting for a thread, at most.
-const PASSWORD_QUEUE: usize = 1024;
-
-/// The password work is refused: the queue is full, or the pool is gone.
-#[derive(Debug, thiserror::Error)]
-#[error("password work refused: busy")]
-pub struct PasswordBusy;
-
-/// A few dedicated threads for argon2id. Each hash takes 19 MiB; run on a large, changing set
-/// of blocking threads, glibc keeps that memory in every thread's arena (a node reached 3.7 GiB
-/// registering 200 users at once, measured in docs/operations.md). Here it stays with these
-/// threads. They end when the pool is dropped.
-pub struct PasswordPool {
-    jobs: std::sync::mpsc::SyncSender<PasswordJob>,
-}
-
-impl PasswordPool {
-    pub fn new(threads: usize) -> std::io::Result<Self> {
-        let (jobs, queue) = std::sync::mpsc::sync_channel::<PasswordJob>(PASSWORD_QUEUE);
-        let queue = std::sync::Arc::new(std::sync::Mutex::new(queue));
-        for i in 0..threads.max(1) {
-            let queue = queue.clone();
-            std::thread::Builder::new()
-                .name(format!("password-{i}"))
-                .spawn(move || loop {
-                    let job = match queue.lock() {
-                        Ok(q) => q.recv(),
-                        Err(poisoned) => poisoned.into_inner().recv(),
-                    };
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                })?;
-        }
-        Ok(PasswordPool { jobs })
-    }
-
-    /// Runs `f` on a password thread.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, PasswordBusy> {
-        let (done, result) = tokio::sync::oneshot::channel();
-        self.jobs
-            .try_send(Box::new(move || {
-                let _ = done.send(f());
-            }))
-            .map_err(|_| PasswordBusy)?;
-        result.await.map_err(|_| PasswordBusy)
-    }
 }
 
 /// Current Unix time in seconds.
@@ -340,31 +270,12 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Hashes with argon2id (the crate's default parameters: 19 MiB, 2 passes). CPU-heavy: call
-/// from a blocking thread.
-pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
-    let salt = SaltString::generate(&mut OsRng);
-    Ok(Argon2::default()
-        .hash_password(password.as_bytes(), &salt)?
-        .to_string())
-}
-
-/// Checks a password against a stored PHC hash. CPU-heavy: call from a blocking thread.
-pub fn verify_password(password: &str, phc: &str) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
-        Err(_) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn auth() -> Auth {
-        Auth::new(&"s".repeat(32), 60).expect("auth")
+        Auth::new(&"s".repeat(32), 60)
     }
 
     /// A token round-trips; a token signed with another secret or algorithm is refused.
@@ -375,7 +286,7 @@ mod tests {
         let token = a.issue(user).expect("issue");
         assert_eq!(a.verify(&token).expect("verify").user_id, user);
 
-        let other = Auth::new(&"o".repeat(32), 60).expect("auth");
+        let other = Auth::new(&"o".repeat(32), 60);
         assert!(other.verify(&token).is_err());
 
         let now = unix_now();
@@ -411,15 +322,5 @@ mod tests {
         )
         .expect("encode");
         assert!(matches!(a.verify(&token), Err(TokenError::Expired)));
-    }
-
-    /// Hashes are argon2id and verify only the right password.
-    #[test]
-    fn passwords_hash_with_argon2id() {
-        let h = hash_password("correct horse").expect("hash");
-        assert!(h.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse", &h));
-        assert!(!verify_password("wrong horse", &h));
-        assert!(!verify_password("x", "not a hash"));
     }
 }

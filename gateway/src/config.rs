@@ -11,10 +11,22 @@ use serde::Deserialize;
 /// Secret used only when `dev_mode` is on and no secret is set. Never use it in production.
 const DEV_JWT_SECRET: &str = "dev-only-insecure-secret-do-not-use-in-production";
 
+/// Where the message log, pub/sub, presence and shared counters live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Redis (`redis_url`): any number of nodes.
+    Redis,
+    /// This process, with Postgres as the durable record: one node only, no Redis.
+    Memory,
+}
+
 /// Every setting; the key is the env var without `CHAT_`, lowercased. See `docs/operations.md`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct GatewayConfig {
+    /// `redis` (default) or `memory` (one process, no Redis).
+    pub backend: BackendKind,
     pub redis_url: String,
     pub database_url: String,
     pub redis_prefix: String,
@@ -43,7 +55,6 @@ pub struct GatewayConfig {
     pub gateway_max_body_bytes: usize,
     pub gateway_max_frame_bytes: usize,
     pub gateway_outbound_queue: usize,
-    pub gateway_redis_pool_size: usize,
     pub gateway_pg_pool_size: usize,
     /// Upper bound on the time a subscription may take during a handshake.
     pub gateway_subscribe_timeout_ms: u64,
@@ -109,6 +120,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
+            backend: BackendKind::Redis,
             redis_url: "redis://127.0.0.1:6379".into(),
             database_url: "postgres://postgres@127.0.0.1:5432/chat".into(),
             redis_prefix: "chat".into(),
@@ -130,12 +142,11 @@ impl Default for GatewayConfig {
             gateway_max_body_bytes: 4096,
             gateway_max_frame_bytes: 16 * 1024,
             gateway_outbound_queue: 256,
-            gateway_redis_pool_size: 2,
             gateway_pg_pool_size: 16,
             gateway_subscribe_timeout_ms: 3000,
             gateway_shutdown_grace_secs: 20,
-            gateway_history_tail_len: chat_core::stream::DEFAULT_TAIL_LEN,
-            gateway_history_tail_ttl_secs: chat_core::stream::DEFAULT_TAIL_TTL_MS / 1000,
+            gateway_history_tail_len: chat_core::log::DEFAULT_TAIL_LEN,
+            gateway_history_tail_ttl_secs: chat_core::log::DEFAULT_TAIL_TTL_MS / 1000,
             gateway_max_room_members: 10_000,
             gateway_max_rooms_per_user: 1_000,
             gateway_max_connections: 20_000,
@@ -144,7 +155,7 @@ impl Default for GatewayConfig {
             gateway_presence_room_max_members: 100,
             presence_ttl_secs: 30,
             presence_heartbeat_secs: 10,
-            gateway_send_dedup_window_secs: chat_core::stream::DEFAULT_DEDUP_WINDOW_MS / 1000,
+            gateway_send_dedup_window_secs: chat_core::log::DEFAULT_DEDUP_WINDOW_MS / 1000,
             gateway_handshakes_per_ip_per_sec: 20,
             gateway_max_connections_per_user: 10,
             gateway_login_attempts_per_email: 10,
@@ -210,7 +221,8 @@ impl GatewayConfig {
         let internal_listen =
             settings::parse_listen("gateway_internal_listen", &self.gateway_internal_listen)?;
         settings::check_prefix("redis_prefix", &self.redis_prefix)?;
-        settings::check_urls(&self.redis_url, &self.database_url)?;
+        let redis_url = (self.backend == BackendKind::Redis).then_some(self.redis_url.as_str());
+        settings::check_urls(redis_url, &self.database_url)?;
         if self.redis_partitions == 0 || self.redis_partitions > 1024 {
             return Err(SettingsError::invalid(
                 "redis_partitions",
@@ -225,7 +237,6 @@ impl GatewayConfig {
             ),
             ("gateway_max_body_bytes", self.gateway_max_body_bytes),
             ("gateway_outbound_queue", self.gateway_outbound_queue),
-            ("gateway_redis_pool_size", self.gateway_redis_pool_size),
             ("gateway_pg_pool_size", self.gateway_pg_pool_size),
             (
                 "gateway_subscribe_timeout_ms",
@@ -480,6 +491,30 @@ mod tests {
             let err = config.validate().expect_err(key).to_string();
             assert!(err.contains(key), "{err}");
         }
+    }
+
+    /// The backend is `redis` by default; `memory` takes no Redis URL, `redis` checks it.
+    #[test]
+    fn backend_choice() {
+        assert_eq!(
+            base().validate().expect("valid").raw.backend,
+            BackendKind::Redis
+        );
+        let bad_redis = GatewayConfig {
+            redis_url: "http://nope".into(),
+            ..base()
+        };
+        let err = bad_redis
+            .clone()
+            .validate()
+            .expect_err("bad url")
+            .to_string();
+        assert!(err.contains("redis_url"), "{err}");
+        let memory = GatewayConfig {
+            backend: BackendKind::Memory,
+            ..bad_redis
+        };
+        assert!(memory.validate().is_ok(), "memory does not use redis_url");
     }
 
     /// Origins are split, trimmed and normalised without a trailing slash.

@@ -1,22 +1,34 @@
-//! The node's local connection registry: which users have connections here, and the bounded
-//! outbound queue of each. Delivery hands the same frame bytes to every local recipient.
+//! The node's local connection registry: which users have connections here, the rooms and
+//! presence watches of those users, and the bounded outbound queue of each connection. Delivery
+//! hands the same [`Outbound`] (one allocation, its frame bytes shared) to every local recipient.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use bytestring::ByteString;
-use chat_core::keys::Topic;
+use chat_core::pubsub::{Envelope, Topic};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
 
+/// What a connection's outbound queue carries.
+#[derive(Debug)]
+pub enum Outbound {
+    /// An envelope from a topic the connection is reached by.
+    Envelope(Envelope),
+    /// This node may have missed envelopes (its pub/sub connection dropped): sync everything.
+    Resync,
+}
+
+/// One queued item, shared by every local recipient.
+pub type Queued = Arc<Outbound>;
+
 /// One local connection as the hub sees it.
 pub struct LocalConn {
     pub conn_id: Uuid,
     /// Bounded: when full, the connection is a slow consumer and is closed.
-    pub outbound: mpsc::Sender<ByteString>,
+    pub outbound: mpsc::Sender<Queued>,
     /// Cancelled to make the session close itself as a slow consumer.
     pub kick: CancellationToken,
 }
@@ -85,12 +97,20 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds a connection; returns true when it is the user's first one on this node.
-    pub fn register(&self, user: Uuid, conn: LocalConn) -> bool {
+    /// Adds a connection unless the user has `max` here already; `Some(first)` with true when
+    /// it is the user's first one on this node, `None` when over the limit. Checked and added
+    /// under one lock, so concurrent handshakes cannot pass the limit together.
+    pub fn register(&self, user: Uuid, conn: LocalConn, max: usize) -> Option<bool> {
         let mut state = self.lock();
         let conns = state.users.entry(user).or_default();
+        if conns.len() >= max {
+            if conns.is_empty() {
+                state.users.remove(&user);
+            }
+            return None;
+        }
         conns.push(conn);
-        conns.len() == 1
+        Some(conns.len() == 1)
     }
 
     /// Removes a connection. When it was the user's last one here, the user leaves every room
@@ -212,11 +232,6 @@ impl Hub {
         self.lock().unwatch(conn, watched)
     }
 
-    /// How many connections `user` has here.
-    pub fn connection_count(&self, user: Uuid) -> usize {
-        self.lock().users.get(&user).map_or(0, Vec::len)
-    }
-
     /// Every user with a connection here (for presence heartbeats).
     pub fn local_users(&self) -> Vec<Uuid> {
         self.lock().users.keys().copied().collect()
@@ -261,7 +276,7 @@ impl Hub {
         topic: Topic,
         origin: Uuid,
         skip_user: Option<Uuid>,
-        frame: &ByteString,
+        frame: &Queued,
     ) -> usize {
         let state = self.lock();
         match topic {
@@ -282,7 +297,7 @@ impl Hub {
     }
 
     /// Queues `frame` for every local connection; returns how many.
-    pub fn broadcast(&self, frame: &ByteString) -> usize {
+    pub fn broadcast(&self, frame: &Queued) -> usize {
         let state = self.lock();
         state
             .users
@@ -297,7 +312,7 @@ impl Hub {
         state: &State,
         user: Uuid,
         pick: impl Fn(Uuid) -> bool,
-        frame: &ByteString,
+        frame: &Queued,
     ) -> usize {
         let Some(conns) = state.users.get(&user) else {
             return 0;
@@ -324,7 +339,7 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn conn(queue: usize) -> (LocalConn, mpsc::Receiver<ByteString>) {
+    fn conn(queue: usize) -> (LocalConn, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(queue);
         (
             LocalConn {
@@ -346,11 +361,11 @@ mod tests {
         let (b, mut rx_b) = conn(1);
         let (c, mut rx_c) = conn(4);
         let (a_id, b_kick) = (a.conn_id, b.kick.clone());
-        hub.register(user, a);
-        hub.register(user, b);
-        hub.register(user, c);
+        hub.register(user, a, 10);
+        hub.register(user, b, 10);
+        hub.register(user, c, 10);
 
-        let frame = ByteString::from_static("{}");
+        let frame: Queued = Arc::new(Outbound::Resync);
         let user_topic = Topic::User(user);
         assert_eq!(hub.deliver(user_topic, a_id, None, &frame), 2);
         assert!(
@@ -374,8 +389,14 @@ mod tests {
         let (a, _ra) = conn(1);
         let (b, _rb) = conn(1);
         let (a_id, b_id) = (a.conn_id, b.conn_id);
-        assert!(hub.register(user, a), "the first connection here");
-        assert!(!hub.register(user, b));
+        assert_eq!(
+            hub.register(user, a, 2),
+            Some(true),
+            "the first connection here"
+        );
+        assert_eq!(hub.register(user, b, 2), Some(false));
+        let (c, _rc) = conn(1);
+        assert_eq!(hub.register(user, c, 2), None, "over the per-user limit");
         assert!(hub.unregister(user, a_id).is_empty());
         assert!(hub.has_local(Topic::User(user)));
         assert_eq!(hub.unregister(user, b_id), vec![Topic::User(user)]);
@@ -391,15 +412,15 @@ mod tests {
         let (a, mut rx_a) = conn(8);
         let (b, mut rx_b) = conn(8);
         let b_id = b.conn_id;
-        hub.register(alice, a);
-        hub.register(bob, b);
+        hub.register(alice, a, 10);
+        hub.register(bob, b, 10);
         assert_eq!(hub.join(alice, &[room]), vec![room], "first local member");
         assert!(hub.join(bob, &[room]).is_empty());
         assert!(
             hub.join(Uuid::now_v7(), &[room]).is_empty(),
             "not local: ignored"
         );
-        let frame = ByteString::from_static("{}");
+        let frame: Queued = Arc::new(Outbound::Resync);
         assert_eq!(hub.deliver(Topic::Room(room), Uuid::nil(), None, &frame), 2);
         assert_eq!(
             hub.deliver(Topic::Room(room), Uuid::nil(), Some(bob), &frame),
@@ -428,14 +449,14 @@ mod tests {
         let (a1, mut rx1) = conn(8);
         let (a2, mut rx2) = conn(8);
         let (id1, id2) = (a1.conn_id, a2.conn_id);
-        hub.register(alice, a1);
-        hub.register(alice, a2);
+        hub.register(alice, a1, 10);
+        hub.register(alice, a2, 10);
         assert_eq!(hub.watch(alice, id1, &[watched], 2), Some(vec![watched]));
         assert_eq!(
             hub.watch(alice, id1, &[Uuid::now_v7(), Uuid::now_v7()], 2),
             None
         );
-        let frame = ByteString::from_static("{}");
+        let frame: Queued = Arc::new(Outbound::Resync);
         assert_eq!(
             hub.deliver(Topic::Presence(watched), Uuid::nil(), None, &frame),
             1

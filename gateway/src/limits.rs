@@ -1,24 +1,24 @@
-//! Abuse limits beyond one connection: login attempts per email and per client IP (counted in
-//! Redis, so they hold across nodes), and handshakes per client IP and connections per user
-//! (counted on this node).
+//! Abuse limits beyond one connection: login attempts per email and per client IP (shared
+//! counters, so they hold across nodes), and handshakes per client IP (counted on this node).
+//! Also which IP a request comes from.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix_web::HttpRequest;
-use uuid::Uuid;
+use chat_core::counters::{CounterKey, Counters};
+use hashlink::LruCache;
 
-use crate::node::Node;
+use crate::rate::TokenBucket;
 
-/// Client IPs a node remembers handshake counts for before it starts over.
+/// Client IPs a node remembers handshake rates of; the least recently seen is forgotten first.
 const MAX_TRACKED_IPS: usize = 100_000;
 
 /// The client's IP: the peer address, or the first `X-Forwarded-For` entry when
-/// `gateway_trust_forwarded_for` says a proxy in front sets it (otherwise clients could forge it).
-pub fn client_ip(node: &Node, req: &HttpRequest) -> Option<IpAddr> {
-    if node.config.raw.gateway_trust_forwarded_for {
+/// `trust_forwarded_for` says a proxy in front sets it (otherwise clients could forge it).
+pub fn client_ip(req: &HttpRequest, trust_forwarded_for: bool) -> Option<IpAddr> {
+    if trust_forwarded_for {
         let forwarded = req
             .headers()
             .get("x-forwarded-for")
@@ -32,112 +32,123 @@ pub fn client_ip(node: &Node, req: &HttpRequest) -> Option<IpAddr> {
     req.peer_addr().map(|a| a.ip())
 }
 
-/// Counts one event against `key` in a fixed window shared by every node; true while the count
-/// is within `limit`. Fails open (true) when Redis cannot answer: the caller's other checks
-/// still apply, and a Redis outage must not lock every user out.
-async fn within_shared(node: &Node, key: String, limit: u32, window: Duration) -> bool {
-    let mut pipe = redis::pipe();
-    pipe.cmd("INCR")
-        .arg(&key)
-        .cmd("PEXPIRE")
-        .arg(&key)
-        .arg(u64::try_from(window.as_millis()).unwrap_or(u64::MAX))
-        .arg("NX")
-        .ignore();
-    match node.broker.query::<(u64,)>(&pipe).await {
-        Ok((count,)) => count <= u64::from(limit),
-        Err(e) => {
-            tracing::warn!(error = %e, "login limit unavailable; allowing");
-            true
+/// Login attempts per email and per client IP, in one window, across all nodes.
+pub struct LoginLimiter {
+    counters: Arc<dyn Counters>,
+    per_email: u32,
+    per_ip: u32,
+    window: Duration,
+}
+
+impl LoginLimiter {
+    pub fn new(counters: Arc<dyn Counters>, per_email: u32, per_ip: u32, window: Duration) -> Self {
+        LoginLimiter {
+            counters,
+            per_email,
+            per_ip,
+            window,
+        }
+    }
+
+    /// Counts a login attempt for `email` from `ip`; false when either is over its limit. Fails
+    /// open when the counters cannot answer: the password check still applies, and an outage
+    /// must not lock every user out.
+    pub async fn allow(&self, email: &str, ip: Option<IpAddr>) -> bool {
+        let by_email = self.within(CounterKey::login_email(email), self.per_email);
+        let by_ip = async {
+            match ip {
+                Some(ip) => self.within(CounterKey::LoginIp(ip), self.per_ip).await,
+                None => true,
+            }
+        };
+        let (email_ok, ip_ok) = tokio::join!(by_email, by_ip);
+        email_ok && ip_ok
+    }
+
+    async fn within(&self, key: CounterKey, limit: u32) -> bool {
+        match self.counters.count(&key, self.window).await {
+            Ok(count) => count <= u64::from(limit),
+            Err(e) => {
+                tracing::warn!(error = %e, "login limit unavailable; allowing");
+                true
+            }
         }
     }
 }
 
-/// Whether another login attempt for `email` from `ip` is allowed now (and counts it).
-pub async fn login_allowed(node: &Node, email: &str, ip: Option<IpAddr>) -> bool {
-    let cfg = &node.config.raw;
-    let window = Duration::from_secs(cfg.gateway_login_window_secs);
-    let prefix = node.broker.keys().prefix();
-    let by_email = within_shared(
-        node,
-        format!("{prefix}:limit:login:email:{}", email.to_lowercase()),
-        cfg.gateway_login_attempts_per_email,
-        window,
-    );
-    let by_ip = async {
-        match ip {
-            Some(ip) => {
-                within_shared(
-                    node,
-                    format!("{prefix}:limit:login:ip:{ip}"),
-                    cfg.gateway_login_attempts_per_ip,
-                    window,
-                )
-                .await
-            }
-            None => true,
-        }
-    };
-    let (email_ok, ip_ok) = tokio::join!(by_email, by_ip);
-    email_ok && ip_ok
-}
-
 /// Handshakes per client IP on this node: a token bucket per IP.
 pub struct HandshakeLimiter {
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    buckets: Mutex<LruCache<IpAddr, TokenBucket>>,
     per_sec: f64,
-    burst: f64,
 }
 
 impl HandshakeLimiter {
     /// `per_sec` handshakes per second per IP, in bursts of twice that.
     pub fn new(per_sec: u32) -> Self {
         HandshakeLimiter {
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(LruCache::new(MAX_TRACKED_IPS)),
             per_sec: f64::from(per_sec),
-            burst: f64::from(per_sec) * 2.0,
         }
     }
 
     /// Takes a token for `ip`; false when it handshakes too fast.
     pub fn allow(&self, ip: IpAddr) -> bool {
-        let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_TRACKED_IPS && !buckets.contains_key(&ip) {
-            // Forgetting everyone is generous for a moment, but bounded.
-            buckets.clear();
-        }
-        let (tokens, at) = buckets.entry(ip).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let (per_sec, burst) = (self.per_sec, self.per_sec * 2.0);
+        let bucket = buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(per_sec, burst));
+        bucket.take().0
     }
-}
-
-/// Whether `user` may open another connection on this node.
-pub fn connection_allowed(node: &Node, user: Uuid) -> bool {
-    node.hub.connection_count(user) < node.config.raw.gateway_max_connections_per_user
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A burst of twice the rate passes, the next is refused, and tokens come back with time.
-    #[test]
-    fn handshake_buckets_refill() {
+    /// A burst of twice the rate passes per IP, the next is refused, tokens come back with time.
+    #[tokio::test(start_paused = true)]
+    async fn handshake_buckets_refill_per_ip() {
         let limiter = HandshakeLimiter::new(5);
         let ip: IpAddr = "127.0.0.9".parse().expect("ip");
         let other: IpAddr = "127.0.0.10".parse().expect("ip");
         assert!((0..10).all(|_| limiter.allow(ip)));
         assert!(!limiter.allow(ip));
         assert!(limiter.allow(other), "another IP has its own bucket");
-        std::thread::sleep(Duration::from_millis(250));
+        tokio::time::advance(Duration::from_millis(250)).await;
         assert!(limiter.allow(ip), "refilled at 5 per second");
+    }
+
+    /// Logins are limited per email and per IP; counters that fail let logins through.
+    #[tokio::test]
+    async fn logins_are_limited_and_fail_open() {
+        let counters = Arc::new(chat_core::counters::memory::MemoryCounters::default());
+        let limiter = LoginLimiter::new(counters, 2, 3, Duration::from_secs(60));
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert!(limiter.allow("a@x.io", Some(ip)).await);
+        assert!(limiter.allow("A@x.io", Some(ip)).await);
+        assert!(
+            !limiter.allow("a@x.io", Some(ip)).await,
+            "third for the email"
+        );
+        assert!(
+            !limiter.allow("b@x.io", Some(ip)).await,
+            "fourth for the IP"
+        );
+        assert!(limiter.allow("b@x.io", None).await);
+
+        struct Down;
+        #[async_trait::async_trait]
+        impl Counters for Down {
+            async fn count(
+                &self,
+                _: &CounterKey,
+                _: Duration,
+            ) -> Result<u64, chat_core::backend::BackendError> {
+                Err(chat_core::backend::BackendError::Timeout)
+            }
+        }
+        let open = LoginLimiter::new(Arc::new(Down), 0, 0, Duration::from_secs(60));
+        assert!(open.allow("a@x.io", Some(ip)).await);
     }
 }

@@ -183,6 +183,16 @@ impl Metrics {
         .with_known_labels())
     }
 
+    /// The handles the Redis backend records into.
+    pub fn redis(&self) -> chat_core::redis_conn::RedisMetrics {
+        chat_core::redis_conn::RedisMetrics {
+            command_seconds: self.redis_command_duration.clone(),
+            errors: self.redis_errors.clone(),
+            subscriptions: self.pubsub_subscriptions.clone(),
+            reconnects: self.pubsub_reconnects.clone(),
+        }
+    }
+
     /// Creates the children every dashboard and alert expects, at 0, so `rate()` sees the first
     /// event and the series exist before it.
     fn with_known_labels(self) -> Self {

@@ -1,41 +1,502 @@
-//! The composition root shared by every handler: one `Node` per gateway process.
+//! The composition root: builds every service of one gateway node from its configuration, once,
+//! in [`run`]; wires each to the few others it uses; serves until shutdown; then drains. No other
+//! module wires services, and only `lib.rs` uses this one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use actix_web::{web, App, HttpServer};
+use async_trait::async_trait;
+use chat_core::admin::{self, Lifecycle, Probe, Readiness};
+use chat_core::counters::memory::MemoryCounters;
+use chat_core::counters::redis::RedisCounters;
+use chat_core::counters::Counters;
+use chat_core::keys::KeySchema;
+use chat_core::log::memory::MemoryLog;
+use chat_core::log::redis::RedisLog;
+use chat_core::log::{MessageLog, Retention};
+use chat_core::presence::memory::MemoryPresence;
+use chat_core::presence::redis::RedisPresence;
+use chat_core::presence::PresenceStore;
+use chat_core::pubsub::memory::MemoryPubSub;
+use chat_core::pubsub::redis::RedisPubSub;
+use chat_core::pubsub::PubSub;
+use chat_core::redis_conn::Commands;
+use chat_core::store::lock::{BackendLock, LockMode};
+use chat_core::store::Store;
+use persistence_worker::consumer::{self as sink, ConsumerSettings};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::accounts::UserDirectory;
 use crate::auth::Auth;
-use crate::broker::Broker;
-use crate::config::Validated;
+use crate::authn::Authenticator;
+use crate::config::{BackendKind, Validated};
+use crate::delivery::Delivery;
+use crate::directory::Directory;
+use crate::history::History;
+use crate::http::HttpSettings;
 use crate::hub::Hub;
+use crate::limits::{HandshakeLimiter, LoginLimiter};
 use crate::metrics::Metrics;
+use crate::notifier::Notifier;
+use crate::passwords::Passwords;
+use crate::presence::Presence;
+use crate::ws::admission::Slots;
+use crate::ws::{Services, WsSettings};
+use crate::{api_error, web_client, ws, GatewayError, Listeners};
 
-/// Everything a request or a connection needs.
-pub struct Node {
-    /// Validated settings (limits, node id, origins).
-    pub config: Arc<Validated>,
-    /// Token issuing and verification, password hashing.
-    pub auth: Auth,
-    /// Postgres: users (and, later, history).
-    pub db: deadpool_postgres::Pool,
-    /// Local connections by user.
-    pub hub: Arc<Hub>,
-    /// Redis append and pub/sub subscriptions.
-    pub broker: Broker,
-    /// Cached "does this recipient exist".
-    pub directory: UserDirectory,
-    /// Who may use a conversation.
-    pub conversations: crate::conversations::Directory,
-    /// Who is online.
-    pub presence: crate::presence::Presence,
-    /// The threads that hash and verify passwords (argon2id is memory-hard).
-    pub passwords: crate::auth::PasswordPool,
-    /// Handshakes per client IP on this node.
-    pub handshakes: crate::limits::HandshakeLimiter,
-    /// Where password reset tokens go.
-    pub password_resets: crate::password_reset::Notifier,
-    pub metrics: Metrics,
-    /// Cancelled when the node starts to drain; every session watches it.
-    pub shutdown: CancellationToken,
+/// The roles a backend plays, and what it runs beside them.
+struct Backend {
+    log: Arc<dyn MessageLog>,
+    pubsub: Arc<dyn PubSub>,
+    presence: Arc<dyn PresenceStore>,
+    counters: Arc<dyn Counters>,
+    /// What readiness checks of the backend (the Redis connection).
+    probes: Vec<Arc<dyn Probe>>,
+    /// The backend's own tasks (the pub/sub manager, the in-process sink), stopped after the
+    /// connections have drained.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Backend {
+    /// Redis: any number of nodes share one Redis.
+    fn redis(
+        config: &Validated,
+        metrics: &Metrics,
+        delivery: Arc<Delivery>,
+        stop: CancellationToken,
+    ) -> Result<Backend, GatewayError> {
+        let cfg = &config.raw;
+        let keys = KeySchema::new(cfg.redis_prefix.clone(), cfg.redis_partitions);
+        let redis = Commands::new(&cfg.redis_url, Some(metrics.redis()))?;
+        let (pubsub, manager) = RedisPubSub::start(
+            redis.clone(),
+            keys.clone(),
+            delivery,
+            Duration::from_millis(cfg.gateway_subscribe_timeout_ms),
+            stop,
+        );
+        Ok(Backend {
+            log: Arc::new(RedisLog::new(
+                redis.clone(),
+                keys.clone(),
+                retention(config),
+            )),
+            pubsub: Arc::new(pubsub),
+            presence: Arc::new(RedisPresence::new(
+                redis.clone(),
+                keys.clone(),
+                config.node_id.clone(),
+                Duration::from_secs(cfg.presence_ttl_secs),
+            )),
+            counters: Arc::new(RedisCounters::new(redis.clone(), keys)),
+            probes: vec![Arc::new(redis)],
+            tasks: vec![manager],
+        })
+    }
+
+    /// This process: the log, pub/sub, presence and counters in memory, and the worker's
+    /// consumer loop draining the log into Postgres in-process.
+    fn memory(
+        config: &Validated,
+        metrics: &Metrics,
+        store: &Store,
+        delivery: Arc<Delivery>,
+        stop: CancellationToken,
+    ) -> Result<Backend, GatewayError> {
+        let pubsub: Arc<dyn PubSub> = Arc::new(MemoryPubSub::new(
+            delivery,
+            Some(metrics.pubsub_subscriptions.clone()),
+        ));
+        let log = MemoryLog::new(store.clone(), pubsub.clone(), retention(config));
+        let sink = sink::Context {
+            log: Arc::new(log.clone()),
+            store: store.clone(),
+            settings: Arc::new(ConsumerSettings {
+                consumer: format!("{}-in-process", config.node_id),
+                batch_size: 500,
+                block: Duration::from_secs(1),
+                // Appends wait for the commit: no lingering.
+                linger: Duration::ZERO,
+                claim_idle: Duration::from_secs(30),
+                claim_every: Duration::from_secs(60),
+                trim_every: Duration::from_secs(10),
+                retention: Duration::ZERO,
+            }),
+            metrics: persistence_worker::metrics::Metrics::register_in(metrics.registry.clone())?,
+            shutdown: stop,
+        };
+        Ok(Backend {
+            log: Arc::new(log),
+            pubsub,
+            presence: Arc::new(MemoryPresence::new(Duration::from_secs(
+                config.raw.presence_ttl_secs,
+            ))),
+            counters: Arc::new(MemoryCounters::default()),
+            probes: Vec::new(),
+            tasks: sink::spawn_all(&sink),
+        })
+    }
+}
+
+impl Backend {
+    /// Stops the backend's tasks and waits for them.
+    async fn stop(self, stop: &CancellationToken) {
+        stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The admin server and its task.
+struct Admin {
+    handle: actix_web::dev::ServerHandle,
+    task: JoinHandle<Result<(), std::io::Error>>,
+}
+
+impl Admin {
+    async fn stop(self) {
+        self.handle.stop(true).await;
+        let _ = self.task.await;
+    }
+}
+
+/// Readiness of the backend lock, taken once migrations have run (and taken again if its
+/// connection drops).
+#[derive(Default)]
+struct LockProbe(std::sync::OnceLock<BackendLock>);
+
+#[async_trait]
+impl Probe for LockProbe {
+    fn name(&self) -> &'static str {
+        "backend_lock"
+    }
+
+    async fn ready(&self) -> bool {
+        match self.0.get() {
+            Some(lock) => lock.ready().await,
+            None => false,
+        }
+    }
+}
+
+fn retention(config: &Validated) -> Retention {
+    let cfg = &config.raw;
+    Retention {
+        tail_len: cfg.gateway_history_tail_len,
+        tail_ttl_ms: cfg.gateway_history_tail_ttl_secs.saturating_mul(1000),
+        dedup_window_ms: cfg.gateway_send_dedup_window_secs.saturating_mul(1000),
+    }
+}
+
+/// Readiness of the pub/sub subscriptions.
+struct PubSubProbe(Arc<dyn PubSub>);
+
+#[async_trait]
+impl Probe for PubSubProbe {
+    fn name(&self) -> &'static str {
+        "pubsub"
+    }
+
+    async fn ready(&self) -> bool {
+        self.0.healthy()
+    }
+}
+
+/// Every service a request or a connection uses, each built once. Handlers receive the ones
+/// they name as `web::Data`; nothing receives the node.
+struct Node {
+    store: Store,
+    metrics: Metrics,
+    auth: Arc<Auth>,
+    passwords: Arc<Passwords>,
+    directory: Arc<Directory>,
+    authenticator: Arc<Authenticator>,
+    login_limiter: Arc<LoginLimiter>,
+    presence: Arc<Presence>,
+    history: Arc<History>,
+    pubsub: Arc<dyn PubSub>,
+    notifier: Arc<Notifier>,
+    http: Arc<HttpSettings>,
+    ws: Services,
+    debug_echo: bool,
+}
+
+impl Node {
+    /// Registers every service and route of the public port on one app.
+    fn configure(&self, app: &mut web::ServiceConfig) {
+        app.app_data(web::Data::new(self.store.clone()))
+            .app_data(web::Data::new(self.metrics.clone()))
+            .app_data(web::Data::from(self.auth.clone()))
+            .app_data(web::Data::from(self.passwords.clone()))
+            .app_data(web::Data::from(self.directory.clone()))
+            .app_data(web::Data::from(self.authenticator.clone()))
+            .app_data(web::Data::from(self.login_limiter.clone()))
+            .app_data(web::Data::from(self.presence.clone()))
+            .app_data(web::Data::from(self.history.clone()))
+            .app_data(web::Data::from(self.pubsub.clone()))
+            .app_data(web::Data::from(self.notifier.clone()))
+            .app_data(web::Data::from(self.http.clone()))
+            .app_data(web::Data::new(self.ws.clone()))
+            .configure(crate::http::extractors)
+            .route("/ws", web::get().to(ws::handshake::handshake))
+            .configure(web_client::routes)
+            .configure(crate::http::routes);
+        if self.debug_echo {
+            app.route("/debug/echo", web::get().to(ws::echo::echo));
+        }
+    }
+}
+
+/// Runs one gateway node until `shutdown` is cancelled, then drains: readiness fails, every
+/// connection is told to reconnect elsewhere (close 1001) and waited for, and the servers stop.
+pub async fn run(
+    config: Validated,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let cfg = config.raw.clone();
+    let metrics = Metrics::new()?;
+    let store = Store::connect(&cfg.database_url, cfg.gateway_pg_pool_size)?;
+    let lifecycle = Lifecycle::default();
+    let hub = Arc::new(Hub::new(metrics.clone()));
+    let delivery = Arc::new(Delivery::new(hub.clone(), store.clone()));
+    // The backend outlives the connections: it stops after they have drained.
+    let backend_stop = CancellationToken::new();
+    let backend = match cfg.backend {
+        BackendKind::Redis => Backend::redis(&config, &metrics, delivery, backend_stop.clone())?,
+        BackendKind::Memory => {
+            Backend::memory(&config, &metrics, &store, delivery, backend_stop.clone())?
+        }
+    };
+
+    let lock = Arc::new(LockProbe::default());
+    let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(PubSubProbe(backend.pubsub.clone()))];
+    probes.extend(backend.probes.iter().cloned());
+    probes.push(Arc::new(store.clone()));
+    probes.push(lock.clone());
+    // Readiness (failing with "starting") and metrics are served while we wait for the database.
+    let admin_server = admin::serve(
+        listeners.internal,
+        metrics.registry.clone(),
+        Readiness {
+            lifecycle: lifecycle.clone(),
+            probes,
+        },
+        crate::metrics::READY_METRIC,
+    )?;
+    let admin = Admin {
+        handle: admin_server.handle(),
+        task: actix_web::rt::spawn(admin_server),
+    };
+
+    if !chat_core::store::migrate::migrate_until_done(&cfg.database_url, &shutdown).await {
+        backend.stop(&backend_stop).await;
+        admin.stop().await;
+        return Ok(());
+    }
+    let mode = match cfg.backend {
+        BackendKind::Redis => LockMode::Shared,
+        BackendKind::Memory => LockMode::Exclusive,
+    };
+    match BackendLock::take(&cfg.database_url, mode, backend_stop.clone()).await {
+        Ok(taken) => {
+            let _ = lock.0.set(taken);
+        }
+        Err(e) => {
+            backend.stop(&backend_stop).await;
+            admin.stop().await;
+            return Err(e.into());
+        }
+    }
+
+    let workers = if cfg.gateway_workers == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        cfg.gateway_workers
+    };
+    let mut auth = Auth::new(&config.jwt_secret, cfg.jwt_ttl_secs);
+    if let Some(external) = &config.external_jwt {
+        let provider = external
+            .provider()
+            .map_err(|e| GatewayError::Auth(e.to_string()))?;
+        auth = auth.with_external(provider);
+    }
+    let auth = Arc::new(auth);
+    let passwords = Arc::new(Passwords::new(
+        if cfg.gateway_password_hash_concurrency == 0 {
+            workers
+        } else {
+            cfg.gateway_password_hash_concurrency
+        },
+    )?);
+    let directory = Arc::new(Directory::new(
+        store.clone(),
+        backend.log.clone(),
+        hub.clone(),
+    ));
+    let authenticator = Arc::new(Authenticator::new(
+        auth.clone(),
+        store.clone(),
+        directory.clone(),
+    ));
+    let presence = Arc::new(Presence::new(
+        backend.presence.clone(),
+        backend.pubsub.clone(),
+        store.clone(),
+        hub.clone(),
+        metrics.clone(),
+        cfg.gateway_presence_room_max_members,
+    ));
+    let history = Arc::new(History::new(
+        backend.log.clone(),
+        store.clone(),
+        metrics.clone(),
+    ));
+    metrics
+        .connections_limit
+        .set(i64::try_from(cfg.gateway_max_connections).unwrap_or(i64::MAX));
+    let tasks = TaskTracker::new();
+    let ws = Services {
+        settings: Arc::new(WsSettings {
+            node_id: config.node_id.clone(),
+            allowed_origins: config.allowed_origins.clone(),
+            trust_forwarded_for: cfg.gateway_trust_forwarded_for,
+            heartbeat: Duration::from_secs(cfg.gateway_heartbeat_secs),
+            client_timeout: Duration::from_secs(cfg.gateway_client_timeout_secs),
+            max_frame_bytes: cfg.gateway_max_frame_bytes,
+            outbound_queue: cfg.gateway_outbound_queue,
+            max_connections_per_user: cfg.gateway_max_connections_per_user,
+            max_rooms_per_user: cfg.gateway_max_rooms_per_user,
+            send_rate_per_sec: cfg.gateway_send_rate_per_sec,
+            max_body_bytes: cfg.gateway_max_body_bytes,
+            max_watched_users: cfg.gateway_max_watched_users,
+        }),
+        metrics: metrics.clone(),
+        slots: Arc::new(Slots::new(
+            cfg.gateway_max_connections,
+            metrics.connections_open.clone(),
+        )),
+        handshakes: Arc::new(HandshakeLimiter::new(cfg.gateway_handshakes_per_ip_per_sec)),
+        authenticator: authenticator.clone(),
+        hub: hub.clone(),
+        pubsub: backend.pubsub.clone(),
+        log: backend.log.clone(),
+        directory: directory.clone(),
+        history: history.clone(),
+        presence: presence.clone(),
+        store: store.clone(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let node = Arc::new(Node {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        auth,
+        passwords,
+        directory,
+        authenticator,
+        login_limiter: Arc::new(LoginLimiter::new(
+            backend.counters.clone(),
+            cfg.gateway_login_attempts_per_email,
+            cfg.gateway_login_attempts_per_ip,
+            Duration::from_secs(cfg.gateway_login_window_secs),
+        )),
+        presence: presence.clone(),
+        history,
+        pubsub: backend.pubsub.clone(),
+        notifier: Arc::new(Notifier::from_config(
+            cfg.password_reset_webhook_url.as_deref(),
+            cfg.dev_mode,
+        )?),
+        http: Arc::new(HttpSettings {
+            trust_forwarded_for: cfg.gateway_trust_forwarded_for,
+            max_room_members: cfg.gateway_max_room_members,
+            max_rooms_per_user: cfg.gateway_max_rooms_per_user,
+            reset_ttl_secs: cfg.password_reset_ttl_secs,
+        }),
+        ws,
+        debug_echo: cfg.gateway_debug_echo,
+    });
+
+    let tls = match &config.tls {
+        Some(files) => {
+            let (server_config, slot) = crate::tls::server_config(files)?;
+            let watcher =
+                actix_web::rt::spawn(crate::tls::watch(files.clone(), slot, shutdown.clone()));
+            Some((server_config, watcher))
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if node.debug_echo {
+        tracing::warn!("gateway_debug_echo is on: /debug/echo echoes WebSocket frames without authentication; never in production");
+    }
+    let public_addr = listeners.public.local_addr()?;
+    let app_node = node.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .configure(|app| app_node.configure(app))
+            .default_service(web::to(api_error::not_found))
+    })
+    .workers(workers)
+    // Acks and deliveries are small writes; Nagle would hold them for the peer's delayed ACK.
+    .tcp_nodelay(true)
+    .disable_signals()
+    .shutdown_timeout(1);
+    let (server, tls_watcher) = match tls {
+        Some((server_config, watcher)) => (
+            server.listen_rustls_0_23(listeners.public, server_config)?,
+            Some(watcher),
+        ),
+        None => (server.listen(listeners.public)?, None),
+    };
+    let server = server.run();
+    let server_handle = server.handle();
+    let server_task = actix_web::rt::spawn(server);
+    tracing::info!(
+        node_id = %config.node_id,
+        public = %public_addr,
+        scheme,
+        workers,
+        backend = ?cfg.backend,
+        "gateway listening"
+    );
+
+    let heartbeats = actix_web::rt::spawn(presence.clone().run_heartbeats(
+        Duration::from_secs(cfg.presence_heartbeat_secs),
+        shutdown.clone(),
+    ));
+    lifecycle.serving();
+
+    shutdown.cancelled().await;
+    tracing::info!("draining");
+    lifecycle.draining();
+    // Connections saw the same token and are closing with 1001; wait for their tasks (and what
+    // they started) within the grace period.
+    tasks.close();
+    let grace = Duration::from_secs(cfg.gateway_shutdown_grace_secs);
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            connections = node.ws.slots.open(),
+            "grace period over with connections still open"
+        );
+    }
+    server_handle.stop(true).await;
+    let _ = server_task.await;
+    let _ = heartbeats.await;
+    if let Some(watcher) = tls_watcher {
+        let _ = watcher.await;
+    }
+    backend.stop(&backend_stop).await;
+    if let Some(lock) = Arc::try_unwrap(lock).ok().and_then(|l| l.0.into_inner()) {
+        lock.release().await;
+    }
+    admin.stop().await;
+    tracing::info!("gateway stopped");
+    Ok(())
 }

@@ -162,7 +162,7 @@ async fn spans_arrive_and_the_worker_batch_links_to_the_send() {
     assert_eq!(sends.len(), 1, "one send, one span");
     let send = &sends[0];
     assert_eq!(attribute(send, "outcome").as_deref(), Some("ack"));
-    for child in ["chat.send.validate", "redis.append"] {
+    for child in ["chat.send.validate", "log.append"] {
         let children = find(&spans, "chat-gateway", child);
         assert_eq!(children.len(), 1, "{child}");
         assert_eq!(

@@ -83,7 +83,7 @@ impl WorkerConfig {
         let internal_listen =
             settings::parse_listen("worker_internal_listen", &self.worker_internal_listen)?;
         settings::check_prefix("redis_prefix", &self.redis_prefix)?;
-        settings::check_urls(&self.redis_url, &self.database_url)?;
+        settings::check_urls(Some(&self.redis_url), &self.database_url)?;
         if self.redis_partitions == 0 || self.redis_partitions > 1024 {
             return Err(SettingsError::invalid(
                 "redis_partitions",

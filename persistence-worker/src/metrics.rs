@@ -25,8 +25,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Every metric, in a registry of its own.
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
+        Self::register_in(Registry::new())
+    }
+
+    /// Every metric, registered in `registry` (a one-process gateway adds them to its own).
+    pub fn register_in(registry: Registry) -> Result<Self, prometheus::Error> {
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;

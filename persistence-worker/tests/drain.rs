@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use chat_core::conversation::direct_conversation_id;
 use chat_core::keys::{KeySchema, PERSISTENCE_GROUP};
-use chat_core::stream::{Appender, NewMessage};
+use chat_core::log::redis::RedisLog;
+use chat_core::log::{MessageLog, Retention};
+use chat_core::message::NewMessage;
+use chat_core::redis_conn::Commands;
 use chat_core::testing::{self, eventually, Proxy};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -48,12 +51,8 @@ impl Fixture {
 
     /// Appends `n` messages spread over every pair of users; returns their ids.
     async fn append(&self, n: usize) -> Vec<Uuid> {
-        let client = redis::Client::open(testing::redis_url()).expect("redis url");
-        let conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis");
-        let appender = Appender::new(self.keys());
+        let redis = Commands::new(&testing::redis_url(), None).expect("redis url");
+        let log = RedisLog::new(redis, self.keys(), Retention::default());
         let mut pairs = Vec::new();
         for (i, a) in self.users.iter().enumerate() {
             for b in &self.users[i + 1..] {
@@ -73,11 +72,9 @@ impl Fixture {
                     ts: chat_core::now_ms(),
                     trace_parent: None,
                 };
-                let mut conn = conn.clone();
-                let appender = appender.clone();
+                let log = log.clone();
                 async move {
-                    appender
-                        .append(&mut conn, &msg, &msg.msg_id.to_string(), Uuid::nil())
+                    log.append(&msg, &msg.msg_id.to_string(), Uuid::nil())
                         .await
                         .expect("append");
                     msg.msg_id

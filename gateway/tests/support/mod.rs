@@ -264,7 +264,7 @@ pub async fn quick_user(db: &tokio_postgres::Client, auth: &gateway::auth::Auth)
 
 /// Token issuing with the test secret.
 pub fn test_auth() -> gateway::auth::Auth {
-    gateway::auth::Auth::new(SECRET, 3600).expect("auth")
+    gateway::auth::Auth::new(SECRET, 3600)
 }
 
 /// Sends an HTTP request with a bearer token and an optional JSON body; status and JSON body.

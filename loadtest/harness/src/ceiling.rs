@@ -58,7 +58,7 @@ pub async fn run(args: CeilingArgs) -> anyhow::Result<()> {
     let cpu = CpuMeter::start(&args.watch);
     let began = Instant::now();
     let appends = append_load(
-        &conn,
+        &args.redis_url,
         &keys,
         &pairs,
         args.concurrency,

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use chat_core::conversation::direct_conversation_id;
 use chat_core::keys::{KeySchema, PERSISTENCE_GROUP};
-use chat_core::stream::{Appender, NewMessage};
+use chat_core::log::redis::RedisLog;
+use chat_core::log::{MessageLog, Retention};
+use chat_core::message::NewMessage;
+use chat_core::redis_conn::Commands;
 use rand::Rng;
 use serde::Serialize;
 use uuid::Uuid;
@@ -106,7 +109,7 @@ pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
         tokio::spawn(async move { sample_backlog(conn, keys, began, sampling).await })
     };
     let appended = append_load(
-        &conn,
+        &args.redis_url,
         &keys,
         &pairs,
         args.concurrency,
@@ -254,14 +257,15 @@ pub fn pairs_of(users: &[Uuid]) -> Vec<(Uuid, Uuid)> {
 /// Appends messages in random `pairs` (either direction) with `concurrency` appends in flight,
 /// until `until`; returns how many were appended.
 pub async fn append_load(
-    conn: &redis::aio::MultiplexedConnection,
+    redis_url: &str,
     keys: &KeySchema,
     pairs: &[(Uuid, Uuid)],
     concurrency: usize,
     until: Until,
     body_bytes: usize,
 ) -> anyhow::Result<u64> {
-    let appender = Appender::new(keys.clone());
+    let redis = Commands::new(redis_url, None).context("redis url")?;
+    let log = RedisLog::new(redis, keys.clone(), Retention::default());
     let issued = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     if pairs.is_empty() {
@@ -275,9 +279,8 @@ pub async fn append_load(
     let body = "b".repeat(body_bytes.max(1));
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (mut conn, appender, issued, done, pairs, body) = (
-            conn.clone(),
-            appender.clone(),
+        let (log, issued, done, pairs, body) = (
+            log.clone(),
             issued.clone(),
             done.clone(),
             pairs.clone(),
@@ -309,8 +312,7 @@ pub async fn append_load(
                     ts: chat_core::now_ms(),
                     trace_parent: None,
                 };
-                appender
-                    .append(&mut conn, &msg, &msg.msg_id.to_string(), Uuid::nil())
+                log.append(&msg, &msg.msg_id.to_string(), Uuid::nil())
                     .await
                     .context("appending")?;
                 done.fetch_add(1, Ordering::Relaxed);

@@ -2,27 +2,23 @@
 //! `/ws`, served only when `gateway_debug_echo` is on, so that the Autobahn test cases can drive
 //! our WebSocket stack (they need a peer that echoes). No authentication, no Origin check.
 
-use std::time::Duration;
-
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseReason, Session};
 
+use super::outbox::WRITE_TIMEOUT;
+use super::reader::{FrameReader, Inbound};
+use super::Services;
 use crate::api_error::ApiError;
-use crate::inbound::{FrameReader, Inbound};
-use crate::node::Node;
-
-/// Longest a write may take before the echo gives up on the peer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Upgrades and echoes text and binary messages until the peer closes or breaks the protocol.
 pub async fn echo(
-    node: web::Data<Node>,
+    ws: web::Data<Services>,
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let max = node.config.raw.gateway_max_frame_bytes;
-    let (response, session, reader) = crate::session::upgrade(&req, body, max).await?;
-    actix_web::rt::spawn(run(session, reader));
+    let max = ws.settings.max_frame_bytes;
+    let (response, session, reader) = super::handshake::upgrade(&req, body, max).await?;
+    actix_web::rt::spawn(ws.tasks.track_future(run(session, reader)));
     Ok(response)
 }
 

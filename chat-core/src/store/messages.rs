@@ -1,45 +1,13 @@
-//! Writes batches of messages into Postgres in one transaction, idempotently: a redelivered
-//! entry (same `msg_id`) never makes a second row.
+//! Messages: a seq range of one conversation (history and sync), and the batch insert the
+//! persistence sink commits, idempotent on the message id.
 
-use chat_core::stream::StoredMessage;
+use std::collections::BTreeMap;
+
+use chat_protocol::MessageFrame;
 use uuid::Uuid;
 
-/// Why a batch was not written.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    /// Postgres is unreachable or failed transiently: retry the same batch later.
-    #[error("postgres unavailable: {0}")]
-    Unavailable(String),
-    /// Postgres refused the data (an integrity violation): retrying will not help.
-    #[error("postgres rejected the batch: {0}")]
-    Rejected(String),
-}
-
-impl From<tokio_postgres::Error> for SinkError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        let text = chat_core::db::describe(&e);
-        match e.code() {
-            // 22: data exception (e.g. invalid byte sequence), 23: integrity violation.
-            Some(code) if code.code().starts_with("23") || code.code().starts_with("22") => {
-                SinkError::Rejected(text)
-            }
-            _ => SinkError::Unavailable(text),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Sink {
-    pool: deadpool_postgres::Pool,
-}
-
-const INSERT_CONVERSATIONS: &str = "INSERT INTO conversations (id, kind)
-     SELECT id, 'direct' FROM unnest($1::uuid[]) AS t(id)
-     ON CONFLICT (id) DO NOTHING";
-
-const INSERT_MEMBERS: &str = "INSERT INTO conversation_members (conversation_id, user_id)
-     SELECT c, u FROM unnest($1::uuid[], $2::uuid[]) AS t(c, u)
-     ON CONFLICT DO NOTHING";
+use super::{Store, StoreError};
+use crate::message::StoredMessage;
 
 const INSERT_MESSAGES: &str =
     "INSERT INTO messages (id, conversation_id, seq, sender_id, recipient_id, body, sent_at)
@@ -62,24 +30,49 @@ const UPDATE_SENDER_READ: &str = "UPDATE conversation_members m
      FROM unnest($1::uuid[], $2::uuid[], $3::int8[]) AS t(c, u, s)
      WHERE m.conversation_id = t.c AND m.user_id = t.u";
 
-impl Sink {
-    pub fn new(pool: deadpool_postgres::Pool) -> Self {
-        Sink { pool }
+impl Store {
+    /// The stored messages of `conversation` with `lo <= seq <= hi`, ascending.
+    pub async fn messages_in_range(
+        &self,
+        conversation: Uuid,
+        lo: i64,
+        hi: i64,
+    ) -> Result<Vec<MessageFrame>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, seq, sender_id, recipient_id, body,
+                        round(extract(epoch FROM sent_at) * 1000)::int8
+                 FROM messages
+                 WHERE conversation_id = $1 AND seq BETWEEN $2 AND $3
+                 ORDER BY seq",
+                &[&conversation, &lo, &hi],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| MessageFrame {
+                msg_id: r.get(0),
+                conversation_id: conversation,
+                seq: r.get(1),
+                from: r.get(2),
+                to: r.get(3),
+                body: r.get(4),
+                ts: r.get(5),
+            })
+            .collect())
     }
 
-    /// Inserts the messages (and the direct conversations they start), moves each conversation's
-    /// last seq and activity and each sender's read position; returns rows newly inserted.
-    /// Rooms are created by the gateway's API, never here.
-    pub async fn write(&self, batch: &[StoredMessage]) -> Result<u64, SinkError> {
+    /// Inserts a batch of messages in one transaction (and the direct conversations they start),
+    /// moves each conversation's last seq and activity and each sender's read position; returns
+    /// the rows newly inserted. A message already stored (same `msg_id`) is skipped, so a batch
+    /// delivered twice stores each message once. Rooms are created by the room API, never here.
+    pub async fn insert_messages(&self, batch: &[StoredMessage]) -> Result<u64, StoreError> {
         if batch.is_empty() {
             return Ok(0);
         }
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| SinkError::Unavailable(chat_core::db::describe_pool(&e)))?;
-        // Sorted, so concurrent workers take row locks in the same order (no deadlocks).
+        // Sorted: concurrent writers take row locks in the same order (no deadlocks).
         let mut direct: Vec<Uuid> = batch
             .iter()
             .filter(|m| m.to.is_some())
@@ -96,11 +89,10 @@ impl Sink {
             .collect();
         members.sort_unstable();
         members.dedup();
-        let (member_convs, member_users): (Vec<Uuid>, Vec<Uuid>) = members.into_iter().unzip();
 
         // The highest seq (and its ts) per conversation, and per (conversation, sender).
-        let mut activity: std::collections::BTreeMap<Uuid, (i64, i64)> = Default::default();
-        let mut sender_read: std::collections::BTreeMap<(Uuid, Uuid), i64> = Default::default();
+        let mut activity: BTreeMap<Uuid, (i64, i64)> = BTreeMap::new();
+        let mut sender_read: BTreeMap<(Uuid, Uuid), i64> = BTreeMap::new();
         for m in batch {
             let top = activity.entry(m.conversation_id).or_insert((m.seq, m.ts));
             if m.seq > top.0 {
@@ -126,18 +118,13 @@ impl Sink {
         let bodies: Vec<&str> = batch.iter().map(|m| m.body.as_str()).collect();
         let ts: Vec<i64> = batch.iter().map(|m| m.ts).collect();
 
+        let mut client = self.client().await?;
         // Prepared once per pooled connection: a batch costs five executes, no parsing.
         let tx = client.transaction().await?;
-        let insert_conversations = tx.prepare_cached(INSERT_CONVERSATIONS).await?;
-        let insert_members = tx.prepare_cached(INSERT_MEMBERS).await?;
+        super::conversations::insert_direct(&tx, &direct, &members).await?;
         let insert_messages = tx.prepare_cached(INSERT_MESSAGES).await?;
         let update_activity = tx.prepare_cached(UPDATE_ACTIVITY).await?;
         let update_sender_read = tx.prepare_cached(UPDATE_SENDER_READ).await?;
-        if !direct.is_empty() {
-            tx.execute(&insert_conversations, &[&direct]).await?;
-            tx.execute(&insert_members, &[&member_convs, &member_users])
-                .await?;
-        }
         let inserted = tx
             .execute(
                 &insert_messages,

@@ -1,0 +1,39 @@
+//! Shared counters on Redis: `INCR` and `PEXPIRE NX` in one pipeline per count.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{CounterKey, Counters};
+use crate::backend::BackendError;
+use crate::keys::KeySchema;
+use crate::redis_conn::Commands;
+
+/// Counters in Redis, shared by every node of a deployment.
+pub struct RedisCounters {
+    redis: Commands,
+    keys: KeySchema,
+}
+
+impl RedisCounters {
+    pub fn new(redis: Commands, keys: KeySchema) -> Self {
+        RedisCounters { redis, keys }
+    }
+}
+
+#[async_trait]
+impl Counters for RedisCounters {
+    async fn count(&self, key: &CounterKey, window: Duration) -> Result<u64, BackendError> {
+        let key = self.keys.counter(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR")
+            .arg(&key)
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(u64::try_from(window.as_millis()).unwrap_or(u64::MAX))
+            .arg("NX")
+            .ignore();
+        let (count,): (u64,) = self.redis.query("command", &pipe).await?;
+        Ok(count)
+    }
+}

@@ -1,0 +1,395 @@
+//! Pub/sub on one Redis: a channel per topic, one multiplexed pub/sub connection per node. A
+//! manager task owns the connection and the set of subscribed channels and reconciles it with
+//! what the subscriber wants; a reader task decodes each payload once into an [`Envelope`] and
+//! pushes it into the subscriber. Publishing pipelines `PUBLISH` on the shared command
+//! connection.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::{Envelope, Interest, PubSub, Publication, Subscriber, Topic};
+use crate::backend::BackendError;
+use crate::backoff::Backoff;
+use crate::keys::KeySchema;
+use crate::redis_conn::Commands;
+
+/// Most subscription commands handled in one reconciliation.
+const MAX_COMMAND_BATCH: usize = 512;
+/// Bound of the subscription command queue.
+const COMMAND_QUEUE: usize = 8192;
+/// How often the subscriptions are compared with what the subscriber wants, catching releases
+/// that could not be queued.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
+enum Command {
+    /// Make sure the topics are subscribed; answer when they are (if anyone waits).
+    Ensure {
+        topics: Vec<Topic>,
+        done: Option<oneshot::Sender<()>>,
+    },
+    /// The subscriber may no longer need these topics.
+    Release { topics: Vec<Topic> },
+}
+
+impl Command {
+    fn from_interest(interest: Interest) -> impl Iterator<Item = Command> {
+        let ensure = (!interest.subscribe.is_empty()).then_some(Command::Ensure {
+            topics: interest.subscribe,
+            done: None,
+        });
+        let release = (!interest.release.is_empty()).then_some(Command::Release {
+            topics: interest.release,
+        });
+        ensure.into_iter().chain(release)
+    }
+}
+
+/// Redis pub/sub for one node.
+pub struct RedisPubSub {
+    commands: mpsc::Sender<Command>,
+    /// True while the pub/sub connection is up and every wanted topic is subscribed on it.
+    healthy: Arc<AtomicBool>,
+    keys: KeySchema,
+    publisher: Commands,
+    subscribe_timeout: Duration,
+}
+
+impl RedisPubSub {
+    /// Starts the manager; it runs until `shutdown` is cancelled. `subscribe_timeout` bounds
+    /// how long [`PubSub::subscribe`] waits for a confirmation.
+    pub fn start(
+        commands: Commands,
+        keys: KeySchema,
+        subscriber: Arc<dyn Subscriber>,
+        subscribe_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let healthy = Arc::new(AtomicBool::new(false));
+        let manager = Manager {
+            own_commands: tx.clone(),
+            commands: rx,
+            healthy: healthy.clone(),
+            redis: commands.clone(),
+            keys: keys.clone(),
+            subscriber,
+            shutdown,
+            background: JoinSet::new(),
+        };
+        let task = tokio::spawn(manager.run());
+        (
+            RedisPubSub {
+                commands: tx,
+                healthy,
+                keys,
+                publisher: commands,
+                subscribe_timeout,
+            },
+            task,
+        )
+    }
+}
+
+#[async_trait]
+impl PubSub for RedisPubSub {
+    async fn subscribe(&self, topics: Vec<Topic>) -> Result<(), BackendError> {
+        let (done, confirmed) = oneshot::channel();
+        let wait = async {
+            self.commands
+                .send(Command::Ensure {
+                    topics,
+                    done: Some(done),
+                })
+                .await
+                .map_err(|_| BackendError::Stopped)?;
+            confirmed.await.map_err(|_| BackendError::Stopped)
+        };
+        tokio::time::timeout(self.subscribe_timeout, wait)
+            .await
+            .map_err(|_| BackendError::Timeout)?
+    }
+
+    fn release(&self, topics: Vec<Topic>) {
+        if !topics.is_empty() {
+            // Full: the periodic reconciliation drops them later.
+            let _ = self.commands.try_send(Command::Release { topics });
+        }
+    }
+
+    async fn publish(&self, publications: Vec<Publication>) -> Result<(), BackendError> {
+        let mut pipe = redis::pipe();
+        for publication in &publications {
+            let payload = publication.envelope.encode();
+            for topic in &publication.topics {
+                pipe.cmd("PUBLISH")
+                    .arg(self.keys.channel(*topic))
+                    .arg(&payload)
+                    .ignore();
+            }
+        }
+        self.publisher.query("command", &pipe).await
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// Owns the pub/sub connection and the set of subscribed topics.
+struct Manager {
+    /// Handed to the reader and to background work, which queue subscription changes.
+    own_commands: mpsc::Sender<Command>,
+    commands: mpsc::Receiver<Command>,
+    healthy: Arc<AtomicBool>,
+    redis: Commands,
+    keys: KeySchema,
+    subscriber: Arc<dyn Subscriber>,
+    shutdown: CancellationToken,
+    /// Work the manager started and joins before it ends (reloads after a loss).
+    background: JoinSet<()>,
+}
+
+impl Manager {
+    async fn run(mut self) {
+        self.serve().await;
+        self.healthy.store(false, Ordering::Relaxed);
+        self.background.shutdown().await;
+    }
+
+    async fn serve(&mut self) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut connected_before = false;
+        loop {
+            let pubsub = tokio::select! {
+                r = self.redis.client().get_async_pubsub() => r,
+                _ = self.shutdown.cancelled() => return,
+            };
+            let (sink, stream) = match pubsub {
+                Ok(p) => p.split(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pub/sub connect failed");
+                    self.count_error("pubsub_connect");
+                    if self.sleep(backoff.next_delay()).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            // Every topic needed here must be subscribed again on the new connection.
+            let mut subscribed = HashSet::new();
+            let wanted = self.subscriber.topics();
+            if let Err(e) = self.set_subscribed(&sink, &wanted, true).await {
+                tracing::warn!(error = %e, "re-subscribe failed");
+                if self.sleep(backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+            subscribed.extend(wanted);
+            self.set_gauge(&subscribed);
+            if connected_before {
+                if let Some(m) = self.redis.metrics() {
+                    m.reconnects.inc();
+                }
+                tracing::warn!(
+                    topics = subscribed.len(),
+                    "pub/sub reconnected and re-subscribed; the node catches up"
+                );
+                // Envelopes published while the connection was down were not received.
+                let subscriber = self.subscriber.clone();
+                let commands = self.own_commands.clone();
+                self.background.spawn(async move {
+                    for command in Command::from_interest(subscriber.missed().await) {
+                        let _ = commands.send(command).await;
+                    }
+                });
+            }
+            connected_before = true;
+            self.healthy.store(true, Ordering::Relaxed);
+            backoff.reset();
+
+            let mut reader = tokio::spawn(read(
+                stream,
+                self.keys.clone(),
+                self.subscriber.clone(),
+                self.own_commands.clone(),
+            ));
+            let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+            reconcile.tick().await;
+            let lost = loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => {
+                        reader.abort();
+                        return;
+                    }
+                    _ = &mut reader => break true,
+                    _ = reconcile.tick() => {
+                        let wanted: HashSet<Topic> = self.subscriber.topics().into_iter().collect();
+                        let missing: Vec<Topic> = wanted.difference(&subscribed).copied().collect();
+                        let stale: Vec<Topic> = subscribed.difference(&wanted).copied().collect();
+                        let change = vec![
+                            Command::Ensure { topics: missing, done: None },
+                            Command::Release { topics: stale },
+                        ];
+                        if let Err(e) = self.reconcile(&sink, &mut subscribed, change).await {
+                            tracing::warn!(error = %e, "subscription reconciliation failed");
+                            reader.abort();
+                            break true;
+                        }
+                    }
+                    cmd = self.commands.recv() => {
+                        let Some(cmd) = cmd else {
+                            reader.abort();
+                            return;
+                        };
+                        let mut batch = vec![cmd];
+                        while batch.len() < MAX_COMMAND_BATCH {
+                            match self.commands.try_recv() {
+                                Ok(c) => batch.push(c),
+                                Err(_) => break,
+                            }
+                        }
+                        if let Err(e) = self.reconcile(&sink, &mut subscribed, batch).await {
+                            tracing::warn!(error = %e, "subscription change failed");
+                            reader.abort();
+                            break true;
+                        }
+                    }
+                }
+            };
+            if lost {
+                // Until subscribed again, envelopes for local users are not received.
+                self.healthy.store(false, Ordering::Relaxed);
+                self.count_error("pubsub");
+                tracing::warn!("pub/sub connection lost; reconnecting");
+            }
+        }
+    }
+
+    fn count_error(&self, op: &str) {
+        if let Some(m) = self.redis.metrics() {
+            m.errors.with_label_values(&[op]).inc();
+        }
+    }
+
+    fn set_gauge(&self, subscribed: &HashSet<Topic>) {
+        if let Some(m) = self.redis.metrics() {
+            m.subscriptions.set(subscribed.len() as i64);
+        }
+    }
+
+    /// Sleeps unless shutdown comes first; returns true on shutdown.
+    async fn sleep(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = self.shutdown.cancelled() => true,
+        }
+    }
+
+    /// SUBSCRIBE (or UNSUBSCRIBE) each topic's channel, one command per channel, pipelined: the
+    /// client pairs one reply with one command, so a multi-channel command would be mis-paired.
+    async fn set_subscribed(
+        &self,
+        sink: &redis::aio::PubSubSink,
+        topics: &[Topic],
+        subscribe: bool,
+    ) -> redis::RedisResult<()> {
+        let calls = topics.iter().map(|topic| {
+            let mut sink = sink.clone();
+            let channel = self.keys.channel(*topic);
+            async move {
+                if subscribe {
+                    sink.subscribe(channel).await
+                } else {
+                    sink.unsubscribe(channel).await
+                }
+            }
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Brings the subscriptions in line with the subscriber for the topics in `batch`, then
+    /// answers whoever waits.
+    async fn reconcile(
+        &self,
+        sink: &redis::aio::PubSubSink,
+        subscribed: &mut HashSet<Topic>,
+        batch: Vec<Command>,
+    ) -> redis::RedisResult<()> {
+        let mut to_subscribe = Vec::new();
+        let mut waiting = Vec::new();
+        let mut released = HashSet::new();
+        for cmd in batch {
+            match cmd {
+                // The caller gave up waiting (timeout): nothing to do for it.
+                Command::Ensure {
+                    done: Some(done), ..
+                } if done.is_closed() => {}
+                Command::Ensure { topics, done } => {
+                    for topic in topics {
+                        if !subscribed.contains(&topic) && !to_subscribe.contains(&topic) {
+                            to_subscribe.push(topic);
+                        }
+                    }
+                    waiting.extend(done);
+                }
+                Command::Release { topics } => released.extend(topics),
+            }
+        }
+        // Decided by the subscriber alone: a topic nobody here needs must not stay subscribed,
+        // even if an (abandoned) ensure for it came in the same batch.
+        to_subscribe.retain(|t| self.subscriber.wants(*t));
+        let to_unsubscribe: Vec<Topic> = released
+            .into_iter()
+            .filter(|t| subscribed.contains(t) && !self.subscriber.wants(*t))
+            .collect();
+        self.set_subscribed(sink, &to_subscribe, true).await?;
+        subscribed.extend(to_subscribe);
+        for done in waiting {
+            let _ = done.send(());
+        }
+        self.set_subscribed(sink, &to_unsubscribe, false).await?;
+        for t in &to_unsubscribe {
+            subscribed.remove(t);
+        }
+        self.set_gauge(subscribed);
+        Ok(())
+    }
+}
+
+/// Decodes every payload once and pushes it into the subscriber until the connection ends; the
+/// subscription changes an envelope causes are queued before the next payload is read, so a
+/// node follows a membership change before the room's next message.
+async fn read(
+    mut stream: redis::aio::PubSubStream,
+    keys: KeySchema,
+    subscriber: Arc<dyn Subscriber>,
+    commands: mpsc::Sender<Command>,
+) {
+    while let Some(msg) = stream.next().await {
+        let Some(topic) = keys.parse_channel(msg.get_channel_name()) else {
+            continue;
+        };
+        let envelope = match Envelope::decode(msg.get_payload_bytes()) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                tracing::warn!(error = %e, "pub/sub payload dropped");
+                continue;
+            }
+        };
+        for command in Command::from_interest(subscriber.deliver(topic, envelope)) {
+            let _ = commands.send(command).await;
+        }
+    }
+}

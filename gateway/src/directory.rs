@@ -1,0 +1,123 @@
+//! Who exists and who may use a conversation, asked by every send, frame and request. Users are
+//! never deleted and direct conversations never change members, so positive answers are kept
+//! in bounded LRU caches; room membership changes, so it comes from the hub's live index (for
+//! local users) or from Postgres.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_core::log::MessageLog;
+use chat_core::pubsub::Topic;
+use chat_core::store::{Membership, Store};
+use hashlink::LruCache;
+use uuid::Uuid;
+
+use crate::hub::Hub;
+
+/// Users, and direct conversations, remembered at most.
+const CACHE_ENTRIES: usize = 100_000;
+/// Longest a lookup may take (pool wait and query) before the caller answers `unavailable`.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The directory could not answer (Redis and Postgres unavailable, or too slow).
+#[derive(Debug, thiserror::Error)]
+#[error("directory: {0}")]
+pub struct DirectoryError(String);
+
+/// Users and conversation memberships.
+pub struct Directory {
+    store: Store,
+    log: Arc<dyn MessageLog>,
+    hub: Arc<Hub>,
+    users: Mutex<LruCache<Uuid, ()>>,
+    pairs: Mutex<LruCache<Uuid, (Uuid, Uuid)>>,
+}
+
+impl Directory {
+    pub fn new(store: Store, log: Arc<dyn MessageLog>, hub: Arc<Hub>) -> Self {
+        Directory {
+            store,
+            log,
+            hub,
+            users: Mutex::new(LruCache::new(CACHE_ENTRIES)),
+            pairs: Mutex::new(LruCache::new(CACHE_ENTRIES)),
+        }
+    }
+
+    /// Whether `user` is known to exist, without asking Postgres.
+    pub fn knows_user(&self, user: Uuid) -> bool {
+        lock(&self.users).get(&user).is_some()
+    }
+
+    /// Records a user known to exist.
+    pub fn remember_user(&self, user: Uuid) {
+        lock(&self.users).insert(user, ());
+    }
+
+    /// Whether `user` exists; asks Postgres on a cache miss.
+    pub async fn user_exists(&self, user: Uuid) -> Result<bool, DirectoryError> {
+        if self.knows_user(user) {
+            return Ok(true);
+        }
+        let found = tokio::time::timeout(LOOKUP_TIMEOUT, self.store.user_exists(user))
+            .await
+            .map_err(|_| DirectoryError("postgres did not answer in time".into()))?
+            .map_err(|e| DirectoryError(e.to_string()))?;
+        if found {
+            self.remember_user(user);
+        }
+        Ok(found)
+    }
+
+    /// `user`'s membership of `conversation`, or `None` when the conversation does not exist or
+    /// `user` is not a member (callers answer both the same way).
+    pub async fn membership(
+        &self,
+        user: Uuid,
+        conversation: Uuid,
+    ) -> Result<Option<Membership>, DirectoryError> {
+        if self.hub.is_member(user, conversation) {
+            return Ok(Some(Membership::Room));
+        }
+        let of_pair = |(a, b): (Uuid, Uuid)| {
+            if a == user {
+                Some(Membership::Direct { peer: b })
+            } else if b == user {
+                Some(Membership::Direct { peer: a })
+            } else {
+                None
+            }
+        };
+        let cached = lock(&self.pairs).get(&conversation).copied();
+        if let Some(pair) = cached {
+            return Ok(of_pair(pair));
+        }
+        // A direct conversation's pair is in the log from its first message, before Postgres.
+        if let Ok(Some(pair)) = self.log.direct_pair(conversation).await {
+            lock(&self.pairs).insert(conversation, pair);
+            return Ok(of_pair(pair));
+        }
+        let membership =
+            tokio::time::timeout(LOOKUP_TIMEOUT, self.store.membership(user, conversation))
+                .await
+                .map_err(|_| DirectoryError("postgres did not answer in time".into()))?
+                .map_err(|e| DirectoryError(e.to_string()))?;
+        if let Some(Membership::Direct { peer }) = membership {
+            lock(&self.pairs).insert(conversation, (user, peer));
+        }
+        Ok(membership)
+    }
+}
+
+/// The topics a conversation's live frames go to, from `user`: both members' (direct) or the
+/// room's.
+pub fn topics(user: Uuid, conversation: Uuid, membership: Membership) -> Vec<Topic> {
+    match membership {
+        Membership::Direct { peer } => vec![Topic::User(peer), Topic::User(user)],
+        Membership::Room => vec![Topic::Room(conversation)],
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

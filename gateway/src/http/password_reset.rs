@@ -1,0 +1,114 @@
+//! Forgot password: single-use reset tokens that expire, stored only as SHA-256 hashes, handed
+//! to the user through the notifier; a confirmed reset refuses every token issued before it, on
+//! every node, and closes the user's open connections.
+
+use actix_web::{web, HttpResponse};
+use chat_core::pubsub::{Envelope, PubSub, Publication, Topic};
+use chat_core::store::Store;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::HttpSettings;
+use crate::api_error::ApiError;
+use crate::fields::MAX_EMAIL_BYTES;
+use crate::notifier::{Notifier, ResetNotice};
+use crate::passwords::{password_problem, Passwords};
+
+/// Reset tokens are 32 random bytes, sent as 64 hex characters.
+const TOKEN_BYTES: usize = 32;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    #[serde(default)]
+    email: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetConfirm {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    new_password: String,
+}
+
+fn hash_token(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+fn new_token() -> String {
+    let bytes: [u8; TOKEN_BYTES] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `POST /api/v1/auth/password-reset/request` `{"email"}`: always 202, whether or not the
+/// email has an account, so the answer tells nobody which emails are registered.
+pub async fn request(
+    store: web::Data<Store>,
+    notifier: web::Data<Notifier>,
+    settings: web::Data<HttpSettings>,
+    body: web::Json<ResetRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let email = body.into_inner().email.trim().to_string();
+    let accepted = HttpResponse::Accepted().json(serde_json::json!({"status": "accepted"}));
+    if email.is_empty() || email.len() > MAX_EMAIL_BYTES {
+        return Ok(accepted);
+    }
+    let Some(target) = store.reset_target(&email).await? else {
+        return Ok(accepted);
+    };
+    let token = new_token();
+    let ttl = i64::try_from(settings.reset_ttl_secs).unwrap_or(i64::MAX);
+    let expires_at = store
+        .create_reset(&hash_token(&token), target.user_id, ttl)
+        .await?;
+    notifier
+        .notify(&ResetNotice {
+            kind: "password_reset",
+            user_id: target.user_id,
+            email: &target.email,
+            name: &target.name,
+            token: &token,
+            expires_at,
+        })
+        .await;
+    Ok(accepted)
+}
+
+/// `POST /api/v1/auth/password-reset/confirm` `{"token","new_password"}`: sets the password once
+/// per token, then refuses every token issued before, and closes the user's connections.
+pub async fn confirm(
+    store: web::Data<Store>,
+    passwords: web::Data<Passwords>,
+    pubsub: web::Data<dyn PubSub>,
+    body: web::Json<ResetConfirm>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let mut err = ApiError::validation();
+    if let Some(code) = password_problem(&body.new_password) {
+        err.fields.insert("new_password", code);
+    }
+    if body.token.len() != TOKEN_BYTES * 2 {
+        err.fields.insert("token", "token_invalid");
+    }
+    err.into_result()?;
+    let hash = passwords.hash(body.new_password).await?;
+    let Some((user_id, changed_at)) = store.confirm_reset(&hash_token(&body.token), &hash).await?
+    else {
+        return Err(ApiError::invalid_field("token", "token_invalid"));
+    };
+    tracing::info!(%user_id, "password reset");
+    // Open connections with older tokens close on every node; new requests with them are
+    // refused by the authenticator whatever happens to this publish.
+    let revoked = Publication {
+        topics: vec![Topic::User(user_id)],
+        envelope: Envelope::Revoked {
+            before: u64::try_from(changed_at).unwrap_or(0),
+        },
+    };
+    if let Err(e) = pubsub.publish(vec![revoked]).await {
+        tracing::warn!(%user_id, error = %e, "revocation not published; connections stay until their tokens expire or they reconnect");
+    }
+    Ok(HttpResponse::NoContent().finish())
+}

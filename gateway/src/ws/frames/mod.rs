@@ -1,0 +1,213 @@
+//! What a client frame does: decoded once ([`on_text`]), then handed to its handler, one file
+//! per frame type, each taking only what it uses:
+//! - [`send`]: `send` (append, ack);
+//! - [`sync`]: `sync` (missed messages, then `synced`);
+//! - [`read`]: `read` (read position, receipt);
+//! - [`typing`]: `typing` (relayed, throttled);
+//! - [`presence`]: `presence.watch` and `presence.unwatch`.
+
+pub mod presence;
+pub mod read;
+pub mod send;
+pub mod sync;
+pub mod typing;
+
+use chat_core::protocol::validate;
+use chat_core::protocol::{ClientFrame, ErrorCode, ServerFrame};
+use chat_core::store::Membership;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::ledger::{PresenceSeen, SyncLedger, TypingThrottle};
+use super::outbox::{Outbox, WriteError};
+use super::Services;
+use crate::directory::Directory;
+use crate::rate::SendLimiter;
+
+/// Who a connection is.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub user_id: Uuid,
+    pub conn_id: Uuid,
+}
+
+/// What one connection remembers between frames.
+pub struct ConnState {
+    pub ledger: SyncLedger,
+    pub presence_seen: PresenceSeen,
+    pub typing: TypingThrottle,
+    pub send_limiter: SendLimiter,
+}
+
+impl ConnState {
+    pub fn new(send_rate_per_sec: u32) -> Self {
+        ConnState {
+            ledger: SyncLedger::default(),
+            presence_seen: PresenceSeen::default(),
+            typing: TypingThrottle::default(),
+            send_limiter: SendLimiter::new(send_rate_per_sec),
+        }
+    }
+}
+
+/// A frame refused: the error code and message to answer with.
+pub type Refusal = (ErrorCode, String);
+
+/// Decodes a client's text frame and runs its handler.
+pub async fn on_text(
+    ws: &Services,
+    peer: Peer,
+    state: &mut ConnState,
+    out: &mut Outbox,
+    text: &str,
+) -> Result<(), WriteError> {
+    let received = Instant::now();
+    let frame = match validate::decode(text) {
+        Ok(frame) => frame,
+        Err(rejection) => {
+            ws.metrics.frames_in.with_label_values(&["invalid"]).inc();
+            return out.frame(&rejection.into_frame()).await;
+        }
+    };
+    let count_in = |kind: &str| ws.metrics.frames_in.with_label_values(&[kind]).inc();
+    match frame {
+        ClientFrame::Send {
+            id,
+            to,
+            conversation_id,
+            body,
+        } => {
+            ws.metrics.frames_in_send.inc();
+            let target = send::Target {
+                id,
+                to,
+                conversation_id,
+                body,
+            };
+            let limits = send::Limits {
+                rate_per_sec: ws.settings.send_rate_per_sec,
+                max_body_bytes: ws.settings.max_body_bytes,
+            };
+            send::handle(
+                peer,
+                target,
+                limits,
+                &mut state.send_limiter,
+                ws.log.as_ref(),
+                &ws.directory,
+                &ws.metrics,
+                out,
+                received,
+            )
+            .await
+        }
+        ClientFrame::Sync {
+            conversation_id,
+            after_seq,
+            conversations,
+        } => {
+            count_in("sync");
+            let points = match validate::sync_points(conversation_id, after_seq, conversations) {
+                Ok(points) => points,
+                Err((code, message)) => return reply_error(out, code, message).await,
+            };
+            sync::handle(
+                peer,
+                points,
+                &mut state.ledger,
+                &ws.directory,
+                &ws.history,
+                &ws.metrics,
+                out,
+            )
+            .await
+        }
+        ClientFrame::Read {
+            conversation_id,
+            seq,
+        } => {
+            count_in("read");
+            let done = read::handle(
+                peer,
+                conversation_id,
+                seq,
+                &ws.directory,
+                &ws.history,
+                &ws.store,
+                ws.pubsub.as_ref(),
+            )
+            .await;
+            answer(out, done).await
+        }
+        ClientFrame::Typing { conversation_id } => {
+            count_in("typing");
+            let done = typing::handle(
+                peer,
+                conversation_id,
+                &mut state.typing,
+                &ws.directory,
+                ws.pubsub.as_ref(),
+            )
+            .await;
+            answer(out, done).await
+        }
+        ClientFrame::PresenceWatch { user_ids } => {
+            count_in("presence.watch");
+            presence::watch(
+                peer,
+                user_ids,
+                ws.settings.max_watched_users,
+                &mut state.presence_seen,
+                &ws.hub,
+                ws.pubsub.as_ref(),
+                &ws.presence,
+                out,
+            )
+            .await
+        }
+        ClientFrame::PresenceUnwatch { user_ids } => {
+            count_in("presence.unwatch");
+            presence::unwatch(peer, &user_ids, &ws.hub, ws.pubsub.as_ref());
+            Ok(())
+        }
+    }
+}
+
+/// An error frame without a client id.
+async fn reply_error(
+    out: &mut Outbox,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> Result<(), WriteError> {
+    out.frame(&ServerFrame::error(None, code, message)).await
+}
+
+/// Nothing to write when a handler succeeded; its error frame when it refused.
+async fn answer(out: &mut Outbox, done: Result<(), Refusal>) -> Result<(), WriteError> {
+    match done {
+        Ok(()) => Ok(()),
+        Err((code, message)) => reply_error(out, code, message).await,
+    }
+}
+
+/// The caller's membership of a conversation, or the refusal to answer.
+async fn membership(
+    directory: &Directory,
+    peer: Peer,
+    conversation: Uuid,
+) -> Result<Membership, Refusal> {
+    match directory.membership(peer.user_id, conversation).await {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err((
+            ErrorCode::Forbidden,
+            format!("not a member of conversation {conversation}"),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, conn_id = %peer.conn_id, "membership lookup failed");
+            Err((
+                ErrorCode::Unavailable,
+                "cannot check membership now; retry".into(),
+            ))
+        }
+    }
+}
