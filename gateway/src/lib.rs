@@ -232,10 +232,7 @@ pub async fn run(
             app
         };
         app.route("/ws", web::get().to(session::handshake))
-            .route("/", web::get().to(crate::web_client::index))
-            .route("/style.css", web::get().to(crate::web_client::style))
-            .route("/app.js", web::get().to(crate::web_client::app))
-            .route("/chat-client.js", web::get().to(crate::web_client::client))
+            .configure(crate::web_client::routes)
             .service(
                 web::scope("/api/v1")
                     .route("/auth/register", web::post().to(accounts::register))
