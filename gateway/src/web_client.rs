@@ -31,6 +31,20 @@ pub static ASSETS: &[Asset] = &[
     asset!("style.css"),
     asset!("chat-client.js"),
     asset!("app.js"),
+    asset!("views/dom.js"),
+    asset!("views/text.js"),
+    asset!("views/time.js"),
+    asset!("views/session-store.js"),
+    asset!("views/state.js"),
+    asset!("views/avatar.js"),
+    asset!("views/login.js"),
+    asset!("views/reset.js"),
+    asset!("views/session.js"),
+    asset!("views/profile.js"),
+    asset!("views/people.js"),
+    asset!("views/conversation-list.js"),
+    asset!("views/conversation.js"),
+    asset!("views/rooms.js"),
 ];
 
 /// What the page may load and connect to: only this origin (`ws:`/`wss:` of it included).

@@ -15,7 +15,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { mkdir, readFile } from 'node:fs/promises';
-import { appendFileSync, openSync } from 'node:fs';
+import { appendFileSync, openSync, readFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { chromium } from 'playwright-core';
@@ -38,16 +38,17 @@ const WAIT = { timeout: 15000 };
 const CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync'];
 
-// The four files the gateway embeds. When the gateway under test does not serve them yet, the
-// tests put a small server on 127.0.0.1 in front of it that serves them from web/ with the
-// gateway's Content-Security-Policy and passes every other request, WebSocket upgrades
-// included, through to the gateway unchanged: the page then runs as if the gateway served it.
-const ASSETS = {
-  '/': ['index.html', 'text/html; charset=utf-8'],
-  '/style.css': ['style.css', 'text/css; charset=utf-8'],
-  '/app.js': ['app.js', 'text/javascript; charset=utf-8'],
-  '/chat-client.js': ['chat-client.js', 'text/javascript; charset=utf-8'],
-};
+// Every file the gateway embeds, read from its one asset table (gateway/src/web_client.rs), so
+// this list cannot drift from it. When the gateway under test does not serve them (or serves
+// other copies), the tests put a small server on 127.0.0.1 in front of it that serves them from
+// web/ with the gateway's Content-Security-Policy and passes every other request, WebSocket
+// upgrades included, through to the gateway unchanged: the page then runs as if the gateway
+// served it.
+const TYPES = { html: 'text/html; charset=utf-8', css: 'text/css; charset=utf-8', js: 'text/javascript; charset=utf-8' };
+const ASSETS = Object.fromEntries(
+  [...readFileSync(new URL('../../gateway/src/web_client.rs', import.meta.url), 'utf8').matchAll(/asset!\("([^"]+)"\)/g)]
+    .map(([, file]) => [`/${file}`, [file, TYPES[file.split('.').pop()]]]));
+ASSETS['/'] = ['index.html', TYPES.html];
 const CSP = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: https:; style-src 'self' 'unsafe-inline'; " +
   "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
