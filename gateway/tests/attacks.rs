@@ -67,131 +67,132 @@ async fn me(node: &NodeHandle, token: &str) -> (u16, Value) {
     .await
 }
 
-#[actix_web::test]
-async fn external_provider_tokens_are_verified_and_confusions_refused() {
-    let cluster = Cluster::new().await;
-    let mut config = cluster.config("idp");
-    config.jwt_jwks_path = Some(fixture("idp-jwks.json"));
-    config.jwt_external_issuer = Some(ISSUER.into());
-    config.jwt_external_audience = Some(AUDIENCE.into());
-    let node = cluster.start_with(config).await;
-    let now = gateway::auth::unix_now();
-    let claims = |sub: &str| {
-        json!({"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300,
-               "name": "Grace from Corp"})
-    };
-    let rsa = rsa_key("idp-rsa.der");
-    let ec = EncodingKey::from_ec_der(&std::fs::read(fixture("idp-ec.der")).expect("fixture"));
+on_both_backends! {
+    async fn external_provider_tokens_are_verified_and_confusions_refused(backend) {
+        let cluster = Cluster::on(backend).await;
+        let mut config = cluster.config("idp");
+        config.jwt_jwks_path = Some(fixture("idp-jwks.json"));
+        config.jwt_external_issuer = Some(ISSUER.into());
+        config.jwt_external_audience = Some(AUDIENCE.into());
+        let node = cluster.start_with(config).await;
+        let now = gateway::auth::unix_now();
+        let claims = |sub: &str| {
+            json!({"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300,
+                   "name": "Grace from Corp"})
+        };
+        let rsa = rsa_key("idp-rsa.der");
+        let ec = EncodingKey::from_ec_der(&std::fs::read(fixture("idp-ec.der")).expect("fixture"));
 
-    // RS256 and ES256 tokens from the provider: the user is created on first use, once.
-    let rs = sign(Algorithm::RS256, Some("rsa-1"), &rsa, &claims("grace"));
-    let (status, body) = me(&node, &rs).await;
-    assert_eq!(status, 200, "{body}");
-    let grace = gateway::auth::external_user_id(ISSUER, "grace");
-    assert_eq!(body["id"], grace.to_string());
-    assert_eq!(body["name"], "Grace from Corp");
-    let es = sign(Algorithm::ES256, Some("ec-1"), &ec, &claims("grace"));
-    let (status, body) = me(&node, &es).await;
-    assert_eq!(
-        (status, body["id"].clone()),
-        (200, json!(grace.to_string()))
-    );
-    let no_kid = sign(Algorithm::ES256, None, &ec, &claims("heidi"));
-    assert_eq!(
-        me(&node, &no_kid).await.0,
-        200,
-        "a token without kid tries the keys of its alg"
-    );
-    // The provider's user chats like any other: a WebSocket, and a message to a local user.
-    let local = register(&node, "local").await;
-    let grace_user = User {
-        id: grace,
-        token: rs.clone(),
-    };
-    let (mut ws, hello) = connect(&node, &grace_user).await;
-    assert_eq!(hello["user_id"], grace.to_string());
-    send_json(&mut ws, send_frame("ext-1", local.id, "hello from the IdP")).await;
-    assert_eq!(recv(&mut ws).await.expect("ack")["type"], "ack");
-    // Provider users have no password: logging in with any password fails.
-    let (status, _) = post(
-        &node,
-        "/api/v1/auth/login",
-        json!({"email": format!("{grace}@external.invalid"), "password": "!external"}),
-    )
-    .await;
-    assert_eq!(status, 401);
-
-    let refused: Vec<(&str, String)> = vec![
-        ("wrong issuer", {
-            let mut c = claims("grace");
-            c["iss"] = json!("https://evil.example");
-            sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c)
-        }),
-        ("wrong audience", {
-            let mut c = claims("grace");
-            c["aud"] = json!("another-app");
-            sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c)
-        }),
-        ("no audience", {
-            let mut c = claims("grace");
-            c.as_object_mut().expect("object").remove("aud");
-            sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c)
-        }),
-        ("expired", {
-            let mut c = claims("grace");
-            c["exp"] = json!(now - 120);
-            sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c)
-        }),
-        ("not yet valid", {
-            let mut c = claims("grace");
-            c["nbf"] = json!(now + 120);
-            sign(Algorithm::ES256, Some("ec-1"), &ec, &c)
-        }),
-        (
-            "signed by a key not in the set",
-            sign(
-                Algorithm::RS256,
-                Some("rsa-1"),
-                &rsa_key("attacker-rsa.der"),
-                &claims("grace"),
-            ),
-        ),
-        (
-            "RS256 under the EC key's kid",
-            sign(Algorithm::RS256, Some("ec-1"), &rsa, &claims("grace")),
-        ),
-        (
-            "unknown kid",
-            sign(Algorithm::RS256, Some("rsa-9"), &rsa, &claims("grace")),
-        ),
-        (
-            "HS256 keyed with the provider's public key (HS/RS confusion)",
-            sign(
-                Algorithm::HS256,
-                Some("rsa-1"),
-                &EncodingKey::from_secret(
-                    &std::fs::read(fixture("idp-rsa-public.pem")).expect("fixture"),
-                ),
-                &claims("grace"),
-            ),
-        ),
-        ("alg none", unsigned(&claims("grace"))),
-        (
-            "RS384 (not an accepted algorithm)",
-            sign(Algorithm::RS384, Some("rsa-1"), &rsa, &claims("grace")),
-        ),
-    ];
-    for (what, token) in &refused {
-        let (status, body) = me(&node, token).await;
+        // RS256 and ES256 tokens from the provider: the user is created on first use, once.
+        let rs = sign(Algorithm::RS256, Some("rsa-1"), &rsa, &claims("grace"));
+        let (status, body) = me(&node, &rs).await;
+        assert_eq!(status, 200, "{body}");
+        let grace = gateway::auth::external_user_id(ISSUER, "grace");
+        assert_eq!(body["id"], grace.to_string());
+        assert_eq!(body["name"], "Grace from Corp");
+        let es = sign(Algorithm::ES256, Some("ec-1"), &ec, &claims("grace"));
+        let (status, body) = me(&node, &es).await;
         assert_eq!(
-            (status, body["error"]["code"].as_str()),
-            (401, Some("unauthorized")),
-            "{what}: {body}"
+            (status, body["id"].clone()),
+            (200, json!(grace.to_string()))
         );
-        let (status, _) = refused_upgrade(&node, token).await;
-        assert_eq!(status, 401, "{what} at the WebSocket handshake");
+        let no_kid = sign(Algorithm::ES256, None, &ec, &claims("heidi"));
+        assert_eq!(
+            me(&node, &no_kid).await.0,
+            200,
+            "a token without kid tries the keys of its alg"
+        );
+        // The provider's user chats like any other: a WebSocket, and a message to a local user.
+        let local = register(&node, "local").await;
+        let grace_user = User {
+            id: grace,
+            token: rs.clone(),
+        };
+        let (mut ws, hello) = connect(&node, &grace_user).await;
+        assert_eq!(hello["user_id"], grace.to_string());
+        send_json(&mut ws, send_frame("ext-1", local.id, "hello from the IdP")).await;
+        assert_eq!(recv(&mut ws).await.expect("ack")["type"], "ack");
+        // Provider users have no password: logging in with any password fails.
+        let (status, _) = post(
+            &node,
+            "/api/v1/auth/login",
+            json!({"email": format!("{grace}@external.invalid"), "password": "!external"}),
+        )
+        .await;
+        assert_eq!(status, 401);
+
+        let refused: Vec<(&str, String)> = vec![
+            ("wrong issuer", {
+                let mut c = claims("grace");
+                c["iss"] = json!("https://evil.example");
+                sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c)
+            }),
+            ("wrong audience", {
+                let mut c = claims("grace");
+                c["aud"] = json!("another-app");
+                sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c)
+            }),
+            ("no audience", {
+                let mut c = claims("grace");
+                c.as_object_mut().expect("object").remove("aud");
+                sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c)
+            }),
+            ("expired", {
+                let mut c = claims("grace");
+                c["exp"] = json!(now - 120);
+                sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c)
+            }),
+            ("not yet valid", {
+                let mut c = claims("grace");
+                c["nbf"] = json!(now + 120);
+                sign(Algorithm::ES256, Some("ec-1"), &ec, &c)
+            }),
+            (
+                "signed by a key not in the set",
+                sign(
+                    Algorithm::RS256,
+                    Some("rsa-1"),
+                    &rsa_key("attacker-rsa.der"),
+                    &claims("grace"),
+                ),
+            ),
+            (
+                "RS256 under the EC key's kid",
+                sign(Algorithm::RS256, Some("ec-1"), &rsa, &claims("grace")),
+            ),
+            (
+                "unknown kid",
+                sign(Algorithm::RS256, Some("rsa-9"), &rsa, &claims("grace")),
+            ),
+            (
+                "HS256 keyed with the provider's public key (HS/RS confusion)",
+                sign(
+                    Algorithm::HS256,
+                    Some("rsa-1"),
+                    &EncodingKey::from_secret(
+                        &std::fs::read(fixture("idp-rsa-public.pem")).expect("fixture"),
+                    ),
+                    &claims("grace"),
+                ),
+            ),
+            ("alg none", unsigned(&claims("grace"))),
+            (
+                "RS384 (not an accepted algorithm)",
+                sign(Algorithm::RS384, Some("rsa-1"), &rsa, &claims("grace")),
+            ),
+        ];
+        for (what, token) in &refused {
+            let (status, body) = me(&node, token).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (401, Some("unauthorized")),
+                "{what}: {body}"
+            );
+            let (status, _) = refused_upgrade(&node, token).await;
+            assert_eq!(status, 401, "{what} at the WebSocket handshake");
+        }
+        node.shutdown.cancel();
     }
-    node.shutdown.cancel();
 }
 
 /// The handshake's status for a token.
@@ -210,202 +211,205 @@ async fn refused_upgrade(node: &NodeHandle, token: &str) -> (u16, String) {
     (status, resp.text().await.unwrap_or_default())
 }
 
-#[actix_web::test]
-async fn our_tokens_refuse_none_not_yet_valid_and_deleted_users() {
-    let cluster = Cluster::new().await;
-    let node = cluster.start_node("own").await;
-    let ivan = register(&node, "ivan").await;
-    let now = gateway::auth::unix_now();
-    let secret = EncodingKey::from_secret(SECRET.as_bytes());
-    let claims = json!({"sub": ivan.id, "iat": now, "exp": now + 300});
-    assert_eq!(
-        me(&node, &sign(Algorithm::HS256, None, &secret, &claims))
-            .await
-            .0,
-        200
-    );
-    let mut early = claims.clone();
-    early["nbf"] = json!(now + 120);
-    for (what, token) in [
-        ("alg none", unsigned(&claims)),
-        (
-            "not yet valid",
-            sign(Algorithm::HS256, None, &secret, &early),
-        ),
-        (
-            "HS512 with our secret",
-            sign(Algorithm::HS512, None, &secret, &claims),
-        ),
-        (
-            "RS256 with no provider configured",
-            sign(Algorithm::RS256, None, &rsa_key("idp-rsa.der"), &claims),
-        ),
-    ] {
-        assert_eq!(me(&node, &token).await.0, 401, "{what}");
-    }
-    // A token whose user no longer exists.
-    let db = chat_core::testing::connect(&cluster.db_url).await;
-    db.execute("DELETE FROM users WHERE id = $1", &[&ivan.id])
-        .await
-        .expect("delete");
-    let (status, body) = me(&node, &ivan.token).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (401, Some("unauthorized"))
-    );
-    assert_eq!(refused_upgrade(&node, &ivan.token).await.0, 401);
-    node.shutdown.cancel();
-}
-
-#[actix_web::test]
-async fn another_users_conversation_is_neither_read_nor_written() {
-    let (cluster, a, _b, alice, bob) = Cluster::two_nodes().await;
-    let mallory = register(&a, "mallory").await;
-    let (mut alice_ws, _) = connect(&a, &alice).await;
-    send_json(
-        &mut alice_ws,
-        send_frame("private-1", bob.id, "for bob only"),
-    )
-    .await;
-    let ack = recv(&mut alice_ws).await.expect("ack");
-    let conversation = ack["conversation_id"]
-        .as_str()
-        .expect("conversation")
-        .to_string();
-
-    let (status, body) = get(
-        &format!(
-            "http://{}/api/v1/conversations/{conversation}/messages",
-            a.http
-        ),
-        Some(&mallory.token),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("not_found"))
-    );
-    let (mut mallory_ws, _) = connect(&a, &mallory).await;
-    for frame in [
-        json!({"type": "send", "id": "m-1", "conversation_id": conversation, "body": "injected"}),
-        json!({"type": "sync", "conversation_id": conversation, "after_seq": 0}),
-        json!({"type": "read", "conversation_id": conversation, "seq": 1}),
-        json!({"type": "typing", "conversation_id": conversation}),
-    ] {
-        send_json(&mut mallory_ws, frame.clone()).await;
-        let reply = recv(&mut mallory_ws).await.expect("reply");
-        assert_eq!(reply["type"], "error", "{frame} -> {reply}");
-        assert_eq!(reply["code"], "forbidden", "{frame} -> {reply}");
-    }
-    // Nothing reached Alice or Bob's conversation.
-    assert_eq!(
-        history_bodies(&a, &conversation, &alice).await,
-        ["for bob only"]
-    );
-    drop(cluster);
-}
-
-#[actix_web::test]
-async fn sql_metacharacters_and_odd_unicode_are_stored_as_data() {
-    let cluster = Cluster::new().await;
-    let node = cluster.start_node("data").await;
-    let worker = cluster.start_worker();
-    let hostile = [
-        "Robert'); DROP TABLE users; --",
-        "1' OR '1'='1",
-        "\\'; SELECT pg_sleep(10); --",
-        "$1 $$ E'\\x00' ::text",
-        "\u{202e}evil\u{202c} \u{200d}\u{200b}\u{feff}",
-        "Z\u{0351}\u{0364}\u{0363}\u{0364}a\u{0336}\u{0353}l\u{0313}\u{0307}g\u{0326}o",
-        "👩‍👩‍👧‍👦 𝕳𝖊𝖑𝖑𝖔 \u{10FFFF}",
-        "<script>alert(1)</script>",
-    ];
-    let mut users = Vec::new();
-    for (i, name) in hostile.iter().enumerate() {
-        let email = format!("o'hara+{i}-{}@example.test", Uuid::new_v4().simple());
-        let (status, body) = post(
-            &node,
-            "/api/v1/auth/register",
-            json!({"name": name, "email": email, "password": "password'; --"}),
-        )
-        .await;
-        assert_eq!(status, 201, "{name:?}: {body}");
-        assert_eq!(body["user"]["name"], *name, "the name is stored as given");
-        let (status, body) = post(
-            &node,
-            "/api/v1/auth/login",
-            json!({"email": email, "password": "password'; --"}),
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-        users.push(User {
-            id: body["user"]["id"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .expect("id"),
-            token: body["token"].as_str().expect("token").to_string(),
-        });
-    }
-    let (alice, bob) = (&users[0], &users[1]);
-    let (mut ws, _) = connect(&node, alice).await;
-    let mut conversation = String::new();
-    for (i, body) in hostile.iter().enumerate() {
-        let id = format!("{body}-{i}");
-        send_json(&mut ws, send_frame(&id, bob.id, body)).await;
-        let ack = recv(&mut ws).await.expect("ack");
+on_both_backends! {
+    async fn our_tokens_refuse_none_not_yet_valid_and_deleted_users(backend) {
+        let cluster = Cluster::on(backend).await;
+        let node = cluster.start_node("own").await;
+        let ivan = register(&node, "ivan").await;
+        let now = gateway::auth::unix_now();
+        let secret = EncodingKey::from_secret(SECRET.as_bytes());
+        let claims = json!({"sub": ivan.id, "iat": now, "exp": now + 300});
         assert_eq!(
-            (ack["type"].as_str(), ack["id"].as_str()),
-            (Some("ack"), Some(id.as_str()))
-        );
-        conversation = ack["conversation_id"].as_str().expect("conv").to_string();
-    }
-    // A room named with every hostile string in turn, and a search for them.
-    for name in &hostile {
-        let (status, body) = call(
-            reqwest::Method::POST,
-            &node,
-            "/api/v1/rooms",
-            alice,
-            Some(json!({"name": name, "member_ids": [bob.id]})),
-        )
-        .await;
-        assert_eq!(
-            (status, body["name"].as_str()),
-            (201, Some(*name)),
-            "{body}"
-        );
-        let (status, _) = get(
-            &format!("http://{}/api/v1/users?q={}", node.http, url_escape(name)),
-            Some(&alice.token),
-        )
-        .await;
-        assert_eq!(status, 200, "search for {name:?}");
-    }
-    // Once in Postgres, history returns every body byte for byte.
-    let db = chat_core::testing::connect(&cluster.db_url).await;
-    let stored = chat_core::testing::eventually(Duration::from_secs(15), || {
-        let db = &db;
-        async move {
-            db.query_one("SELECT count(*) FROM messages", &[])
+            me(&node, &sign(Algorithm::HS256, None, &secret, &claims))
                 .await
-                .map(|r| r.get::<_, i64>(0) == hostile.len() as i64)
-                .unwrap_or(false)
+                .0,
+            200
+        );
+        let mut early = claims.clone();
+        early["nbf"] = json!(now + 120);
+        for (what, token) in [
+            ("alg none", unsigned(&claims)),
+            (
+                "not yet valid",
+                sign(Algorithm::HS256, None, &secret, &early),
+            ),
+            (
+                "HS512 with our secret",
+                sign(Algorithm::HS512, None, &secret, &claims),
+            ),
+            (
+                "RS256 with no provider configured",
+                sign(Algorithm::RS256, None, &rsa_key("idp-rsa.der"), &claims),
+            ),
+        ] {
+            assert_eq!(me(&node, &token).await.0, 401, "{what}");
         }
-    })
-    .await;
-    assert!(stored, "every message reached Postgres");
-    assert_eq!(history_bodies(&node, &conversation, bob).await, hostile);
-    let tables: i64 = db
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE tablename IN ('users', 'messages')",
-            &[],
+        // A token whose user no longer exists.
+        let db = chat_core::testing::connect(&cluster.db_url).await;
+        db.execute("DELETE FROM users WHERE id = $1", &[&ivan.id])
+            .await
+            .expect("delete");
+        let (status, body) = me(&node, &ivan.token).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (401, Some("unauthorized"))
+        );
+        assert_eq!(refused_upgrade(&node, &ivan.token).await.0, 401);
+        node.shutdown.cancel();
+    }
+}
+
+on_both_backends! {
+    async fn another_users_conversation_is_neither_read_nor_written(backend) {
+        let (cluster, a, _b, alice, bob) = Cluster::two_nodes_on(backend).await;
+        let mallory = register(&a, "mallory").await;
+        let (mut alice_ws, _) = connect(&a, &alice).await;
+        send_json(
+            &mut alice_ws,
+            send_frame("private-1", bob.id, "for bob only"),
         )
-        .await
-        .expect("tables")
-        .get(0);
-    assert_eq!(tables, 2, "no statement was injected");
-    worker.cancel();
-    node.shutdown.cancel();
+        .await;
+        let ack = recv(&mut alice_ws).await.expect("ack");
+        let conversation = ack["conversation_id"]
+            .as_str()
+            .expect("conversation")
+            .to_string();
+
+        let (status, body) = get(
+            &format!(
+                "http://{}/api/v1/conversations/{conversation}/messages",
+                a.http
+            ),
+            Some(&mallory.token),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("not_found"))
+        );
+        let (mut mallory_ws, _) = connect(&a, &mallory).await;
+        for frame in [
+            json!({"type": "send", "id": "m-1", "conversation_id": conversation, "body": "injected"}),
+            json!({"type": "sync", "conversation_id": conversation, "after_seq": 0}),
+            json!({"type": "read", "conversation_id": conversation, "seq": 1}),
+            json!({"type": "typing", "conversation_id": conversation}),
+        ] {
+            send_json(&mut mallory_ws, frame.clone()).await;
+            let reply = recv(&mut mallory_ws).await.expect("reply");
+            assert_eq!(reply["type"], "error", "{frame} -> {reply}");
+            assert_eq!(reply["code"], "forbidden", "{frame} -> {reply}");
+        }
+        // Nothing reached Alice or Bob's conversation.
+        assert_eq!(
+            history_bodies(&a, &conversation, &alice).await,
+            ["for bob only"]
+        );
+        drop(cluster);
+    }
+}
+
+on_both_backends! {
+    async fn sql_metacharacters_and_odd_unicode_are_stored_as_data(backend) {
+        let cluster = Cluster::on(backend).await;
+        let node = cluster.start_node("data").await;
+        let worker = cluster.start_worker();
+        let hostile = [
+            "Robert'); DROP TABLE users; --",
+            "1' OR '1'='1",
+            "\\'; SELECT pg_sleep(10); --",
+            "$1 $$ E'\\x00' ::text",
+            "\u{202e}evil\u{202c} \u{200d}\u{200b}\u{feff}",
+            "Z\u{0351}\u{0364}\u{0363}\u{0364}a\u{0336}\u{0353}l\u{0313}\u{0307}g\u{0326}o",
+            "👩‍👩‍👧‍👦 𝕳𝖊𝖑𝖑𝖔 \u{10FFFF}",
+            "<script>alert(1)</script>",
+        ];
+        let mut users = Vec::new();
+        for (i, name) in hostile.iter().enumerate() {
+            let email = format!("o'hara+{i}-{}@example.test", Uuid::new_v4().simple());
+            let (status, body) = post(
+                &node,
+                "/api/v1/auth/register",
+                json!({"name": name, "email": email, "password": "password'; --"}),
+            )
+            .await;
+            assert_eq!(status, 201, "{name:?}: {body}");
+            assert_eq!(body["user"]["name"], *name, "the name is stored as given");
+            let (status, body) = post(
+                &node,
+                "/api/v1/auth/login",
+                json!({"email": email, "password": "password'; --"}),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            users.push(User {
+                id: body["user"]["id"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .expect("id"),
+                token: body["token"].as_str().expect("token").to_string(),
+            });
+        }
+        let (alice, bob) = (&users[0], &users[1]);
+        let (mut ws, _) = connect(&node, alice).await;
+        let mut conversation = String::new();
+        for (i, body) in hostile.iter().enumerate() {
+            let id = format!("{body}-{i}");
+            send_json(&mut ws, send_frame(&id, bob.id, body)).await;
+            let ack = recv(&mut ws).await.expect("ack");
+            assert_eq!(
+                (ack["type"].as_str(), ack["id"].as_str()),
+                (Some("ack"), Some(id.as_str()))
+            );
+            conversation = ack["conversation_id"].as_str().expect("conv").to_string();
+        }
+        // A room named with every hostile string in turn, and a search for them.
+        for name in &hostile {
+            let (status, body) = call(
+                reqwest::Method::POST,
+                &node,
+                "/api/v1/rooms",
+                alice,
+                Some(json!({"name": name, "member_ids": [bob.id]})),
+            )
+            .await;
+            assert_eq!(
+                (status, body["name"].as_str()),
+                (201, Some(*name)),
+                "{body}"
+            );
+            let (status, _) = get(
+                &format!("http://{}/api/v1/users?q={}", node.http, url_escape(name)),
+                Some(&alice.token),
+            )
+            .await;
+            assert_eq!(status, 200, "search for {name:?}");
+        }
+        // Once in Postgres, history returns every body byte for byte.
+        let db = chat_core::testing::connect(&cluster.db_url).await;
+        let stored = chat_core::testing::eventually(Duration::from_secs(15), || {
+            let db = &db;
+            async move {
+                db.query_one("SELECT count(*) FROM messages", &[])
+                    .await
+                    .map(|r| r.get::<_, i64>(0) == hostile.len() as i64)
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+        assert!(stored, "every message reached Postgres");
+        assert_eq!(history_bodies(&node, &conversation, bob).await, hostile);
+        let tables: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE tablename IN ('users', 'messages')",
+                &[],
+            )
+            .await
+            .expect("tables")
+            .get(0);
+        assert_eq!(tables, 2, "no statement was injected");
+        worker.cancel();
+        node.shutdown.cancel();
+    }
 }
 
 /// The bodies of a conversation's first 50 messages, as `user` reads them through the history API.

@@ -41,7 +41,7 @@ async fn drain_messages(ws: &mut Ws, quiet: Duration) -> Vec<Value> {
 
 /// A 1,000-member room spread over two nodes: every member gets each message exactly once, and
 /// the sender gets acks instead.
-#[actix_rt::test]
+#[actix_web::test]
 async fn thousand_member_room_gets_every_message_exactly_once() {
     let cluster = Cluster::new().await;
     let a = cluster.start_node("node-a").await;
@@ -100,7 +100,7 @@ async fn thousand_member_room_gets_every_message_exactly_once() {
 /// History pages at its edges, answers non-members 404, and reads the Redis tail while no
 /// worker runs; once the worker has written everything and the tail is gone, Postgres answers
 /// the same.
-#[actix_rt::test]
+#[actix_web::test]
 async fn history_pages_at_the_edges_with_and_without_the_worker() {
     let (cluster, a, b, alice, bob) = Cluster::two_nodes().await;
     let carol = register(&a, "carol").await;
@@ -200,429 +200,440 @@ async fn check_pages(node: &NodeHandle, reader: &User, path: &str) {
     assert_eq!(seqs(&beyond), Vec::<i64>::new());
 }
 
-/// A client disconnected in the middle of a 500-message burst reconnects to the other node,
-/// syncs, and ends with seqs 1..500, each exactly once on the new connection.
-#[actix_rt::test]
-async fn reconnect_mid_burst_and_sync_gets_every_seq_once() {
-    let (_cluster, a, b, alice, bob) = Cluster::two_nodes().await;
-    let (mut bob_ws, _) = connect(&b, &bob).await;
-    let (alice_ws, _) = connect(&a, &alice).await;
-    let bob_id = bob.id;
-    let burst = tokio::spawn(async move {
-        let mut ws = alice_ws;
-        let mut conversation = None;
-        for i in 0..500 {
-            send_json(&mut ws, send_frame(&format!("b{i}"), bob_id, "burst")).await;
-        }
-        let mut acked = 0;
-        while acked < 500 {
-            let frame = recv(&mut ws).await.expect("ack");
-            if is_type(&frame, "ack") {
-                conversation = frame["conversation_id"].as_str().map(str::to_string);
-                acked += 1;
+on_both_backends! {
+    /// A client disconnected in the middle of a 500-message burst reconnects to the other node,
+    /// syncs, and ends with seqs 1..500, each exactly once on the new connection.
+    async fn reconnect_mid_burst_and_sync_gets_every_seq_once(backend) {
+        let (_cluster, a, b, alice, bob) = Cluster::two_nodes_on(backend).await;
+        let (mut bob_ws, _) = connect(&b, &bob).await;
+        let (alice_ws, _) = connect(&a, &alice).await;
+        let bob_id = bob.id;
+        let burst = tokio::spawn(async move {
+            let mut ws = alice_ws;
+            let mut conversation = None;
+            for i in 0..500 {
+                send_json(&mut ws, send_frame(&format!("b{i}"), bob_id, "burst")).await;
+            }
+            let mut acked = 0;
+            while acked < 500 {
+                let frame = recv(&mut ws).await.expect("ack");
+                if is_type(&frame, "ack") {
+                    conversation = frame["conversation_id"].as_str().map(str::to_string);
+                    acked += 1;
+                }
+            }
+            conversation.expect("conversation")
+        });
+        let mut seen = Vec::new();
+        while seen.len() < 100 {
+            let frame = recv(&mut bob_ws).await.expect("message");
+            if is_type(&frame, "message") {
+                seen.push(seq(&frame));
             }
         }
-        conversation.expect("conversation")
-    });
-    let mut seen = Vec::new();
-    while seen.len() < 100 {
-        let frame = recv(&mut bob_ws).await.expect("message");
-        if is_type(&frame, "message") {
-            seen.push(seq(&frame));
-        }
-    }
-    drop(bob_ws);
-    let last_seen = *seen.last().expect("some");
-    assert_eq!(seen, (1..=last_seen).collect::<Vec<_>>());
+        drop(bob_ws);
+        let last_seen = *seen.last().expect("some");
+        assert_eq!(seen, (1..=last_seen).collect::<Vec<_>>());
 
-    let (mut ws, _) = connect(&a, &bob).await;
-    let conversation = chat_core::conversation::direct_conversation_id(alice.id, bob.id);
-    let mut received: Vec<i64> = Vec::new();
-    let mut after = last_seen;
-    loop {
-        send_json(
-            &mut ws,
-            json!({"type": "sync", "conversation_id": conversation, "after_seq": after}),
+        let (mut ws, _) = connect(&a, &bob).await;
+        let conversation = chat_core::conversation::direct_conversation_id(alice.id, bob.id);
+        let mut received: Vec<i64> = Vec::new();
+        let mut after = last_seen;
+        loop {
+            send_json(
+                &mut ws,
+                json!({"type": "sync", "conversation_id": conversation, "after_seq": after}),
+            )
+            .await;
+            let mut synced = None;
+            while synced.is_none() {
+                let frame = recv(&mut ws).await.expect("sync reply");
+                match frame["type"].as_str() {
+                    Some("message") => received.push(seq(&frame)),
+                    Some("synced") => synced = Some(frame),
+                    _ => panic!("unexpected {frame}"),
+                }
+            }
+            let synced = synced.expect("synced");
+            after = synced["last_seq"].as_i64().expect("last_seq");
+            if synced["complete"] == true {
+                break;
+            }
+        }
+        burst.await.expect("burst");
+        // Whatever the burst still sends live arrives after the sync.
+        received.extend(
+            drain_messages(&mut ws, Duration::from_millis(500))
+                .await
+                .iter()
+                .map(seq),
+        );
+        let mut sorted = received.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            received.len(),
+            "a seq arrived twice: {received:?}"
+        );
+        assert_eq!(sorted, ((last_seen + 1)..=500).collect::<Vec<_>>());
+    }
+}
+
+on_both_backends! {
+    /// Read receipts reach the other member and the reader's other device, never move backwards,
+    /// and show in the conversation list with unread counts.
+    async fn read_receipts_relay_and_never_move_backwards(backend) {
+        let (cluster, a, b, alice, bob) = Cluster::two_nodes_on(backend).await;
+        let worker = cluster.start_worker();
+        let (mut alice_ws, _) = connect(&a, &alice).await;
+        let (mut bob_phone, _) = connect(&a, &bob).await;
+        let (mut bob_laptop, _) = connect(&b, &bob).await;
+        let mut conversation = Value::Null;
+        for i in 0..3 {
+            send_json(&mut alice_ws, send_frame(&format!("r{i}"), bob.id, "hi")).await;
+            let ack = recv_until(&mut alice_ws, |f| is_type(f, "ack")).await;
+            conversation = ack.last().expect("ack")["conversation_id"].clone();
+        }
+        let read = |seq: i64| json!({"type": "read", "conversation_id": conversation, "seq": seq});
+        send_json(&mut bob_phone, read(2)).await;
+        for ws in [&mut alice_ws, &mut bob_laptop] {
+            let frames = recv_until(ws, |f| is_type(f, "read")).await;
+            let receipt = frames.last().expect("read");
+            assert_eq!(receipt["seq"], 2, "{receipt}");
+            assert_eq!(receipt["user_id"], bob.id.to_string());
+        }
+        // Backwards: stored value stays, nothing relayed.
+        send_json(&mut bob_phone, read(1)).await;
+        // Beyond the last message: an error.
+        send_json(&mut bob_phone, read(99)).await;
+        let err = recv_until(&mut bob_phone, |f| is_type(f, "error")).await;
+        assert_eq!(err.last().expect("error")["code"], "bad_request");
+        send_json(&mut bob_phone, read(3)).await;
+        let frames = recv_until(&mut alice_ws, |f| is_type(f, "read")).await;
+        assert_eq!(
+            frames.last().expect("read")["seq"],
+            3,
+            "the receipt for 1 was never relayed"
+        );
+
+        // The list: Bob has read everything, Alice's own messages are not unread for her.
+        let listed = chat_core::testing::eventually(Duration::from_secs(10), || async {
+            let (_, page) = call(Method::GET, &b, "/api/v1/conversations", &bob, None).await;
+            page["conversations"][0]["last_seq"] == 3
+        })
+        .await;
+        assert!(listed, "the worker wrote the conversation");
+        let (_, page) = call(Method::GET, &b, "/api/v1/conversations", &bob, None).await;
+        let entry = &page["conversations"][0];
+        assert_eq!(entry["kind"], "direct");
+        assert_eq!(entry["peer"]["id"], alice.id.to_string());
+        assert_eq!(entry["last_read_seq"], 3);
+        assert_eq!(entry["unread"], 0);
+        assert_eq!(entry["last_message"]["seq"], 3);
+        let (_, page) = call(Method::GET, &a, "/api/v1/conversations", &alice, None).await;
+        assert_eq!(page["conversations"][0]["unread"], 0);
+        assert_eq!(
+            page["conversations"][0]["peer"]["last_read_seq"], 3,
+            "Alice sees how far Bob has read after a reload"
+        );
+        worker.cancel();
+    }
+}
+
+on_both_backends! {
+    /// The conversation list orders by activity and pages with its cursor; unread counts count the
+    /// other members' messages after the read position.
+    async fn conversation_list_orders_by_activity_and_pages(backend) {
+        let (cluster, a, _b, alice, bob) = Cluster::two_nodes_on(backend).await;
+        let worker = cluster.start_worker();
+        let carol = register(&a, "carol").await;
+        let (mut bob_ws, _) = connect(&a, &bob).await;
+        let (mut carol_ws, _) = connect(&a, &carol).await;
+        let room = create_room(&a, &bob, &[alice.id, carol.id]).await;
+        send_json(&mut bob_ws, send_frame("1", alice.id, "first")).await;
+        recv_until(&mut bob_ws, |f| is_type(f, "ack")).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for i in 0..2 {
+            let ack = send_room(&mut carol_ws, &format!("c{i}"), room, "in the room").await;
+            assert_eq!(ack["type"], "ack");
+        }
+        let ok = chat_core::testing::eventually(Duration::from_secs(10), || async {
+            let (_, page) = call(Method::GET, &a, "/api/v1/conversations", &alice, None).await;
+            page["conversations"][0]["last_seq"] == 2 && page["conversations"][1]["last_seq"] == 1
+        })
+        .await;
+        assert!(ok, "both conversations listed");
+        let (_, first) = call(
+            Method::GET,
+            &a,
+            "/api/v1/conversations?limit=1",
+            &alice,
+            None,
         )
         .await;
-        let mut synced = None;
-        while synced.is_none() {
-            let frame = recv(&mut ws).await.expect("sync reply");
-            match frame["type"].as_str() {
-                Some("message") => received.push(seq(&frame)),
-                Some("synced") => synced = Some(frame),
-                _ => panic!("unexpected {frame}"),
-            }
+        let newest = &first["conversations"][0];
+        assert_eq!(newest["id"], room.to_string(), "the room is most recent");
+        assert_eq!(newest["kind"], "room");
+        assert_eq!(newest["name"], "room");
+        assert_eq!(newest["unread"], 2);
+        let cursor = first["next_cursor"].as_str().expect("cursor");
+        let (_, second) = call(
+            Method::GET,
+            &a,
+            &format!("/api/v1/conversations?limit=1&cursor={cursor}"),
+            &alice,
+            None,
+        )
+        .await;
+        assert_eq!(second["conversations"][0]["kind"], "direct");
+        assert_eq!(second["conversations"][0]["unread"], 1);
+        let cursor = second["next_cursor"].as_str().expect("cursor");
+        let (_, third) = call(
+            Method::GET,
+            &a,
+            &format!("/api/v1/conversations?limit=1&cursor={cursor}"),
+            &alice,
+            None,
+        )
+        .await;
+        assert_eq!(third["conversations"], json!([]));
+        assert!(third.get("next_cursor").is_none());
+        let bad = "/api/v1/conversations?cursor=garbage";
+        assert_eq!(call(Method::GET, &a, bad, &alice, None).await.0, 400);
+        worker.cancel();
+    }
+}
+
+on_both_backends! {
+    /// Removing a member stops delivery to them at once on both nodes; an added member gets the
+    /// event, syncs, and receives what follows; only the owner removes others.
+    async fn membership_changes_take_effect_on_every_node(backend) {
+        let (_cluster, a, b, alice, bob) = Cluster::two_nodes_on(backend).await;
+        let carol = register(&b, "carol").await;
+        let dave = register(&b, "dave").await;
+        let room = create_room(&a, &alice, &[bob.id, carol.id]).await;
+        let (mut alice_ws, _) = connect(&a, &alice).await;
+        let (mut bob_a, _) = connect(&a, &bob).await;
+        let (mut bob_b, _) = connect(&b, &bob).await;
+        let (mut carol_ws, _) = connect(&b, &carol).await;
+        let (mut dave_ws, _) = connect(&b, &dave).await;
+
+        let ack = send_room(&mut alice_ws, "1", room, "before").await;
+        assert_eq!(ack["seq"], 1);
+        for ws in [&mut bob_a, &mut bob_b, &mut carol_ws] {
+            let frames = recv_until(ws, |f| is_type(f, "message")).await;
+            assert_eq!(frames.last().expect("message")["seq"], 1);
         }
-        let synced = synced.expect("synced");
-        after = synced["last_seq"].as_i64().expect("last_seq");
-        if synced["complete"] == true {
-            break;
-        }
-    }
-    burst.await.expect("burst");
-    // Whatever the burst still sends live arrives after the sync.
-    received.extend(
-        drain_messages(&mut ws, Duration::from_millis(500))
-            .await
-            .iter()
-            .map(seq),
-    );
-    let mut sorted = received.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    assert_eq!(
-        sorted.len(),
-        received.len(),
-        "a seq arrived twice: {received:?}"
-    );
-    assert_eq!(sorted, ((last_seen + 1)..=500).collect::<Vec<_>>());
-}
 
-/// Read receipts reach the other member and the reader's other device, never move backwards,
-/// and show in the conversation list with unread counts.
-#[actix_rt::test]
-async fn read_receipts_relay_and_never_move_backwards() {
-    let (cluster, a, b, alice, bob) = Cluster::two_nodes().await;
-    let worker = cluster.start_worker();
-    let (mut alice_ws, _) = connect(&a, &alice).await;
-    let (mut bob_phone, _) = connect(&a, &bob).await;
-    let (mut bob_laptop, _) = connect(&b, &bob).await;
-    let mut conversation = Value::Null;
-    for i in 0..3 {
-        send_json(&mut alice_ws, send_frame(&format!("r{i}"), bob.id, "hi")).await;
-        let ack = recv_until(&mut alice_ws, |f| is_type(f, "ack")).await;
-        conversation = ack.last().expect("ack")["conversation_id"].clone();
-    }
-    let read = |seq: i64| json!({"type": "read", "conversation_id": conversation, "seq": seq});
-    send_json(&mut bob_phone, read(2)).await;
-    for ws in [&mut alice_ws, &mut bob_laptop] {
-        let frames = recv_until(ws, |f| is_type(f, "read")).await;
-        let receipt = frames.last().expect("read");
-        assert_eq!(receipt["seq"], 2, "{receipt}");
-        assert_eq!(receipt["user_id"], bob.id.to_string());
-    }
-    // Backwards: stored value stays, nothing relayed.
-    send_json(&mut bob_phone, read(1)).await;
-    // Beyond the last message: an error.
-    send_json(&mut bob_phone, read(99)).await;
-    let err = recv_until(&mut bob_phone, |f| is_type(f, "error")).await;
-    assert_eq!(err.last().expect("error")["code"], "bad_request");
-    send_json(&mut bob_phone, read(3)).await;
-    let frames = recv_until(&mut alice_ws, |f| is_type(f, "read")).await;
-    assert_eq!(
-        frames.last().expect("read")["seq"],
-        3,
-        "the receipt for 1 was never relayed"
-    );
-
-    // The list: Bob has read everything, Alice's own messages are not unread for her.
-    let listed = chat_core::testing::eventually(Duration::from_secs(10), || async {
-        let (_, page) = call(Method::GET, &b, "/api/v1/conversations", &bob, None).await;
-        page["conversations"][0]["last_seq"] == 3
-    })
-    .await;
-    assert!(listed, "the worker wrote the conversation");
-    let (_, page) = call(Method::GET, &b, "/api/v1/conversations", &bob, None).await;
-    let entry = &page["conversations"][0];
-    assert_eq!(entry["kind"], "direct");
-    assert_eq!(entry["peer"]["id"], alice.id.to_string());
-    assert_eq!(entry["last_read_seq"], 3);
-    assert_eq!(entry["unread"], 0);
-    assert_eq!(entry["last_message"]["seq"], 3);
-    let (_, page) = call(Method::GET, &a, "/api/v1/conversations", &alice, None).await;
-    assert_eq!(page["conversations"][0]["unread"], 0);
-    assert_eq!(
-        page["conversations"][0]["peer"]["last_read_seq"], 3,
-        "Alice sees how far Bob has read after a reload"
-    );
-    worker.cancel();
-}
-
-/// The conversation list orders by activity and pages with its cursor; unread counts count the
-/// other members' messages after the read position.
-#[actix_rt::test]
-async fn conversation_list_orders_by_activity_and_pages() {
-    let (cluster, a, _b, alice, bob) = Cluster::two_nodes().await;
-    let worker = cluster.start_worker();
-    let carol = register(&a, "carol").await;
-    let (mut bob_ws, _) = connect(&a, &bob).await;
-    let (mut carol_ws, _) = connect(&a, &carol).await;
-    let room = create_room(&a, &bob, &[alice.id, carol.id]).await;
-    send_json(&mut bob_ws, send_frame("1", alice.id, "first")).await;
-    recv_until(&mut bob_ws, |f| is_type(f, "ack")).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    for i in 0..2 {
-        let ack = send_room(&mut carol_ws, &format!("c{i}"), room, "in the room").await;
-        assert_eq!(ack["type"], "ack");
-    }
-    let ok = chat_core::testing::eventually(Duration::from_secs(10), || async {
-        let (_, page) = call(Method::GET, &a, "/api/v1/conversations", &alice, None).await;
-        page["conversations"][0]["last_seq"] == 2 && page["conversations"][1]["last_seq"] == 1
-    })
-    .await;
-    assert!(ok, "both conversations listed");
-    let (_, first) = call(
-        Method::GET,
-        &a,
-        "/api/v1/conversations?limit=1",
-        &alice,
-        None,
-    )
-    .await;
-    let newest = &first["conversations"][0];
-    assert_eq!(newest["id"], room.to_string(), "the room is most recent");
-    assert_eq!(newest["kind"], "room");
-    assert_eq!(newest["name"], "room");
-    assert_eq!(newest["unread"], 2);
-    let cursor = first["next_cursor"].as_str().expect("cursor");
-    let (_, second) = call(
-        Method::GET,
-        &a,
-        &format!("/api/v1/conversations?limit=1&cursor={cursor}"),
-        &alice,
-        None,
-    )
-    .await;
-    assert_eq!(second["conversations"][0]["kind"], "direct");
-    assert_eq!(second["conversations"][0]["unread"], 1);
-    let cursor = second["next_cursor"].as_str().expect("cursor");
-    let (_, third) = call(
-        Method::GET,
-        &a,
-        &format!("/api/v1/conversations?limit=1&cursor={cursor}"),
-        &alice,
-        None,
-    )
-    .await;
-    assert_eq!(third["conversations"], json!([]));
-    assert!(third.get("next_cursor").is_none());
-    let bad = "/api/v1/conversations?cursor=garbage";
-    assert_eq!(call(Method::GET, &a, bad, &alice, None).await.0, 400);
-    worker.cancel();
-}
-
-/// Removing a member stops delivery to them at once on both nodes; an added member gets the
-/// event, syncs, and receives what follows; only the owner removes others.
-#[actix_rt::test]
-async fn membership_changes_take_effect_on_every_node() {
-    let (_cluster, a, b, alice, bob) = Cluster::two_nodes().await;
-    let carol = register(&b, "carol").await;
-    let dave = register(&b, "dave").await;
-    let room = create_room(&a, &alice, &[bob.id, carol.id]).await;
-    let (mut alice_ws, _) = connect(&a, &alice).await;
-    let (mut bob_a, _) = connect(&a, &bob).await;
-    let (mut bob_b, _) = connect(&b, &bob).await;
-    let (mut carol_ws, _) = connect(&b, &carol).await;
-    let (mut dave_ws, _) = connect(&b, &dave).await;
-
-    let ack = send_room(&mut alice_ws, "1", room, "before").await;
-    assert_eq!(ack["seq"], 1);
-    for ws in [&mut bob_a, &mut bob_b, &mut carol_ws] {
-        let frames = recv_until(ws, |f| is_type(f, "message")).await;
-        assert_eq!(frames.last().expect("message")["seq"], 1);
-    }
-
-    // Only the owner removes others.
-    let remove_bob = format!("/api/v1/rooms/{room}/members/{}", bob.id);
-    let (status, body) = call(Method::DELETE, &b, &remove_bob, &carol, None).await;
-    assert_eq!(
-        (status, body["error"]["code"].clone()),
-        (403, json!("forbidden"))
-    );
-    assert_eq!(
-        call(Method::DELETE, &b, &remove_bob, &alice, None).await.0,
-        204
-    );
-    for ws in [&mut bob_a, &mut bob_b] {
-        let frames = recv_until(ws, |f| is_type(f, "membership")).await;
-        let event = frames.last().expect("membership");
-        assert_eq!(event["change"], "removed");
-        assert_eq!(event["user_id"], bob.id.to_string());
-    }
-    let frames = recv_until(&mut carol_ws, |f| is_type(f, "membership")).await;
-    assert_eq!(frames.last().expect("event")["change"], "removed");
-
-    let ack = send_room(&mut alice_ws, "2", room, "after").await;
-    assert_eq!(ack["seq"], 2);
-    let frames = recv_until(&mut carol_ws, |f| is_type(f, "message")).await;
-    assert_eq!(frames.last().expect("message")["seq"], 2);
-    for ws in [&mut bob_a, &mut bob_b] {
-        assert!(
-            drain_messages(ws, Duration::from_millis(300))
-                .await
-                .is_empty(),
-            "a removed member still receives"
+        // Only the owner removes others.
+        let remove_bob = format!("/api/v1/rooms/{room}/members/{}", bob.id);
+        let (status, body) = call(Method::DELETE, &b, &remove_bob, &carol, None).await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (403, json!("forbidden"))
         );
-    }
-    let reply = send_room(&mut bob_a, "3", room, "still here?").await;
-    assert_eq!(reply["code"], "forbidden", "{reply}");
-    let history = format!("/api/v1/conversations/{room}/messages");
-    assert_eq!(call(Method::GET, &a, &history, &bob, None).await.0, 404);
-
-    // Adding: Dave hears of it, syncs the room, and receives what comes next.
-    let add = format!("/api/v1/rooms/{room}/members");
-    let (status, view) = call(
-        Method::POST,
-        &b,
-        &add,
-        &carol,
-        Some(json!({"user_ids": [dave.id]})),
-    )
-    .await;
-    assert_eq!(status, 200, "{view}");
-    assert_eq!(view["member_count"], 3);
-    let frames = recv_until(&mut dave_ws, |f| is_type(f, "membership")).await;
-    assert_eq!(frames.last().expect("event")["change"], "added");
-    send_json(
-        &mut dave_ws,
-        json!({"type": "sync", "conversation_id": room, "after_seq": 0}),
-    )
-    .await;
-    let frames = recv_until(&mut dave_ws, |f| is_type(f, "synced")).await;
-    let seqs: Vec<i64> = frames
-        .iter()
-        .filter(|f| is_type(f, "message"))
-        .map(seq)
-        .collect();
-    assert_eq!(seqs, vec![1, 2]);
-    let ack = send_room(&mut alice_ws, "4", room, "welcome").await;
-    let frames = recv_until(&mut dave_ws, |f| is_type(f, "message")).await;
-    assert_eq!(frames.last().expect("message")["seq"], ack["seq"]);
-
-    // Leaving yourself works for anyone, and is repeatable.
-    let leave = format!("/api/v1/rooms/{room}/members/{}", carol.id);
-    assert_eq!(call(Method::DELETE, &a, &leave, &carol, None).await.0, 204);
-    assert_eq!(call(Method::DELETE, &a, &leave, &carol, None).await.0, 204);
-    let (_, view) = call(
-        Method::GET,
-        &a,
-        &format!("/api/v1/rooms/{room}"),
-        &alice,
-        None,
-    )
-    .await;
-    assert_eq!(view["member_count"], 2);
-}
-
-/// Typing reaches the other members but not the typist, at most once a second per
-/// conversation; strangers get `forbidden`; a direct conversation takes `conversation_id`.
-#[actix_rt::test]
-async fn typing_and_conversation_sends() {
-    let (_cluster, a, b, alice, bob) = Cluster::two_nodes().await;
-    let carol = register(&a, "carol").await;
-    let (mut alice_ws, _) = connect(&a, &alice).await;
-    let (mut bob_ws, _) = connect(&b, &bob).await;
-    let (mut carol_ws, _) = connect(&a, &carol).await;
-    send_json(&mut alice_ws, send_frame("1", bob.id, "hi")).await;
-    let ack = recv_until(&mut alice_ws, |f| is_type(f, "ack")).await;
-    let conversation: Uuid = ack.last().expect("ack")["conversation_id"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .expect("conversation");
-    recv_until(&mut bob_ws, |f| is_type(f, "message")).await;
-
-    // Bob answers through the conversation id.
-    let reply = send_room(&mut bob_ws, "r", conversation, "hello back").await;
-    assert_eq!(
-        (reply["type"].clone(), reply["seq"].clone()),
-        (json!("ack"), json!(2))
-    );
-    let frames = recv_until(&mut alice_ws, |f| is_type(f, "message")).await;
-    let message = frames.last().expect("message");
-    assert_eq!(message["to"], alice.id.to_string());
-    assert_eq!(message["body"], "hello back");
-
-    let typing = json!({"type": "typing", "conversation_id": conversation});
-    send_json(&mut alice_ws, typing.clone()).await;
-    send_json(&mut alice_ws, typing.clone()).await;
-    let frames = recv_until(&mut bob_ws, |f| is_type(f, "typing")).await;
-    assert_eq!(
-        frames.last().expect("typing")["user_id"],
-        alice.id.to_string()
-    );
-    let more: Vec<Value> = {
-        let mut v = Vec::new();
-        while let Some(f) = recv_within(&mut bob_ws, Duration::from_millis(300)).await {
-            v.push(f);
+        assert_eq!(
+            call(Method::DELETE, &b, &remove_bob, &alice, None).await.0,
+            204
+        );
+        for ws in [&mut bob_a, &mut bob_b] {
+            let frames = recv_until(ws, |f| is_type(f, "membership")).await;
+            let event = frames.last().expect("membership");
+            assert_eq!(event["change"], "removed");
+            assert_eq!(event["user_id"], bob.id.to_string());
         }
-        v
-    };
-    assert!(
-        more.is_empty(),
-        "the second typing within a second was relayed: {more:?}"
-    );
-    assert!(
-        recv_within(&mut alice_ws, Duration::from_millis(200))
-            .await
-            .is_none(),
-        "the typist does not hear themselves"
-    );
-    // Node b wrote Bob one message frame and one typing frame: only the first is a delivery.
-    assert_eq!(
-        metric(&b, "chat_gateway_messages_delivered_total").await,
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(&b, "chat_gateway_frames_out_total{type=\"typing\"}").await,
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(&b, "chat_gateway_delivery_latency_seconds_count").await,
-        Some(1.0)
-    );
+        let frames = recv_until(&mut carol_ws, |f| is_type(f, "membership")).await;
+        assert_eq!(frames.last().expect("event")["change"], "removed");
 
-    // A stranger may not type, send or sync there.
-    send_json(&mut carol_ws, typing).await;
-    let err = recv(&mut carol_ws).await.expect("error");
-    assert_eq!(err["code"], "forbidden");
-    let reply = send_room(&mut carol_ws, "x", conversation, "let me in").await;
-    assert_eq!(reply["code"], "forbidden");
-    send_json(
-        &mut carol_ws,
-        json!({"type": "sync", "conversation_id": conversation, "after_seq": 0}),
-    )
-    .await;
-    assert_eq!(
-        recv(&mut carol_ws).await.expect("error")["code"],
-        "forbidden"
-    );
-    let both = json!({"type": "send", "id": "z", "to": bob.id, "conversation_id": conversation, "body": "x"});
-    send_json(&mut alice_ws, both).await;
-    let reply = recv_until(&mut alice_ws, |f| f["id"] == "z").await;
-    assert_eq!(reply.last().expect("error")["code"], "bad_request");
+        let ack = send_room(&mut alice_ws, "2", room, "after").await;
+        assert_eq!(ack["seq"], 2);
+        let frames = recv_until(&mut carol_ws, |f| is_type(f, "message")).await;
+        assert_eq!(frames.last().expect("message")["seq"], 2);
+        for ws in [&mut bob_a, &mut bob_b] {
+            assert!(
+                drain_messages(ws, Duration::from_millis(300))
+                    .await
+                    .is_empty(),
+                "a removed member still receives"
+            );
+        }
+        let reply = send_room(&mut bob_a, "3", room, "still here?").await;
+        assert_eq!(reply["code"], "forbidden", "{reply}");
+        let history = format!("/api/v1/conversations/{room}/messages");
+        assert_eq!(call(Method::GET, &a, &history, &bob, None).await.0, 404);
+
+        // Adding: Dave hears of it, syncs the room, and receives what comes next.
+        let add = format!("/api/v1/rooms/{room}/members");
+        let (status, view) = call(
+            Method::POST,
+            &b,
+            &add,
+            &carol,
+            Some(json!({"user_ids": [dave.id]})),
+        )
+        .await;
+        assert_eq!(status, 200, "{view}");
+        assert_eq!(view["member_count"], 3);
+        let frames = recv_until(&mut dave_ws, |f| is_type(f, "membership")).await;
+        assert_eq!(frames.last().expect("event")["change"], "added");
+        send_json(
+            &mut dave_ws,
+            json!({"type": "sync", "conversation_id": room, "after_seq": 0}),
+        )
+        .await;
+        let frames = recv_until(&mut dave_ws, |f| is_type(f, "synced")).await;
+        let seqs: Vec<i64> = frames
+            .iter()
+            .filter(|f| is_type(f, "message"))
+            .map(seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2]);
+        let ack = send_room(&mut alice_ws, "4", room, "welcome").await;
+        let frames = recv_until(&mut dave_ws, |f| is_type(f, "message")).await;
+        assert_eq!(frames.last().expect("message")["seq"], ack["seq"]);
+
+        // Leaving yourself works for anyone, and is repeatable.
+        let leave = format!("/api/v1/rooms/{room}/members/{}", carol.id);
+        assert_eq!(call(Method::DELETE, &a, &leave, &carol, None).await.0, 204);
+        assert_eq!(call(Method::DELETE, &a, &leave, &carol, None).await.0, 204);
+        let (_, view) = call(
+            Method::GET,
+            &a,
+            &format!("/api/v1/rooms/{room}"),
+            &alice,
+            None,
+        )
+        .await;
+        assert_eq!(view["member_count"], 2);
+    }
 }
 
-/// Room requests are checked: names, unknown users, sizes.
-#[actix_rt::test]
-async fn room_requests_are_validated() {
-    let (_cluster, a, _b, alice, bob) = Cluster::two_nodes().await;
-    let post = |body: Value| call(Method::POST, &a, "/api/v1/rooms", &alice, Some(body));
-    let (status, body) = post(json!({"name": "  ", "member_ids": []})).await;
-    assert_eq!(status, 422);
-    assert_eq!(body["error"]["fields"]["name"], "name_required");
-    let (_, body) = post(json!({"name": "x".repeat(101)})).await;
-    assert_eq!(body["error"]["fields"]["name"], "name_invalid");
-    let (_, body) = post(json!({"name": "ok", "member_ids": [Uuid::now_v7()]})).await;
-    assert_eq!(body["error"]["fields"]["member_ids"], "unknown_user");
-    let many: Vec<Uuid> = (0..1001).map(|_| Uuid::now_v7()).collect();
-    let (_, body) = post(json!({"name": "ok", "member_ids": many})).await;
-    assert_eq!(body["error"]["fields"]["member_ids"], "too_many");
-    let (status, body) = post(json!({"name": "ok", "member_ids": "nope"})).await;
-    assert_eq!(
-        (status, body["error"]["code"].clone()),
-        (400, json!("bad_request"))
-    );
-    let (status, room) = post(json!({"name": " Team ", "member_ids": [bob.id, bob.id]})).await;
-    assert_eq!(status, 201, "{room}");
-    assert_eq!(room["name"], "Team");
-    assert_eq!(room["member_count"], 2);
-    assert_eq!(room["owner_id"], alice.id.to_string());
-    let unauthenticated = reqwest::Client::new()
-        .post(format!("http://{}/api/v1/rooms", a.http))
-        .json(&json!({"name": "x"}))
-        .send()
-        .await
-        .expect("http");
-    assert_eq!(unauthenticated.status().as_u16(), 401);
+on_both_backends! {
+    /// Typing reaches the other members but not the typist, at most once a second per
+    /// conversation; strangers get `forbidden`; a direct conversation takes `conversation_id`.
+    async fn typing_and_conversation_sends(backend) {
+        let (_cluster, a, b, alice, bob) = Cluster::two_nodes_on(backend).await;
+        let carol = register(&a, "carol").await;
+        let (mut alice_ws, _) = connect(&a, &alice).await;
+        let (mut bob_ws, _) = connect(&b, &bob).await;
+        let (mut carol_ws, _) = connect(&a, &carol).await;
+        send_json(&mut alice_ws, send_frame("1", bob.id, "hi")).await;
+        let ack = recv_until(&mut alice_ws, |f| is_type(f, "ack")).await;
+        let conversation: Uuid = ack.last().expect("ack")["conversation_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("conversation");
+        recv_until(&mut bob_ws, |f| is_type(f, "message")).await;
+
+        // Bob answers through the conversation id.
+        let reply = send_room(&mut bob_ws, "r", conversation, "hello back").await;
+        assert_eq!(
+            (reply["type"].clone(), reply["seq"].clone()),
+            (json!("ack"), json!(2))
+        );
+        let frames = recv_until(&mut alice_ws, |f| is_type(f, "message")).await;
+        let message = frames.last().expect("message");
+        assert_eq!(message["to"], alice.id.to_string());
+        assert_eq!(message["body"], "hello back");
+
+        let typing = json!({"type": "typing", "conversation_id": conversation});
+        send_json(&mut alice_ws, typing.clone()).await;
+        send_json(&mut alice_ws, typing.clone()).await;
+        let frames = recv_until(&mut bob_ws, |f| is_type(f, "typing")).await;
+        assert_eq!(
+            frames.last().expect("typing")["user_id"],
+            alice.id.to_string()
+        );
+        let more: Vec<Value> = {
+            let mut v = Vec::new();
+            while let Some(f) = recv_within(&mut bob_ws, Duration::from_millis(300)).await {
+                v.push(f);
+            }
+            v
+        };
+        assert!(
+            more.is_empty(),
+            "the second typing within a second was relayed: {more:?}"
+        );
+        assert!(
+            recv_within(&mut alice_ws, Duration::from_millis(200))
+                .await
+                .is_none(),
+            "the typist does not hear themselves"
+        );
+        // Node b wrote Bob one message frame and one typing frame: only the first is a delivery.
+        // On one process, node b is node a, which also wrote Alice Bob's reply.
+        let delivered = match backend {
+            Backend::Redis => 1.0,
+            Backend::Memory => 2.0,
+        };
+        assert_eq!(
+            metric(&b, "chat_gateway_messages_delivered_total").await,
+            Some(delivered)
+        );
+        assert_eq!(
+            metric(&b, "chat_gateway_frames_out_total{type=\"typing\"}").await,
+            Some(1.0)
+        );
+        assert_eq!(
+            metric(&b, "chat_gateway_delivery_latency_seconds_count").await,
+            Some(delivered)
+        );
+
+        // A stranger may not type, send or sync there.
+        send_json(&mut carol_ws, typing).await;
+        let err = recv(&mut carol_ws).await.expect("error");
+        assert_eq!(err["code"], "forbidden");
+        let reply = send_room(&mut carol_ws, "x", conversation, "let me in").await;
+        assert_eq!(reply["code"], "forbidden");
+        send_json(
+            &mut carol_ws,
+            json!({"type": "sync", "conversation_id": conversation, "after_seq": 0}),
+        )
+        .await;
+        assert_eq!(
+            recv(&mut carol_ws).await.expect("error")["code"],
+            "forbidden"
+        );
+        let both = json!({"type": "send", "id": "z", "to": bob.id, "conversation_id": conversation, "body": "x"});
+        send_json(&mut alice_ws, both).await;
+        let reply = recv_until(&mut alice_ws, |f| f["id"] == "z").await;
+        assert_eq!(reply.last().expect("error")["code"], "bad_request");
+    }
+}
+
+on_both_backends! {
+    /// Room requests are checked: names, unknown users, sizes.
+    async fn room_requests_are_validated(backend) {
+        let (_cluster, a, _b, alice, bob) = Cluster::two_nodes_on(backend).await;
+        let post = |body: Value| call(Method::POST, &a, "/api/v1/rooms", &alice, Some(body));
+        let (status, body) = post(json!({"name": "  ", "member_ids": []})).await;
+        assert_eq!(status, 422);
+        assert_eq!(body["error"]["fields"]["name"], "name_required");
+        let (_, body) = post(json!({"name": "x".repeat(101)})).await;
+        assert_eq!(body["error"]["fields"]["name"], "name_invalid");
+        let (_, body) = post(json!({"name": "ok", "member_ids": [Uuid::now_v7()]})).await;
+        assert_eq!(body["error"]["fields"]["member_ids"], "unknown_user");
+        let many: Vec<Uuid> = (0..1001).map(|_| Uuid::now_v7()).collect();
+        let (_, body) = post(json!({"name": "ok", "member_ids": many})).await;
+        assert_eq!(body["error"]["fields"]["member_ids"], "too_many");
+        let (status, body) = post(json!({"name": "ok", "member_ids": "nope"})).await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (400, json!("bad_request"))
+        );
+        let (status, room) = post(json!({"name": " Team ", "member_ids": [bob.id, bob.id]})).await;
+        assert_eq!(status, 201, "{room}");
+        assert_eq!(room["name"], "Team");
+        assert_eq!(room["member_count"], 2);
+        assert_eq!(room["owner_id"], alice.id.to_string());
+        let unauthenticated = reqwest::Client::new()
+            .post(format!("http://{}/api/v1/rooms", a.http))
+            .json(&json!({"name": "x"}))
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(unauthenticated.status().as_u16(), 401);
+    }
 }

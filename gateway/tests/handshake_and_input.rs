@@ -32,500 +32,517 @@ async fn refused(url: &str, headers: &[(&'static str, String)]) -> (u16, Value) 
     }
 }
 
-/// Register, duplicate email in another case, invalid fields, login right and wrong, users/me,
-/// unknown routes and malformed JSON: all answer JSON with the documented codes.
-#[actix_web::test]
-async fn accounts_answer_documented_codes() {
-    let cluster = Cluster::new().await;
-    let node = cluster.start_node("n").await;
-    let email = format!("Carol-{}@Example.test", Uuid::new_v4().simple());
-    let (status, body) = post(
-        &node,
-        "/api/v1/auth/register",
-        json!({"name": "Carol", "email": email, "password": "password123"}),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    assert_eq!(body["user"]["name"], "Carol");
-    let id = body["user"]["id"].as_str().expect("id").to_string();
+on_both_backends! {
+    /// Register, duplicate email in another case, invalid fields, login right and wrong, users/me,
+    /// unknown routes and malformed JSON: all answer JSON with the documented codes.
+    async fn accounts_answer_documented_codes(backend) {
+        let cluster = Cluster::on(backend).await;
+        let node = cluster.start_node("n").await;
+        let email = format!("Carol-{}@Example.test", Uuid::new_v4().simple());
+        let (status, body) = post(
+            &node,
+            "/api/v1/auth/register",
+            json!({"name": "Carol", "email": email, "password": "password123"}),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["user"]["name"], "Carol");
+        let id = body["user"]["id"].as_str().expect("id").to_string();
 
-    let (status, body) = post(
-        &node,
-        "/api/v1/auth/register",
-        json!({"name": "C2", "email": email.to_lowercase(), "password": "password123"}),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (409, Some("email_taken"))
-    );
+        let (status, body) = post(
+            &node,
+            "/api/v1/auth/register",
+            json!({"name": "C2", "email": email.to_lowercase(), "password": "password123"}),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (409, Some("email_taken"))
+        );
 
-    let (status, body) = post(
-        &node,
-        "/api/v1/auth/register",
-        json!({"name": "", "email": "bad", "password": "short"}),
-    )
-    .await;
-    assert_eq!(status, 422);
-    assert_eq!(body["error"]["code"], "validation_failed");
-    assert_eq!(body["error"]["fields"]["name"], "name_required");
-    assert_eq!(body["error"]["fields"]["email"], "email_invalid");
-    assert_eq!(body["error"]["fields"]["password"], "password_too_short");
+        let (status, body) = post(
+            &node,
+            "/api/v1/auth/register",
+            json!({"name": "", "email": "bad", "password": "short"}),
+        )
+        .await;
+        assert_eq!(status, 422);
+        assert_eq!(body["error"]["code"], "validation_failed");
+        assert_eq!(body["error"]["fields"]["name"], "name_required");
+        assert_eq!(body["error"]["fields"]["email"], "email_invalid");
+        assert_eq!(body["error"]["fields"]["password"], "password_too_short");
 
-    let (status, body) = post(
-        &node,
-        "/api/v1/auth/login",
-        json!({"email": email.to_uppercase(), "password": "password123"}),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["user"]["id"], id.as_str());
-    let token = body["token"].as_str().expect("token").to_string();
+        let (status, body) = post(
+            &node,
+            "/api/v1/auth/login",
+            json!({"email": email.to_uppercase(), "password": "password123"}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["user"]["id"], id.as_str());
+        let token = body["token"].as_str().expect("token").to_string();
 
-    let (status, body) = post(
-        &node,
-        "/api/v1/auth/login",
-        json!({"email": email, "password": "wrong-password"}),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (401, Some("invalid_credentials"))
-    );
-    let (status, body) = post(
-        &node,
-        "/api/v1/auth/login",
-        json!({"email": "nobody@example.test", "password": "password123"}),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (401, Some("invalid_credentials"))
-    );
+        let (status, body) = post(
+            &node,
+            "/api/v1/auth/login",
+            json!({"email": email, "password": "wrong-password"}),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (401, Some("invalid_credentials"))
+        );
+        let (status, body) = post(
+            &node,
+            "/api/v1/auth/login",
+            json!({"email": "nobody@example.test", "password": "password123"}),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (401, Some("invalid_credentials"))
+        );
 
-    let base = format!("http://{}", node.http);
-    let (status, me) = get(&format!("{base}/api/v1/users/me"), Some(&token)).await;
-    assert_eq!((status, me["id"].as_str()), (200, Some(id.as_str())));
-    let (status, anon) = get(&format!("{base}/api/v1/users/me"), None).await;
-    assert_eq!(
-        (status, anon["error"]["code"].as_str()),
-        (401, Some("unauthorized"))
-    );
-    let (status, missing) = get(&format!("{base}/nope"), None).await;
-    assert_eq!(
-        (status, missing["error"]["code"].as_str()),
-        (404, Some("not_found"))
-    );
+        let base = format!("http://{}", node.http);
+        let (status, me) = get(&format!("{base}/api/v1/users/me"), Some(&token)).await;
+        assert_eq!((status, me["id"].as_str()), (200, Some(id.as_str())));
+        let (status, anon) = get(&format!("{base}/api/v1/users/me"), None).await;
+        assert_eq!(
+            (status, anon["error"]["code"].as_str()),
+            (401, Some("unauthorized"))
+        );
+        let (status, missing) = get(&format!("{base}/nope"), None).await;
+        assert_eq!(
+            (status, missing["error"]["code"].as_str()),
+            (404, Some("not_found"))
+        );
 
-    let client = reqwest::Client::new();
-    let malformed = client
-        .post(format!("http://{}/api/v1/auth/login", node.http))
-        .header("content-type", "application/json")
-        .body("{not json")
-        .send()
-        .await
-        .expect("bad json");
-    assert_eq!(malformed.status(), 400);
-    assert_eq!(
-        malformed.json::<Value>().await.expect("json")["error"]["code"],
-        "bad_request"
-    );
-    node.shutdown.cancel();
-}
-
-/// Missing, malformed, forged and expired tokens get 401 JSON without an upgrade; the query
-/// parameter works for browsers; a foreign Origin gets 403 when an allow-list is set.
-#[actix_web::test]
-async fn handshake_refuses_bad_tokens_and_foreign_origins() {
-    let cluster = Cluster::new().await;
-    let mut config = cluster.config("n");
-    config.gateway_allowed_origins = "https://chat.example".into();
-    let node = cluster.start_with(config).await;
-    let user = register(&node, "dave").await;
-    let url = format!("ws://{}/ws", node.http);
-
-    let (status, body) = refused(&url, &[]).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (401, Some("unauthorized"))
-    );
-    let (status, _) = refused(&url, &[("Authorization", "Bearer not-a-jwt".into())]).await;
-    assert_eq!(status, 401);
-
-    let now = gateway::auth::unix_now();
-    let forged = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": user.id, "iat": now, "exp": now + 60}),
-        &jsonwebtoken::EncodingKey::from_secret(b"another-secret-another-secret-123"),
-    )
-    .expect("encode");
-    let (status, _) = refused(&url, &[("Authorization", format!("Bearer {forged}"))]).await;
-    assert_eq!(status, 401);
-    let expired = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": user.id, "iat": now - 600, "exp": now - 300}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("encode");
-    let (status, _) = refused(&url, &[("Authorization", format!("Bearer {expired}"))]).await;
-    assert_eq!(status, 401);
-
-    let (status, body) = refused(
-        &format!("{url}?access_token={}", user.token),
-        &[("Origin", "https://evil.example".into())],
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (403, Some("forbidden"))
-    );
-
-    for origin in [Some("https://chat.example"), None] {
-        let mut req = format!("{url}?access_token={}", user.token)
-            .into_client_request()
-            .expect("req");
-        if let Some(o) = origin {
-            req.headers_mut()
-                .insert("Origin", o.parse().expect("header"));
-        }
-        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        let client = reqwest::Client::new();
+        let malformed = client
+            .post(format!("http://{}/api/v1/auth/login", node.http))
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
             .await
-            .expect("allowed handshake");
-        assert_eq!(recv(&mut ws).await.expect("hello")["type"], "hello");
+            .expect("bad json");
+        assert_eq!(malformed.status(), 400);
+        assert_eq!(
+            malformed.json::<Value>().await.expect("json")["error"]["code"],
+            "bad_request"
+        );
+        node.shutdown.cancel();
     }
-    node.shutdown.cancel();
 }
 
-/// Every kind of bad input gets an error frame with its code (and the client id when known),
-/// and the same connection then sends a valid message successfully.
-#[actix_web::test]
-async fn bad_input_gets_error_frames_and_connection_stays_usable() {
-    let cluster = Cluster::new().await;
-    let node = cluster.start_node("n").await;
-    let erin = register(&node, "erin").await;
-    let frank = register(&node, "frank").await;
-    let (mut ws, _) = connect(&node, &erin).await;
+on_both_backends! {
+    /// Missing, malformed, forged and expired tokens get 401 JSON without an upgrade; the query
+    /// parameter works for browsers; a foreign Origin gets 403 when an allow-list is set.
+    async fn handshake_refuses_bad_tokens_and_foreign_origins(backend) {
+        let cluster = Cluster::on(backend).await;
+        let mut config = cluster.config("n");
+        config.gateway_allowed_origins = "https://chat.example".into();
+        let node = cluster.start_with(config).await;
+        let user = register(&node, "dave").await;
+        let url = format!("ws://{}/ws", node.http);
 
-    let cases: Vec<(String, &str, Option<&str>)> = vec![
-        ("{not json".into(), "bad_request", None),
-        ("[1,2]".into(), "bad_request", None),
-        (
-            json!({"type": "teleport", "id": "t1"}).to_string(),
-            "bad_request",
-            Some("t1"),
-        ),
-        (json!({"id": "t2"}).to_string(), "bad_request", Some("t2")),
-        (
-            json!({"type": "send", "id": "t3", "to": frank.id}).to_string(),
-            "bad_request",
-            Some("t3"),
-        ),
-        (
-            json!({"type": "send", "id": "t4", "to": "not-a-uuid", "body": "x"}).to_string(),
-            "bad_request",
-            Some("t4"),
-        ),
-        (
-            send_frame("t5", Uuid::now_v7(), "hi").to_string(),
-            "not_found",
-            Some("t5"),
-        ),
-        (
-            send_frame("t6", frank.id, "   ").to_string(),
-            "bad_request",
-            Some("t6"),
-        ),
-        (
-            send_frame("t7", frank.id, &"x".repeat(4097)).to_string(),
-            "too_large",
-            Some("t7"),
-        ),
-        (
-            send_frame("t8", erin.id, "me").to_string(),
-            "bad_request",
-            Some("t8"),
-        ),
-        (
-            send_frame("", frank.id, "no id").to_string(),
-            "bad_request",
-            None,
-        ),
-        (
-            send_frame("t9", frank.id, "nul \u{0} inside").to_string(),
-            "bad_request",
-            Some("t9"),
-        ),
-    ];
-    for (text, code, id) in cases {
-        ws.send(Message::text(text.clone())).await.expect("send");
-        let v = recv(&mut ws)
-            .await
-            .unwrap_or_else(|| panic!("no answer to {text}"));
-        assert_eq!(v["type"], "error", "{text} -> {v}");
-        assert_eq!(v["code"], code, "{text} -> {v}");
-        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
-        if let Some(id) = id {
-            assert_eq!(v["id"], id, "{text} -> {v}");
+        let (status, body) = refused(&url, &[]).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (401, Some("unauthorized"))
+        );
+        let (status, _) = refused(&url, &[("Authorization", "Bearer not-a-jwt".into())]).await;
+        assert_eq!(status, 401);
+
+        let now = gateway::auth::unix_now();
+        let forged = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &json!({"sub": user.id, "iat": now, "exp": now + 60}),
+            &jsonwebtoken::EncodingKey::from_secret(b"another-secret-another-secret-123"),
+        )
+        .expect("encode");
+        let (status, _) = refused(&url, &[("Authorization", format!("Bearer {forged}"))]).await;
+        assert_eq!(status, 401);
+        let expired = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &json!({"sub": user.id, "iat": now - 600, "exp": now - 300}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("encode");
+        let (status, _) = refused(&url, &[("Authorization", format!("Bearer {expired}"))]).await;
+        assert_eq!(status, 401);
+
+        let (status, body) = refused(
+            &format!("{url}?access_token={}", user.token),
+            &[("Origin", "https://evil.example".into())],
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("forbidden"))
+        );
+
+        for origin in [Some("https://chat.example"), None] {
+            let mut req = format!("{url}?access_token={}", user.token)
+                .into_client_request()
+                .expect("req");
+            if let Some(o) = origin {
+                req.headers_mut()
+                    .insert("Origin", o.parse().expect("header"));
+            }
+            let (mut ws, _) = tokio_tungstenite::connect_async(req)
+                .await
+                .expect("allowed handshake");
+            assert_eq!(recv(&mut ws).await.expect("hello")["type"], "hello");
         }
+        node.shutdown.cancel();
     }
-    ws.send(Message::binary(vec![1u8, 2, 3]))
-        .await
-        .expect("binary");
-    let v = recv(&mut ws).await.expect("binary answer");
-    assert_eq!(
-        (v["type"].as_str(), v["code"].as_str()),
-        (Some("error"), Some("unsupported_data"))
-    );
-
-    send_json(&mut ws, send_frame("ok", frank.id, "still works")).await;
-    let ack = recv(&mut ws).await.expect("ack");
-    assert_eq!(
-        (ack["type"].as_str(), ack["seq"].as_i64()),
-        (Some("ack"), Some(1))
-    );
-
-    // A frame over the frame limit closes the connection with 1009.
-    ws.send(Message::text("x".repeat(17 * 1024)))
-        .await
-        .expect("send big");
-    let close = close_code(&mut ws).await;
-    assert_eq!(close, Some(1009));
-    node.shutdown.cancel();
 }
 
-/// While migrations cannot run (Postgres unreachable), the node is alive but not ready, and
-/// says why; shutdown during start-up ends it cleanly.
-#[actix_web::test]
-async fn readiness_reports_starting_until_migrated() {
-    let cluster = Cluster::new().await;
-    let mut config = cluster.config("n");
-    config.database_url = "postgres://postgres@127.0.0.1:1/unreachable".into();
-    let node = spawn_node(config);
-    let internal = format!("http://{}", node.internal);
-    let answered = chat_core::testing::eventually(Duration::from_secs(5), || async {
-        reqwest::get(format!("{internal}/healthz")).await.is_ok()
-    })
-    .await;
-    assert!(answered, "admin port serves during start-up");
-    let (status, body) = get(&format!("{internal}/readyz"), None).await;
-    assert_eq!(status, 503);
-    let failing: Vec<&str> = body["failing"]
-        .as_array()
-        .expect("failing")
-        .iter()
-        .filter_map(|v| v.as_str())
-        .collect();
-    assert!(
-        failing.contains(&"starting") && failing.contains(&"postgres"),
-        "{body}"
-    );
-    node.shutdown.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(5), node.task).await;
-    assert!(
-        matches!(stopped, Ok(Ok(Ok(())))),
-        "clean stop during start-up"
-    );
+on_both_backends! {
+    /// Every kind of bad input gets an error frame with its code (and the client id when known),
+    /// and the same connection then sends a valid message successfully.
+    async fn bad_input_gets_error_frames_and_connection_stays_usable(backend) {
+        let cluster = Cluster::on(backend).await;
+        let node = cluster.start_node("n").await;
+        let erin = register(&node, "erin").await;
+        let frank = register(&node, "frank").await;
+        let (mut ws, _) = connect(&node, &erin).await;
+
+        let cases: Vec<(String, &str, Option<&str>)> = vec![
+            ("{not json".into(), "bad_request", None),
+            ("[1,2]".into(), "bad_request", None),
+            (
+                json!({"type": "teleport", "id": "t1"}).to_string(),
+                "bad_request",
+                Some("t1"),
+            ),
+            (json!({"id": "t2"}).to_string(), "bad_request", Some("t2")),
+            (
+                json!({"type": "send", "id": "t3", "to": frank.id}).to_string(),
+                "bad_request",
+                Some("t3"),
+            ),
+            (
+                json!({"type": "send", "id": "t4", "to": "not-a-uuid", "body": "x"}).to_string(),
+                "bad_request",
+                Some("t4"),
+            ),
+            (
+                send_frame("t5", Uuid::now_v7(), "hi").to_string(),
+                "not_found",
+                Some("t5"),
+            ),
+            (
+                send_frame("t6", frank.id, "   ").to_string(),
+                "bad_request",
+                Some("t6"),
+            ),
+            (
+                send_frame("t7", frank.id, &"x".repeat(4097)).to_string(),
+                "too_large",
+                Some("t7"),
+            ),
+            (
+                send_frame("t8", erin.id, "me").to_string(),
+                "bad_request",
+                Some("t8"),
+            ),
+            (
+                send_frame("", frank.id, "no id").to_string(),
+                "bad_request",
+                None,
+            ),
+            (
+                send_frame("t9", frank.id, "nul \u{0} inside").to_string(),
+                "bad_request",
+                Some("t9"),
+            ),
+        ];
+        for (text, code, id) in cases {
+            ws.send(Message::text(text.clone())).await.expect("send");
+            let v = recv(&mut ws)
+                .await
+                .unwrap_or_else(|| panic!("no answer to {text}"));
+            assert_eq!(v["type"], "error", "{text} -> {v}");
+            assert_eq!(v["code"], code, "{text} -> {v}");
+            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+            if let Some(id) = id {
+                assert_eq!(v["id"], id, "{text} -> {v}");
+            }
+        }
+        ws.send(Message::binary(vec![1u8, 2, 3]))
+            .await
+            .expect("binary");
+        let v = recv(&mut ws).await.expect("binary answer");
+        assert_eq!(
+            (v["type"].as_str(), v["code"].as_str()),
+            (Some("error"), Some("unsupported_data"))
+        );
+
+        send_json(&mut ws, send_frame("ok", frank.id, "still works")).await;
+        let ack = recv(&mut ws).await.expect("ack");
+        assert_eq!(
+            (ack["type"].as_str(), ack["seq"].as_i64()),
+            (Some("ack"), Some(1))
+        );
+
+        // A frame over the frame limit closes the connection with 1009.
+        ws.send(Message::text("x".repeat(17 * 1024)))
+            .await
+            .expect("send big");
+        let close = close_code(&mut ws).await;
+        assert_eq!(close, Some(1009));
+        node.shutdown.cancel();
+    }
 }
 
-/// The internal port answers health, readiness and metrics; readiness turns 503 on shutdown and
-/// open connections are told to go away with 1001.
-#[actix_web::test]
-async fn admin_port_and_shutdown_close_code() {
-    let cluster = Cluster::new().await;
-    let node = cluster.start_node("n").await;
-    let user = register(&node, "gina").await;
-    let (mut ws, _) = connect(&node, &user).await;
-    let health = reqwest::get(format!("http://{}/healthz", node.internal))
-        .await
-        .expect("healthz");
-    assert_eq!(health.status(), 200);
-    let metrics = reqwest::get(format!("http://{}/metrics", node.internal))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains("chat_gateway_connections_open 1"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("chat_gateway_handshakes_total{result=\"accepted\"} 1"));
-
-    node.shutdown.cancel();
-    let code = close_code(&mut ws).await;
-    assert_eq!(code, Some(1001));
-    let _ = node.task.await;
-}
-
-/// Sends beyond the per-connection rate get `rate_limited` with their id and are not stored;
-/// the connection stays usable and recovers as tokens refill; a full node refuses handshakes
-/// with 503.
-#[actix_rt::test]
-async fn send_rate_and_connection_limits() {
-    let cluster = Cluster::new().await;
-    let node = cluster
-        .start_with(gateway::config::GatewayConfig {
-            gateway_send_rate_per_sec: 5,
-            gateway_max_connections: 2,
-            ..cluster.config("node-a")
+on_both_backends! {
+    /// While migrations cannot run (Postgres unreachable), the node is alive but not ready, and
+    /// says why; shutdown during start-up ends it cleanly.
+    async fn readiness_reports_starting_until_migrated(backend) {
+        let cluster = Cluster::on(backend).await;
+        let mut config = cluster.config("n");
+        config.database_url = "postgres://postgres@127.0.0.1:1/unreachable".into();
+        let node = spawn_node(config);
+        let internal = format!("http://{}", node.internal);
+        let answered = chat_core::testing::eventually(Duration::from_secs(5), || async {
+            reqwest::get(format!("{internal}/healthz")).await.is_ok()
         })
         .await;
-    let alice = register(&node, "alice").await;
-    let bob = register(&node, "bob").await;
-    let (mut ws, _) = connect(&node, &alice).await;
-    for i in 0..20 {
-        send_json(&mut ws, send_frame(&format!("s{i}"), bob.id, "hi")).await;
+        assert!(answered, "admin port serves during start-up");
+        let (status, body) = get(&format!("{internal}/readyz"), None).await;
+        assert_eq!(status, 503);
+        let failing: Vec<&str> = body["failing"]
+            .as_array()
+            .expect("failing")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(
+            failing.contains(&"starting") && failing.contains(&"postgres"),
+            "{body}"
+        );
+        node.shutdown.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(5), node.task).await;
+        assert!(
+            matches!(stopped, Ok(Ok(Ok(())))),
+            "clean stop during start-up"
+        );
     }
-    let mut acks = 0;
-    let mut limited = Vec::new();
-    for _ in 0..20 {
-        let reply = recv(&mut ws).await.expect("reply");
-        match reply["type"].as_str() {
-            Some("ack") => acks += 1,
-            Some("error") => {
-                assert_eq!(reply["code"], "rate_limited", "{reply}");
-                limited.push(reply["id"].as_str().unwrap_or_default().to_string());
-            }
-            _ => panic!("unexpected {reply}"),
-        }
-    }
-    assert_eq!(acks, 10, "a burst of twice the rate is accepted");
-    assert_eq!(limited.len(), 10);
-    assert!(limited.contains(&"s19".to_string()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    send_json(&mut ws, send_frame("later", bob.id, "hi")).await;
-    let reply = recv(&mut ws).await.expect("reply");
-    assert_eq!(
-        (reply["type"].clone(), reply["seq"].clone()),
-        (json!("ack"), json!(11))
-    );
-
-    let (mut bob_ws, _) = connect(&node, &bob).await;
-    let (status, body) = refused(
-        &format!("ws://{}/ws", node.http),
-        &[("Authorization", format!("Bearer {}", bob.token))],
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["code"].clone()),
-        (503, json!("unavailable"))
-    );
-    for (series, value) in [
-        ("chat_gateway_rate_limited_total{limit=\"send\"}", 10.0),
-        (
-            "chat_gateway_rate_limited_total{limit=\"connections\"}",
-            1.0,
-        ),
-        ("chat_gateway_connections_limit", 2.0),
-        ("chat_gateway_ready", 1.0),
-    ] {
-        assert_eq!(metric(&node, series).await, Some(value), "{series}");
-    }
-
-    // Sustained abuse: refusals beyond ten seconds' worth of the rate (50 here) close the
-    // connection with 4029; other connections are unaffected.
-    for i in 0..200 {
-        send_json(&mut ws, send_frame(&format!("flood{i}"), bob.id, "hi")).await;
-    }
-    let mut replies = 0;
-    let code = loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(_))) => replies += 1,
-            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => {}
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
-    assert_eq!(code, Some(4029), "closed as rate_limited");
-    // About 7 refusals from the burst above are not yet forgiven, so some 44 more close it.
-    assert!(
-        (40..200).contains(&replies),
-        "closed after the refusals piled up, before the flood was answered: {replies} replies"
-    );
-    assert_eq!(
-        metric(&node, "chat_gateway_closes_total{reason=\"rate_limited\"}").await,
-        Some(1.0)
-    );
-    send_json(
-        &mut bob_ws,
-        send_frame("after-flood", alice.id, "still here"),
-    )
-    .await;
-    // Bob first gets the flood's accepted messages, then his ack.
-    let frames = recv_until(&mut bob_ws, |f| f["type"] == "ack").await;
-    let last = frames.last().expect("frames");
-    assert_eq!(last["id"], "after-flood", "{last}");
 }
 
-/// Logins beyond the per-email limit get 429 `rate_limited` (also with the right password)
-/// across nodes; handshakes beyond the per-IP rate and connections beyond the per-user limit
-/// get 429 before any upgrade.
-#[actix_rt::test]
-async fn login_handshake_and_per_user_limits() {
-    let cluster = Cluster::new().await;
-    let limited = |node_id: &str| gateway::config::GatewayConfig {
-        gateway_login_attempts_per_email: 3,
-        gateway_handshakes_per_ip_per_sec: 2,
-        gateway_max_connections_per_user: 1,
-        ..cluster.config(node_id)
-    };
-    let a = cluster.start_with(limited("node-a")).await;
-    let b = cluster.start_with(limited("node-b")).await;
-    let email = format!("guess-{}@example.test", Uuid::new_v4().simple());
-    let (status, body) = post(
-        &a,
-        "/api/v1/auth/register",
-        json!({"name": "Gus", "email": email, "password": "right password"}),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let user = User {
-        id: body["user"]["id"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .expect("id"),
-        token: body["token"].as_str().expect("token").to_string(),
-    };
-    async fn login(node: &NodeHandle, email: &str, password: &str) -> (u16, Value) {
-        post(
-            node,
-            "/api/v1/auth/login",
-            json!({"email": email.to_uppercase(), "password": password}),
-        )
-        .await
-    }
-    assert_eq!(login(&a, &email, "wrong 1").await.0, 401);
-    assert_eq!(login(&b, &email, "wrong 2").await.0, 401);
-    assert_eq!(login(&a, &email, "right password").await.0, 200);
-    let (status, body) = login(&b, &email, "right password").await;
-    assert_eq!(
-        (status, body["error"]["code"].clone()),
-        (429, json!("rate_limited"))
-    );
+on_both_backends! {
+    /// The internal port answers health, readiness and metrics; readiness turns 503 on shutdown and
+    /// open connections are told to go away with 1001.
+    async fn admin_port_and_shutdown_close_code(backend) {
+        let cluster = Cluster::on(backend).await;
+        let node = cluster.start_node("n").await;
+        let user = register(&node, "gina").await;
+        let (mut ws, _) = connect(&node, &user).await;
+        let health = reqwest::get(format!("http://{}/healthz", node.internal))
+            .await
+            .expect("healthz");
+        assert_eq!(health.status(), 200);
+        let metrics = reqwest::get(format!("http://{}/metrics", node.internal))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        assert!(
+            metrics.contains("chat_gateway_connections_open 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("chat_gateway_handshakes_total{result=\"accepted\"} 1"));
 
-    let url = format!("ws://{}/ws", a.http);
-    let auth = [("Authorization", format!("Bearer {}", user.token))];
-    let (_first, _) = connect(&a, &user).await;
-    let (status, body) = refused(&url, &auth).await;
-    assert_eq!(
-        (status, body["error"]["code"].clone()),
-        (429, json!("rate_limited")),
-        "per user"
-    );
-    // Two more handshakes use up the burst of 4 (2 per second); the next is refused per IP.
-    let _ = refused(&url, &auth).await;
-    let _ = refused(&url, &auth).await;
-    let (status, body) = refused(&url, &auth).await;
-    assert_eq!(status, 429, "{body}");
-    assert!(body["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("connection attempts"));
+        let readyz = format!("http://{}/readyz", node.internal);
+        assert_eq!(reqwest::get(&readyz).await.expect("readyz").status(), 200);
+        node.shutdown.cancel();
+        // Readiness turns 503 as the drain begins, before the admin port closes.
+        let draining = reqwest::get(&readyz)
+            .await
+            .expect("the admin port answers while the node drains");
+        assert_eq!(draining.status(), 503);
+        let body: Value = draining.json().await.expect("json");
+        assert_eq!(body["failing"][0], "draining", "{body}");
+        let code = close_code(&mut ws).await;
+        assert_eq!(code, Some(1001));
+        let _ = node.task.await;
+    }
+}
+
+on_both_backends! {
+    /// Sends beyond the per-connection rate get `rate_limited` with their id and are not stored;
+    /// the connection stays usable and recovers as tokens refill; a full node refuses handshakes
+    /// with 503.
+    async fn send_rate_and_connection_limits(backend) {
+        let cluster = Cluster::on(backend).await;
+        let node = cluster
+            .start_with(gateway::config::GatewayConfig {
+                gateway_send_rate_per_sec: 5,
+                gateway_max_connections: 2,
+                ..cluster.config("node-a")
+            })
+            .await;
+        let alice = register(&node, "alice").await;
+        let bob = register(&node, "bob").await;
+        let (mut ws, _) = connect(&node, &alice).await;
+        for i in 0..20 {
+            send_json(&mut ws, send_frame(&format!("s{i}"), bob.id, "hi")).await;
+        }
+        let mut acks = 0;
+        let mut limited = Vec::new();
+        for _ in 0..20 {
+            let reply = recv(&mut ws).await.expect("reply");
+            match reply["type"].as_str() {
+                Some("ack") => acks += 1,
+                Some("error") => {
+                    assert_eq!(reply["code"], "rate_limited", "{reply}");
+                    limited.push(reply["id"].as_str().unwrap_or_default().to_string());
+                }
+                _ => panic!("unexpected {reply}"),
+            }
+        }
+        assert_eq!(acks, 10, "a burst of twice the rate is accepted");
+        assert_eq!(limited.len(), 10);
+        assert!(limited.contains(&"s19".to_string()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        send_json(&mut ws, send_frame("later", bob.id, "hi")).await;
+        let reply = recv(&mut ws).await.expect("reply");
+        assert_eq!(
+            (reply["type"].clone(), reply["seq"].clone()),
+            (json!("ack"), json!(11))
+        );
+
+        let (mut bob_ws, _) = connect(&node, &bob).await;
+        let (status, body) = refused(
+            &format!("ws://{}/ws", node.http),
+            &[("Authorization", format!("Bearer {}", bob.token))],
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (503, json!("unavailable"))
+        );
+        for (series, value) in [
+            ("chat_gateway_rate_limited_total{limit=\"send\"}", 10.0),
+            (
+                "chat_gateway_rate_limited_total{limit=\"connections\"}",
+                1.0,
+            ),
+            ("chat_gateway_connections_limit", 2.0),
+            ("chat_gateway_ready", 1.0),
+        ] {
+            assert_eq!(metric(&node, series).await, Some(value), "{series}");
+        }
+
+        // Sustained abuse: refusals beyond ten seconds' worth of the rate (50 here) close the
+        // connection with 4029; other connections are unaffected.
+        for i in 0..200 {
+            send_json(&mut ws, send_frame(&format!("flood{i}"), bob.id, "hi")).await;
+        }
+        let mut replies = 0;
+        let code = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(_))) => replies += 1,
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(code, Some(4029), "closed as rate_limited");
+        // About 7 refusals from the burst above are not yet forgiven, so some 44 more close it.
+        assert!(
+            (40..200).contains(&replies),
+            "closed after the refusals piled up, before the flood was answered: {replies} replies"
+        );
+        assert_eq!(
+            metric(&node, "chat_gateway_closes_total{reason=\"rate_limited\"}").await,
+            Some(1.0)
+        );
+        send_json(
+            &mut bob_ws,
+            send_frame("after-flood", alice.id, "still here"),
+        )
+        .await;
+        // Bob first gets the flood's accepted messages, then his ack.
+        let frames = recv_until(&mut bob_ws, |f| f["type"] == "ack").await;
+        let last = frames.last().expect("frames");
+        assert_eq!(last["id"], "after-flood", "{last}");
+    }
+}
+
+on_both_backends! {
+    /// Logins beyond the per-email limit get 429 `rate_limited` (also with the right password)
+    /// across nodes; handshakes beyond the per-IP rate and connections beyond the per-user limit
+    /// get 429 before any upgrade.
+    async fn login_handshake_and_per_user_limits(backend) {
+        let cluster = Cluster::on(backend).await;
+        let limited = |node_id: &str| gateway::config::GatewayConfig {
+            gateway_login_attempts_per_email: 3,
+            gateway_handshakes_per_ip_per_sec: 2,
+            gateway_max_connections_per_user: 1,
+            ..cluster.config(node_id)
+        };
+        let (a, b) = cluster
+            .start_pair(limited("node-a"), limited("node-b"))
+            .await;
+        let email = format!("guess-{}@example.test", Uuid::new_v4().simple());
+        let (status, body) = post(
+            &a,
+            "/api/v1/auth/register",
+            json!({"name": "Gus", "email": email, "password": "right password"}),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let user = User {
+            id: body["user"]["id"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("id"),
+            token: body["token"].as_str().expect("token").to_string(),
+        };
+        async fn login(node: &NodeHandle, email: &str, password: &str) -> (u16, Value) {
+            post(
+                node,
+                "/api/v1/auth/login",
+                json!({"email": email.to_uppercase(), "password": password}),
+            )
+            .await
+        }
+        assert_eq!(login(&a, &email, "wrong 1").await.0, 401);
+        assert_eq!(login(&b, &email, "wrong 2").await.0, 401);
+        assert_eq!(login(&a, &email, "right password").await.0, 200);
+        let (status, body) = login(&b, &email, "right password").await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (429, json!("rate_limited"))
+        );
+
+        let url = format!("ws://{}/ws", a.http);
+        let auth = [("Authorization", format!("Bearer {}", user.token))];
+        let (_first, _) = connect(&a, &user).await;
+        let (status, body) = refused(&url, &auth).await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (429, json!("rate_limited")),
+            "per user"
+        );
+        // Two more handshakes use up the burst of 4 (2 per second); the next is refused per IP.
+        let _ = refused(&url, &auth).await;
+        let _ = refused(&url, &auth).await;
+        let (status, body) = refused(&url, &auth).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("connection attempts"));
+    }
 }
 
 /// Postgres unreachable: token checks and history answer 503 JSON, sending to a known recipient
 /// keeps working through Redis on an open connection, and everything comes back with Postgres.
-#[actix_rt::test]
+#[actix_web::test]
 async fn postgres_outage_answers_503_and_sending_continues() {
     let cluster = Cluster::new().await;
     let (proxy, proxied) = chat_core::testing::postgres_proxy(&cluster.db_url).await;

@@ -54,190 +54,195 @@ async fn login(node: &NodeHandle, email: &str, password: &str) -> u16 {
     .0
 }
 
-/// The whole reset: request (same answer for unknown emails), token by webhook, confirm once,
-/// the old password and every older token refused, the open connection closed with 4101.
-#[actix_rt::test]
-async fn reset_password_revokes_older_tokens_everywhere() {
-    let (hook, mut notices, hook_server) = webhook();
-    let cluster = Cluster::new().await;
-    let a = cluster
-        .start_with(gateway::config::GatewayConfig {
-            password_reset_webhook_url: Some(hook.clone()),
-            ..cluster.config("node-a")
-        })
+on_both_backends! {
+    /// The whole reset: request (same answer for unknown emails), token by webhook, confirm once,
+    /// the old password and every older token refused, the open connection closed with 4101.
+    async fn reset_password_revokes_older_tokens_everywhere(backend) {
+        let (hook, mut notices, hook_server) = webhook();
+        let cluster = Cluster::on(backend).await;
+        let (a, b) = cluster
+            .start_pair(
+                gateway::config::GatewayConfig {
+                    password_reset_webhook_url: Some(hook.clone()),
+                    ..cluster.config("node-a")
+                },
+                cluster.config("node-b"),
+            )
+            .await;
+        let email = format!("reset-{}@example.test", uuid::Uuid::new_v4().simple());
+        let (status, body) = post(
+            &a,
+            "/api/v1/auth/register",
+            json!({"name": "Rita", "email": email, "password": "old password"}),
+        )
         .await;
-    let b = cluster.start_node("node-b").await;
-    let email = format!("reset-{}@example.test", uuid::Uuid::new_v4().simple());
-    let (status, body) = post(
-        &a,
-        "/api/v1/auth/register",
-        json!({"name": "Rita", "email": email, "password": "old password"}),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let rita = User {
-        id: body["user"]["id"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .expect("id"),
-        token: body["token"].as_str().expect("token").to_string(),
-    };
-    let (mut open_ws, _) = connect(&b, &rita).await;
+        assert_eq!(status, 201, "{body}");
+        let rita = User {
+            id: body["user"]["id"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("id"),
+            token: body["token"].as_str().expect("token").to_string(),
+        };
+        let (mut open_ws, _) = connect(&b, &rita).await;
 
-    let request = |email: String| {
-        let a = &a;
-        async move {
-            post(
-                a,
-                "/api/v1/auth/password-reset/request",
-                json!({"email": email}),
-            )
+        let request = |email: String| {
+            let a = &a;
+            async move {
+                post(
+                    a,
+                    "/api/v1/auth/password-reset/request",
+                    json!({"email": email}),
+                )
+                .await
+            }
+        };
+        let (status, _) = request("nobody@example.test".into()).await;
+        assert_eq!(status, 202, "unknown emails get the same answer");
+        let (status, _) = request(email.to_uppercase()).await;
+        assert_eq!(status, 202);
+        let notice = tokio::time::timeout(Duration::from_secs(5), notices.recv())
             .await
-        }
-    };
-    let (status, _) = request("nobody@example.test".into()).await;
-    assert_eq!(status, 202, "unknown emails get the same answer");
-    let (status, _) = request(email.to_uppercase()).await;
-    assert_eq!(status, 202);
-    let notice = tokio::time::timeout(Duration::from_secs(5), notices.recv())
-        .await
-        .expect("webhook called")
-        .expect("notice");
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), notices.recv())
+            .expect("webhook called")
+            .expect("notice");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), notices.recv())
+                .await
+                .is_err(),
+            "no notice for the unknown email"
+        );
+        assert_eq!(notice["type"], "password_reset");
+        assert_eq!(notice["user_id"], rita.id.to_string());
+        assert_eq!(notice["email"], email);
+        let token = notice["token"].as_str().expect("token").to_string();
+        assert_eq!(token.len(), 64);
+
+        // Tokens are stored hashed, never as sent.
+        let db = chat_core::testing::connect(&cluster.db_url).await;
+        let stored: Vec<u8> = db
+            .query_one("SELECT token_hash FROM password_resets", &[])
             .await
-            .is_err(),
-        "no notice for the unknown email"
-    );
-    assert_eq!(notice["type"], "password_reset");
-    assert_eq!(notice["user_id"], rita.id.to_string());
-    assert_eq!(notice["email"], email);
-    let token = notice["token"].as_str().expect("token").to_string();
-    assert_eq!(token.len(), 64);
+            .expect("row")
+            .get(0);
+        assert_ne!(stored, token.as_bytes());
 
-    // Tokens are stored hashed, never as sent.
-    let db = chat_core::testing::connect(&cluster.db_url).await;
-    let stored: Vec<u8> = db
-        .query_one("SELECT token_hash FROM password_resets", &[])
-        .await
-        .expect("row")
-        .get(0);
-    assert_ne!(stored, token.as_bytes());
+        let confirm = |token: String, password: &'static str| {
+            let b = &b;
+            async move {
+                post(
+                    b,
+                    "/api/v1/auth/password-reset/confirm",
+                    json!({"token": token, "new_password": password}),
+                )
+                .await
+            }
+        };
+        let (status, body) = confirm(token.clone(), "short").await;
+        assert_eq!(status, 422);
+        assert_eq!(
+            body["error"]["fields"]["new_password"],
+            "password_too_short"
+        );
+        // The token was not spent by the refused attempt; the second node confirms it.
+        // Tokens carry whole seconds: make sure the old one is from an earlier second.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (status, body) = confirm(token.clone(), "new password").await;
+        assert_eq!(status, 204, "{body}");
+        let (status, body) = confirm(token, "another password").await;
+        assert_eq!(status, 422, "single use");
+        assert_eq!(body["error"]["fields"]["token"], "token_invalid");
 
-    let confirm = |token: String, password: &'static str| {
-        let b = &b;
-        async move {
-            post(
-                b,
-                "/api/v1/auth/password-reset/confirm",
-                json!({"token": token, "new_password": password}),
-            )
-            .await
-        }
-    };
-    let (status, body) = confirm(token.clone(), "short").await;
-    assert_eq!(status, 422);
-    assert_eq!(
-        body["error"]["fields"]["new_password"],
-        "password_too_short"
-    );
-    // The token was not spent by the refused attempt; the second node confirms it.
-    // Tokens carry whole seconds: make sure the old one is from an earlier second.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (status, body) = confirm(token.clone(), "new password").await;
-    assert_eq!(status, 204, "{body}");
-    let (status, body) = confirm(token, "another password").await;
-    assert_eq!(status, 422, "single use");
-    assert_eq!(body["error"]["fields"]["token"], "token_invalid");
-
-    assert_eq!(open_ws_close(&mut open_ws).await, Some(4101));
-    let (status, _) = get(
-        &format!("http://{}/api/v1/users/me", a.http),
-        Some(&rita.token),
-    )
-    .await;
-    assert_eq!(status, 401, "the old token is refused");
-    assert_eq!(login(&a, &email, "old password").await, 401);
-    assert_eq!(login(&b, &email, "new password").await, 200);
-    hook_server.stop(false).await;
+        assert_eq!(open_ws_close(&mut open_ws).await, Some(4101));
+        let (status, _) = get(
+            &format!("http://{}/api/v1/users/me", a.http),
+            Some(&rita.token),
+        )
+        .await;
+        assert_eq!(status, 401, "the old token is refused");
+        assert_eq!(login(&a, &email, "old password").await, 401);
+        assert_eq!(login(&b, &email, "new password").await, 200);
+        hook_server.stop(false).await;
+    }
 }
 
 async fn open_ws_close(ws: &mut Ws) -> Option<u16> {
     close_code(ws).await
 }
 
-/// An expired token is refused; a malformed one too.
-#[actix_rt::test]
-async fn expired_reset_tokens_are_refused() {
-    let (hook, mut notices, hook_server) = webhook();
-    let cluster = Cluster::new().await;
-    let a = cluster
-        .start_with(gateway::config::GatewayConfig {
-            password_reset_webhook_url: Some(hook),
-            password_reset_ttl_secs: 1,
-            ..cluster.config("node-a")
-        })
+on_both_backends! {
+    /// An expired token is refused; a malformed one too.
+    async fn expired_reset_tokens_are_refused(backend) {
+        let (hook, mut notices, hook_server) = webhook();
+        let cluster = Cluster::on(backend).await;
+        let a = cluster
+            .start_with(gateway::config::GatewayConfig {
+                password_reset_webhook_url: Some(hook),
+                password_reset_ttl_secs: 1,
+                ..cluster.config("node-a")
+            })
+            .await;
+        let email = format!("late-{}@example.test", uuid::Uuid::new_v4().simple());
+        let (status, _) = post(
+            &a,
+            "/api/v1/auth/register",
+            json!({"name": "Late", "email": email, "password": "old password"}),
+        )
         .await;
-    let email = format!("late-{}@example.test", uuid::Uuid::new_v4().simple());
-    let (status, _) = post(
-        &a,
-        "/api/v1/auth/register",
-        json!({"name": "Late", "email": email, "password": "old password"}),
-    )
-    .await;
-    assert_eq!(status, 201);
-    post(
-        &a,
-        "/api/v1/auth/password-reset/request",
-        json!({"email": email}),
-    )
-    .await;
-    let notice = tokio::time::timeout(Duration::from_secs(5), notices.recv())
-        .await
-        .expect("webhook")
-        .expect("notice");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let (status, body) = post(
-        &a,
-        "/api/v1/auth/password-reset/confirm",
-        json!({"token": notice["token"], "new_password": "new password"}),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["fields"]["token"].clone()),
-        (422, json!("token_invalid"))
-    );
-    let (status, _) = post(
-        &a,
-        "/api/v1/auth/password-reset/confirm",
-        json!({"token": "'; DROP TABLE users; --", "new_password": "new password"}),
-    )
-    .await;
-    assert_eq!(status, 422);
-    assert_eq!(login(&a, &email, "old password").await, 200);
-    hook_server.stop(false).await;
+        assert_eq!(status, 201);
+        post(
+            &a,
+            "/api/v1/auth/password-reset/request",
+            json!({"email": email}),
+        )
+        .await;
+        let notice = tokio::time::timeout(Duration::from_secs(5), notices.recv())
+            .await
+            .expect("webhook")
+            .expect("notice");
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let (status, body) = post(
+            &a,
+            "/api/v1/auth/password-reset/confirm",
+            json!({"token": notice["token"], "new_password": "new password"}),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["fields"]["token"].clone()),
+            (422, json!("token_invalid"))
+        );
+        let (status, _) = post(
+            &a,
+            "/api/v1/auth/password-reset/confirm",
+            json!({"token": "'; DROP TABLE users; --", "new_password": "new password"}),
+        )
+        .await;
+        assert_eq!(status, 422);
+        assert_eq!(login(&a, &email, "old password").await, 200);
+        hook_server.stop(false).await;
+    }
 }
 
-/// Name and avatar change through `PATCH /users/me`, with validation; null removes the avatar.
-#[actix_rt::test]
-async fn profile_name_and_avatar() {
-    let (_cluster, a, _b, alice, _bob) = Cluster::two_nodes().await;
-    let patch = |body: Value| call(Method::PATCH, &a, "/api/v1/users/me", &alice, Some(body));
-    let (status, me) = patch(json!({"avatar_url": "https://cdn.example.com/alice.png"})).await;
-    assert_eq!(status, 200, "{me}");
-    assert_eq!(me["avatar_url"], "https://cdn.example.com/alice.png");
-    assert_eq!(me["name"], "alice", "left out: unchanged");
-    let (_, me) = patch(json!({"name": "  Alice Liddell "})).await;
-    assert_eq!(me["name"], "Alice Liddell");
-    assert_eq!(me["avatar_url"], "https://cdn.example.com/alice.png");
-    let (status, body) = patch(json!({"name": "", "avatar_url": "javascript:alert(1)"})).await;
-    assert_eq!(status, 422);
-    assert_eq!(body["error"]["fields"]["name"], "name_required");
-    assert_eq!(body["error"]["fields"]["avatar_url"], "avatar_url_invalid");
-    let (_, me) = patch(json!({"avatar_url": null})).await;
-    assert!(me["avatar_url"].is_null());
-    let (status, _) = patch(json!({"email": "x@y.z"})).await;
-    assert_eq!(status, 400, "unknown fields are refused");
-    let (_, me) = call(Method::GET, &a, "/api/v1/users/me", &alice, None).await;
-    assert_eq!(me["name"], "Alice Liddell");
+on_both_backends! {
+    /// Name and avatar change through `PATCH /users/me`, with validation; null removes the avatar.
+    async fn profile_name_and_avatar(backend) {
+        let (_cluster, a, _b, alice, _bob) = Cluster::two_nodes_on(backend).await;
+        let patch = |body: Value| call(Method::PATCH, &a, "/api/v1/users/me", &alice, Some(body));
+        let (status, me) = patch(json!({"avatar_url": "https://cdn.example.com/alice.png"})).await;
+        assert_eq!(status, 200, "{me}");
+        assert_eq!(me["avatar_url"], "https://cdn.example.com/alice.png");
+        assert_eq!(me["name"], "alice", "left out: unchanged");
+        let (_, me) = patch(json!({"name": "  Alice Liddell "})).await;
+        assert_eq!(me["name"], "Alice Liddell");
+        assert_eq!(me["avatar_url"], "https://cdn.example.com/alice.png");
+        let (status, body) = patch(json!({"name": "", "avatar_url": "javascript:alert(1)"})).await;
+        assert_eq!(status, 422);
+        assert_eq!(body["error"]["fields"]["name"], "name_required");
+        assert_eq!(body["error"]["fields"]["avatar_url"], "avatar_url_invalid");
+        let (_, me) = patch(json!({"avatar_url": null})).await;
+        assert!(me["avatar_url"].is_null());
+        let (status, _) = patch(json!({"email": "x@y.z"})).await;
+        assert_eq!(status, 400, "unknown fields are refused");
+        let (_, me) = call(Method::GET, &a, "/api/v1/users/me", &alice, None).await;
+        assert_eq!(me["name"], "Alice Liddell");
+    }
 }

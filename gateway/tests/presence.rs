@@ -61,101 +61,106 @@ async fn recv_until_within(
     }
 }
 
-/// Online when the first device connects anywhere, nothing for a second device or for the first
-/// one leaving, offline when the last leaves; each within a second, and `last_seen` recorded.
-#[actix_rt::test]
-async fn transitions_only_across_devices_and_nodes() {
-    let cluster = Cluster::new().await;
-    let a = cluster.start_with(fast(&cluster, "node-a")).await;
-    let b = cluster.start_with(fast(&cluster, "node-b")).await;
-    let alice = register(&a, "alice").await;
-    let bob = register(&b, "bob").await;
-    create_room(&a, &alice, &[bob.id]).await;
-    let (mut bob_ws, _) = connect(&b, &bob).await;
+on_both_backends! {
+    /// Online when the first device connects anywhere, nothing for a second device or for the first
+    /// one leaving, offline when the last leaves; each within a second, and `last_seen` recorded.
+    async fn transitions_only_across_devices_and_nodes(backend) {
+        let cluster = Cluster::on(backend).await;
+        let (a, b) = cluster
+            .start_pair(fast(&cluster, "node-a"), fast(&cluster, "node-b"))
+            .await;
+        let alice = register(&a, "alice").await;
+        let bob = register(&b, "bob").await;
+        create_room(&a, &alice, &[bob.id]).await;
+        let (mut bob_ws, _) = connect(&b, &bob).await;
 
-    let (phone, _) = connect(&a, &alice).await;
-    let frames = presence_frames(&mut bob_ws, &alice, Duration::from_secs(1)).await;
-    assert!(
-        frames.len() == 1 && is_presence_of(&frames[0], &alice, "online"),
-        "{frames:?}"
-    );
-    let (laptop, _) = connect(&b, &alice).await;
-    drop(phone);
-    let frames = presence_frames(&mut bob_ws, &alice, Duration::from_millis(1500)).await;
-    assert!(
-        frames.is_empty(),
-        "a second device or the first leaving: {frames:?}"
-    );
-    drop(laptop);
-    let frames = presence_frames(&mut bob_ws, &alice, Duration::from_secs(1)).await;
-    assert!(
-        frames.len() == 1 && is_presence_of(&frames[0], &alice, "offline"),
-        "{frames:?}"
-    );
-    let db = chat_core::testing::connect(&cluster.db_url).await;
-    let row = db
-        .query_one(
-            "SELECT last_seen IS NOT NULL FROM users WHERE id = $1",
-            &[&alice.id],
-        )
-        .await
-        .expect("user");
-    assert!(row.get::<_, bool>(0), "last_seen recorded");
+        let (phone, _) = connect(&a, &alice).await;
+        let frames = presence_frames(&mut bob_ws, &alice, Duration::from_secs(1)).await;
+        assert!(
+            frames.len() == 1 && is_presence_of(&frames[0], &alice, "online"),
+            "{frames:?}"
+        );
+        let (laptop, _) = connect(&b, &alice).await;
+        drop(phone);
+        let frames = presence_frames(&mut bob_ws, &alice, Duration::from_millis(1500)).await;
+        assert!(
+            frames.is_empty(),
+            "a second device or the first leaving: {frames:?}"
+        );
+        drop(laptop);
+        let frames = presence_frames(&mut bob_ws, &alice, Duration::from_secs(1)).await;
+        assert!(
+            frames.len() == 1 && is_presence_of(&frames[0], &alice, "offline"),
+            "{frames:?}"
+        );
+        let db = chat_core::testing::connect(&cluster.db_url).await;
+        let row = db
+            .query_one(
+                "SELECT last_seen IS NOT NULL FROM users WHERE id = $1",
+                &[&alice.id],
+            )
+            .await
+            .expect("user");
+        assert!(row.get::<_, bool>(0), "last_seen recorded");
+    }
 }
 
-/// A watch answers the current status, then delivers changes until unwatched; a connection may
-/// not watch more than its limit.
-#[actix_rt::test]
-async fn watch_and_unwatch() {
-    let cluster = Cluster::new().await;
-    let a = cluster
-        .start_with(gateway::config::GatewayConfig {
-            gateway_max_watched_users: 2,
-            ..fast(&cluster, "node-a")
-        })
+on_both_backends! {
+    /// A watch answers the current status, then delivers changes until unwatched; a connection may
+    /// not watch more than its limit.
+    async fn watch_and_unwatch(backend) {
+        let cluster = Cluster::on(backend).await;
+        let (a, b) = cluster
+            .start_pair(
+                gateway::config::GatewayConfig {
+                    gateway_max_watched_users: 2,
+                    ..fast(&cluster, "node-a")
+                },
+                fast(&cluster, "node-b"),
+            )
+            .await;
+        let alice = register(&a, "alice").await;
+        let carol = register(&a, "carol").await;
+        let (mut carol_ws, _) = connect(&a, &carol).await;
+
+        send_json(
+            &mut carol_ws,
+            json!({"type": "presence.watch", "user_ids": [alice.id]}),
+        )
         .await;
-    let b = cluster.start_with(fast(&cluster, "node-b")).await;
-    let alice = register(&a, "alice").await;
-    let carol = register(&a, "carol").await;
-    let (mut carol_ws, _) = connect(&a, &carol).await;
+        let frames = presence_frames(&mut carol_ws, &alice, Duration::from_secs(1)).await;
+        assert!(
+            frames.len() == 1 && is_presence_of(&frames[0], &alice, "offline"),
+            "the watch answers the current status: {frames:?}"
+        );
+        let (alice_ws, _) = connect(&b, &alice).await;
+        let frames = presence_frames(&mut carol_ws, &alice, Duration::from_secs(1)).await;
+        assert!(
+            frames.len() == 1 && is_presence_of(&frames[0], &alice, "online"),
+            "{frames:?}"
+        );
 
-    send_json(
-        &mut carol_ws,
-        json!({"type": "presence.watch", "user_ids": [alice.id]}),
-    )
-    .await;
-    let frames = presence_frames(&mut carol_ws, &alice, Duration::from_secs(1)).await;
-    assert!(
-        frames.len() == 1 && is_presence_of(&frames[0], &alice, "offline"),
-        "the watch answers the current status: {frames:?}"
-    );
-    let (alice_ws, _) = connect(&b, &alice).await;
-    let frames = presence_frames(&mut carol_ws, &alice, Duration::from_secs(1)).await;
-    assert!(
-        frames.len() == 1 && is_presence_of(&frames[0], &alice, "online"),
-        "{frames:?}"
-    );
+        let too_many = json!({"type": "presence.watch", "user_ids": [Uuid::now_v7(), Uuid::now_v7()]});
+        send_json(&mut carol_ws, too_many).await;
+        let error = recv(&mut carol_ws).await.expect("error");
+        assert_eq!(error["code"], "bad_request", "{error}");
 
-    let too_many = json!({"type": "presence.watch", "user_ids": [Uuid::now_v7(), Uuid::now_v7()]});
-    send_json(&mut carol_ws, too_many).await;
-    let error = recv(&mut carol_ws).await.expect("error");
-    assert_eq!(error["code"], "bad_request", "{error}");
-
-    send_json(
-        &mut carol_ws,
-        json!({"type": "presence.unwatch", "user_ids": [alice.id]}),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(alice_ws);
-    let frames = presence_frames(&mut carol_ws, &alice, Duration::from_millis(1500)).await;
-    assert!(frames.is_empty(), "unwatched: {frames:?}");
+        send_json(
+            &mut carol_ws,
+            json!({"type": "presence.unwatch", "user_ids": [alice.id]}),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(alice_ws);
+        let frames = presence_frames(&mut carol_ws, &alice, Duration::from_millis(1500)).await;
+        assert!(frames.is_empty(), "unwatched: {frames:?}");
+    }
 }
 
 /// A node process killed with SIGKILL: its user turns offline within TTL + one heartbeat, and
 /// each watcher connection on the live nodes hears it exactly once, also one that both shares
 /// a room with the user and watches them.
-#[actix_rt::test]
+#[actix_web::test]
 async fn sigkilled_node_users_go_offline_once_per_watcher() {
     let cluster = Cluster::new().await;
     let a = cluster.start_with(fast(&cluster, "node-a")).await;
@@ -217,66 +222,67 @@ async fn sigkilled_node_users_go_offline_once_per_watcher() {
     }
 }
 
-/// The users list filters by presence and name and pages by cursor; batch status answers
-/// online and last_seen; bad input gets 400.
-#[actix_rt::test]
-async fn users_list_and_batch_status() {
-    let (_cluster, a, b, alice, bob) = Cluster::two_nodes().await;
-    let carol = register(&a, "carol").await;
-    let (_alice_ws, _) = connect(&b, &alice).await;
-    let get = |path: String| {
-        let a = &a;
-        let carol = &carol;
-        async move { call(Method::GET, a, &path, carol, None).await }
-    };
-    let names = |page: &Value| -> Vec<String> {
-        page["users"]
-            .as_array()
-            .expect("users")
-            .iter()
-            .map(|u| u["name"].as_str().unwrap_or_default().to_string())
-            .collect()
-    };
-    let (status, online) = get("/api/v1/users?online=true".into()).await;
-    assert_eq!(status, 200, "{online}");
-    assert_eq!(names(&online), vec!["alice"]);
-    assert_eq!(online["users"][0]["online"], true);
-    let (_, offline) = get("/api/v1/users?online=false".into()).await;
-    assert_eq!(names(&offline), vec!["bob", "carol"]);
-    let (_, search) = get("/api/v1/users?q=AR".into()).await;
-    assert_eq!(names(&search), vec!["carol"]);
-    let (_, literal) = get("/api/v1/users?q=%25".into()).await;
-    assert_eq!(
-        names(&literal),
-        Vec::<String>::new(),
-        "% is matched literally"
-    );
+on_both_backends! {
+    /// The users list filters by presence and name and pages by cursor; batch status answers
+    /// online and last_seen; bad input gets 400.
+    async fn users_list_and_batch_status(backend) {
+        let (_cluster, a, b, alice, bob) = Cluster::two_nodes_on(backend).await;
+        let carol = register(&a, "carol").await;
+        let (_alice_ws, _) = connect(&b, &alice).await;
+        let get = |path: String| {
+            let a = &a;
+            let carol = &carol;
+            async move { call(Method::GET, a, &path, carol, None).await }
+        };
+        let names = |page: &Value| -> Vec<String> {
+            page["users"]
+                .as_array()
+                .expect("users")
+                .iter()
+                .map(|u| u["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        let (status, online) = get("/api/v1/users?online=true".into()).await;
+        assert_eq!(status, 200, "{online}");
+        assert_eq!(names(&online), vec!["alice"]);
+        assert_eq!(online["users"][0]["online"], true);
+        let (_, offline) = get("/api/v1/users?online=false".into()).await;
+        assert_eq!(names(&offline), vec!["bob", "carol"]);
+        let (_, search) = get("/api/v1/users?q=AR".into()).await;
+        assert_eq!(names(&search), vec!["carol"]);
+        let (_, literal) = get("/api/v1/users?q=%25".into()).await;
+        assert_eq!(
+            names(&literal),
+            Vec::<String>::new(),
+            "% is matched literally"
+        );
 
-    let mut seen = Vec::new();
-    let mut path = "/api/v1/users?limit=1".to_string();
-    loop {
-        let (_, page) = get(path.clone()).await;
-        seen.extend(names(&page));
-        match page["next_cursor"].as_str() {
-            Some(cursor) => path = format!("/api/v1/users?limit=1&cursor={cursor}"),
-            None => break,
+        let mut seen = Vec::new();
+        let mut path = "/api/v1/users?limit=1".to_string();
+        loop {
+            let (_, page) = get(path.clone()).await;
+            seen.extend(names(&page));
+            match page["next_cursor"].as_str() {
+                Some(cursor) => path = format!("/api/v1/users?limit=1&cursor={cursor}"),
+                None => break,
+            }
         }
-    }
-    assert_eq!(seen, vec!["alice", "bob", "carol"]);
+        assert_eq!(seen, vec!["alice", "bob", "carol"]);
 
-    let (_, batch) = get(format!("/api/v1/presence?user_ids={},{}", alice.id, bob.id)).await;
-    assert_eq!(batch["users"][0]["online"], true);
-    assert_eq!(batch["users"][1]["online"], false);
-    assert_eq!(get("/api/v1/presence?user_ids=nope".into()).await.0, 400);
-    let many: Vec<String> = (0..101).map(|_| Uuid::now_v7().to_string()).collect();
-    assert_eq!(
-        get(format!("/api/v1/presence?user_ids={}", many.join(",")))
-            .await
-            .0,
-        400
-    );
-    assert_eq!(get("/api/v1/users?limit=0".into()).await.0, 400);
-    assert_eq!(get("/api/v1/users?cursor=zz".into()).await.0, 400);
+        let (_, batch) = get(format!("/api/v1/presence?user_ids={},{}", alice.id, bob.id)).await;
+        assert_eq!(batch["users"][0]["online"], true);
+        assert_eq!(batch["users"][1]["online"], false);
+        assert_eq!(get("/api/v1/presence?user_ids=nope".into()).await.0, 400);
+        let many: Vec<String> = (0..101).map(|_| Uuid::now_v7().to_string()).collect();
+        assert_eq!(
+            get(format!("/api/v1/presence?user_ids={}", many.join(",")))
+                .await
+                .0,
+            400
+        );
+        assert_eq!(get("/api/v1/users?limit=0".into()).await.0, 400);
+        assert_eq!(get("/api/v1/users?cursor=zz".into()).await.0, 400);
+    }
 }
 
 /// How many users this node has announced online.
@@ -291,7 +297,7 @@ async fn onlines(node: &NodeHandle) -> f64 {
 
 /// Presence state lost in Redis (a restart without persistence, a sweep during a long pause)
 /// comes back at the holding node's next heartbeat.
-#[actix_rt::test]
+#[actix_web::test]
 async fn lost_presence_entries_are_restored_by_the_next_heartbeat() {
     let cluster = Cluster::new().await;
     let a = cluster.start_with(fast(&cluster, "node-a")).await;

@@ -1,7 +1,8 @@
 //! Redis trouble, each test against a `redis-server` of its own so nothing else is touched: a
 //! node's pub/sub connection killed under traffic (the node re-subscribes, tells its connections
-//! to resync, reloads room memberships), and Redis down altogether (sends answered
-//! `unavailable`, never acked; readiness off; recovery without a restart).
+//! to resync, reloads room memberships), and Redis killed and restarted from its AOF (sends
+//! answered `unavailable`, never acked; readiness off; recovery without a restart, every seq
+//! continuing where it was).
 
 mod support;
 
@@ -10,25 +11,37 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::*;
 
-/// A `redis-server` on a spare port, shut down when dropped.
+/// A `redis-server` on a spare port, killed (SIGKILL) when dropped.
 struct OwnRedis {
     child: std::process::Child,
     url: String,
 }
 
 impl OwnRedis {
+    /// Without persistence.
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("spare port")
-            .port();
-        Self::start_on(port).await
+        Self::start_on(spare_port(), None).await
     }
 
-    async fn start_on(port: u16) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+    /// On `port`; with `aof_dir`, it keeps an append-only file there, fsynced on every write
+    /// (the setting docs/operations.md requires), and loads it when it starts.
+    async fn start_on(port: u16, aof_dir: Option<&std::path::Path>) -> Self {
+        let mut command = std::process::Command::new("redis-server");
+        command.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
+        match aof_dir {
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+            None => command.args(["--appendonly", "no"]),
+        };
+        let child = command
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server on PATH");
@@ -36,12 +49,37 @@ impl OwnRedis {
         let client = redis::Client::open(url.as_str()).expect("url");
         let up = chat_core::testing::eventually(Duration::from_secs(10), || {
             let client = client.clone();
-            async move { client.get_multiplexed_async_connection().await.is_ok() }
+            async move {
+                match client.get_multiplexed_async_connection().await {
+                    // Up, and done loading its AOF.
+                    Ok(mut conn) => redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            }
         })
         .await;
         assert!(up, "own redis-server started");
         OwnRedis { child, url }
     }
+}
+
+fn spare_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("spare port")
+        .port()
+}
+
+/// Waits until `node` says it is ready.
+async fn ready(node: &NodeHandle) -> bool {
+    let internal = node.internal;
+    chat_core::testing::eventually(Duration::from_secs(15), || async move {
+        matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
+    })
+    .await
 }
 
 impl Drop for OwnRedis {
@@ -71,7 +109,7 @@ fn seq(frame: &Value) -> i64 {
 
 /// Under a steady stream of messages, Bob's node loses its pub/sub connection; Bob gets
 /// `resync`, syncs, and ends with every seq once.
-#[actix_rt::test]
+#[actix_web::test]
 async fn killed_pubsub_connection_resyncs_clients_without_gaps() {
     let redis = OwnRedis::start().await;
     let (_cluster, a, b, alice, bob) = two_nodes_on(&redis).await;
@@ -164,11 +202,42 @@ async fn killed_pubsub_connection_resyncs_clients_without_gaps() {
         (1..=TOTAL).collect::<Vec<_>>(),
         "every seq, none missing"
     );
+
+    // The node subscribed again: what is sent now reaches Bob live, without a sync.
+    assert!(ready(&b).await, "node b is subscribed again");
+    assert!(
+        metric(&b, "chat_gateway_pubsub_reconnects_total")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(
+        metric(&b, "chat_gateway_pubsub_subscriptions").await,
+        Some(1.0),
+        "Bob's topic, once"
+    );
+    let (mut alice_ws, _) = connect(&a, &alice).await;
+    for i in 1..=10 {
+        let id = format!("after-{i}");
+        send_json(&mut alice_ws, send_frame(&id, bob_id, "after")).await;
+        recv_until(&mut alice_ws, |f| f["id"] == id.as_str()).await;
+    }
+    let frames = recv_until(&mut bob_ws, |f| f["seq"] == TOTAL + 10).await;
+    let after: Vec<i64> = frames
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(seq)
+        .collect();
+    assert_eq!(
+        after,
+        (TOTAL + 1..=TOTAL + 10).collect::<Vec<_>>(),
+        "delivered live after the reconnects"
+    );
 }
 
 /// Membership changes a node never heard of (here written straight to Postgres, as if their
 /// events were published while its pub/sub connection was down) take effect once it reconnects.
-#[actix_rt::test]
+#[actix_web::test]
 async fn room_memberships_are_reloaded_after_pubsub_loss() {
     let redis = OwnRedis::start().await;
     let (cluster, a, b, alice, bob) = two_nodes_on(&redis).await;
@@ -238,30 +307,27 @@ async fn room_memberships_are_reloaded_after_pubsub_loss() {
     }
 }
 
-/// Redis killed and started again: connections stay open, sends get `unavailable` (never an
-/// ack) and readiness fails while it is down; afterwards the node serves again by itself.
-#[actix_rt::test]
-async fn redis_outage_answers_unavailable_and_recovers() {
-    let redis = OwnRedis::start().await;
-    let port: u16 = redis
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+/// Redis killed (SIGKILL) and started again from its append-only file: connections stay open,
+/// sends get `unavailable` (never an ack) and readiness fails while it is down; afterwards both
+/// nodes serve again by themselves, the conversation's seq continues where it was (no seq is
+/// given twice), history still has every acked message, and sends are delivered live again.
+#[actix_web::test]
+async fn redis_restart_from_its_aof_answers_unavailable_then_continues_every_seq() {
+    let aof = std::env::temp_dir().join(format!("chat-aof-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&aof).expect("aof dir");
+    let port = spare_port();
+    let redis = OwnRedis::start_on(port, Some(&aof)).await;
     let (_cluster, a, b, alice, bob) = two_nodes_on(&redis).await;
     let (mut alice_ws, _) = connect(&a, &alice).await;
     let (mut bob_ws, _) = connect(&b, &bob).await;
-    send_json(&mut alice_ws, send_frame("before", bob.id, "before")).await;
-    assert_eq!(
-        recv_until(&mut alice_ws, |f| f["id"] == "before")
-            .await
-            .last()
-            .expect("ack")["type"],
-        "ack"
-    );
+    for i in 1..=3 {
+        let id = format!("before-{i}");
+        send_json(&mut alice_ws, send_frame(&id, bob.id, "before")).await;
+        let reply = recv_until(&mut alice_ws, |f| f["id"] == id.as_str()).await;
+        assert_eq!(reply.last().expect("ack")["seq"], i);
+    }
 
-    drop(redis); // SIGKILL: the process and its data are gone.
+    drop(redis); // SIGKILL: the process is gone; what it acked is in its AOF.
     send_json(&mut alice_ws, send_frame("during", bob.id, "during")).await;
     let reply = recv_until(&mut alice_ws, |f| f["id"] == "during").await;
     let reply = reply.last().expect("reply");
@@ -277,30 +343,50 @@ async fn redis_outage_answers_unavailable_and_recovers() {
     .await;
     assert!(not_ready, "readiness fails while Redis is down");
 
-    let _again = OwnRedis::start_on(port).await;
-    let ready = chat_core::testing::eventually(Duration::from_secs(15), || async move {
-        matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
-    })
-    .await;
-    assert!(ready, "the node recovers without a restart");
-    // The same connections work again: the send is acked and delivered across nodes.
-    let mut delivered = false;
-    for attempt in 0..20 {
-        let id = format!("after-{attempt}");
-        send_json(&mut alice_ws, send_frame(&id, bob.id, "after")).await;
-        let reply = recv_until(&mut alice_ws, |f| f["id"] == id.as_str()).await;
-        if reply.last().is_some_and(|f| f["type"] == "ack") {
-            let frames = recv_until(&mut bob_ws, |f| {
-                f["type"] == "message" && f["body"] == "after"
-            })
-            .await;
-            delivered = frames.last().is_some_and(|f| f["body"] == "after");
+    let _again = OwnRedis::start_on(port, Some(&aof)).await;
+    assert!(
+        ready(&a).await && ready(&b).await,
+        "both nodes recover without a restart"
+    );
+    // The same connections work again. The send refused while Redis was down was never
+    // appended, so its retry is the conversation's fourth message: no seq is given twice.
+    let mut acked = None;
+    for _ in 0..20 {
+        send_json(&mut alice_ws, send_frame("during", bob.id, "during")).await;
+        let reply = recv_until(&mut alice_ws, |f| f["id"] == "during").await;
+        if let Some(ack) = reply.last().filter(|f| f["type"] == "ack") {
+            acked = Some(ack.clone());
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(
-        delivered,
-        "sends are acked and delivered again on the same connections"
+    let ack = acked.expect("acked once Redis is back");
+    assert_eq!(ack["seq"], 4, "the seq continues from Redis's AOF: {ack}");
+    let frames = recv_until(&mut bob_ws, |f| {
+        f["type"] == "message" && f["body"] == "during"
+    })
+    .await;
+    assert_eq!(
+        frames.last().map(|f| f["seq"].clone()),
+        Some(json!(4)),
+        "delivered live on the same connection"
     );
+    let conversation = chat_core::conversation::direct_conversation_id(alice.id, bob.id);
+    let (status, page) = get(
+        &format!(
+            "http://{}/api/v1/conversations/{conversation}/messages",
+            b.http
+        ),
+        Some(&bob.token),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let seqs: Vec<i64> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["seq"].as_i64())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "history holds every acked message");
+    let _ = std::fs::remove_dir_all(&aof);
 }

@@ -13,48 +13,54 @@ use serde_json::Value;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Sends `ids` in order on `ws`, one after the other's ack; returns the acked (id, seq) pairs and
-/// the first id not acked when the connection ended.
+/// How a run of sends ended.
+#[derive(Debug, PartialEq)]
+enum Stopped {
+    /// Every id was acked.
+    Done,
+    /// The server closed the connection with this close code (`None`: no close frame) before
+    /// the id at this index was acked.
+    Closed { at: usize, code: Option<u16> },
+}
+
+/// Sends `ids` in order on `ws`, one after the other's ack; returns the acked (id, seq, msg_id)
+/// and how the run ended.
 async fn send_until_closed(
     ws: &mut Ws,
     to: uuid::Uuid,
     ids: &[String],
-) -> (Vec<(String, i64)>, Option<usize>) {
+) -> (Vec<(String, i64, String)>, Stopped) {
     let mut acked = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        if ws
+        let sent = ws
             .send(Message::text(send_frame(id, to, "steady").to_string()))
-            .await
-            .is_err()
-        {
-            return (acked, Some(i));
-        }
+            .await;
         loop {
             match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
                 Ok(Some(Ok(Message::Text(text)))) => {
                     let frame: Value = serde_json::from_str(text.as_str()).expect("json");
-                    if frame["type"] == "ack" && frame["id"] == id.as_str() {
-                        acked.push((id.clone(), frame["seq"].as_i64().expect("seq")));
+                    if sent.is_ok() && frame["type"] == "ack" && frame["id"] == id.as_str() {
+                        let msg_id = frame["msg_id"].as_str().expect("msg_id").to_string();
+                        acked.push((id.clone(), frame["seq"].as_i64().expect("seq"), msg_id));
                         break;
                     }
                     assert_ne!(frame["type"], "error", "{frame}");
                 }
                 Ok(Some(Ok(Message::Close(frame)))) => {
                     let code = frame.map(|f| u16::from(f.code));
-                    assert_eq!(code, Some(1001), "a draining node says going away");
-                    return (acked, Some(i));
+                    return (acked, Stopped::Closed { at: i, code });
                 }
                 Ok(Some(Ok(_))) => {}
-                _ => return (acked, Some(i)),
+                _ => return (acked, Stopped::Closed { at: i, code: None }),
             }
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    (acked, None)
+    (acked, Stopped::Done)
 }
 
 /// SIGTERM one node of two under steady sends: no acked message lost or stored twice.
-#[actix_rt::test]
+#[actix_web::test]
 async fn rolling_restart_loses_no_acked_message() {
     let cluster = Cluster::new().await;
     let worker = cluster.start_worker();
@@ -71,10 +77,7 @@ async fn rolling_restart_loses_no_acked_message() {
     let sender = {
         let ids = ids.clone();
         let to = bob.id;
-        tokio::spawn(async move {
-            let (acked, stopped) = send_until_closed(&mut alice_ws, to, &ids).await;
-            (acked, stopped)
-        })
+        tokio::spawn(async move { send_until_closed(&mut alice_ws, to, &ids).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     draining.terminate();
@@ -87,17 +90,40 @@ async fn rolling_restart_loses_no_acked_message() {
     assert!(not_ready, "readiness turns off on SIGTERM");
 
     let (mut acked, stopped) = sender.await.expect("sender");
-    let resume = stopped.expect("the draining node closed the connection mid-run");
-    assert!(
-        !acked.is_empty(),
-        "some messages went through the draining node"
-    );
-    // Reconnect elsewhere and send again from the first unacked id: a repeat gets its original ack.
+    let Stopped::Closed { at: resume, code } = stopped else {
+        panic!("the draining node closed the connection mid-run");
+    };
+    assert_eq!(code, Some(1001), "a draining node says going away");
+    let Some((last_id, last_seq, last_msg_id)) = acked.last().cloned() else {
+        panic!("no message went through the draining node");
+    };
+    // Reconnect elsewhere. First the last acked id once more, as a client unsure of its ack
+    // would: the other node answers the original ack and stores nothing.
     let (mut again, _) = connect(&b, &alice).await;
+    let repeats_before = metric(&b, "chat_gateway_sends_repeated_total")
+        .await
+        .unwrap_or(0.0);
+    let (repeat, done) =
+        send_until_closed(&mut again, bob.id, std::slice::from_ref(&last_id)).await;
+    assert_eq!(done, Stopped::Done);
+    assert_eq!(
+        repeat,
+        vec![(last_id, last_seq, last_msg_id)],
+        "a repeated id gets its original ack"
+    );
+    assert_eq!(
+        metric(&b, "chat_gateway_sends_repeated_total").await,
+        Some(repeats_before + 1.0)
+    );
+    // Then from the first unacked id on (it may have been appended before the close: then its
+    // repeat gets the original ack too).
     let (more, done) = send_until_closed(&mut again, bob.id, &ids[resume..]).await;
-    assert_eq!(done, None, "the other node takes the rest");
+    assert_eq!(done, Stopped::Done, "the other node takes the rest");
     acked.extend(more);
-    let by_id: BTreeMap<&str, i64> = acked.iter().map(|(id, seq)| (id.as_str(), *seq)).collect();
+    let by_id: BTreeMap<&str, i64> = acked
+        .iter()
+        .map(|(id, seq, _)| (id.as_str(), *seq))
+        .collect();
     assert_eq!(by_id.len(), ids.len(), "every id acked");
     let mut seqs: Vec<i64> = by_id.values().copied().collect();
     seqs.sort_unstable();

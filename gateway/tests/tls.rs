@@ -55,7 +55,7 @@ async fn connect_wss(
 
 /// A client trusting the test certificate gets `hello` over `wss://`; plain `ws://` to the same
 /// port fails; after the files are replaced, new connections get the new certificate.
-#[actix_rt::test]
+#[actix_web::test]
 async fn wss_with_a_test_certificate_and_reload() {
     let dir = std::env::temp_dir().join(format!("chat-tls-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("dir");

@@ -182,10 +182,14 @@ impl Fixture {
     }
 
     fn start_in_process(&self, db_url: &str, consumer: &str) -> CancellationToken {
-        let config = self
-            .worker_config(db_url, consumer)
-            .validate()
-            .expect("config");
+        self.start_configured(self.worker_config(db_url, consumer))
+    }
+
+    fn start_configured(
+        &self,
+        config: persistence_worker::config::WorkerConfig,
+    ) -> CancellationToken {
+        let config = config.validate().expect("config");
         let listener = std::net::TcpListener::bind(config.internal_listen).expect("bind");
         let token = CancellationToken::new();
         actix_web::rt::spawn(persistence_worker::run(config, listener, token.clone()));
@@ -251,6 +255,91 @@ async fn killed_worker_is_replaced_without_loss_or_duplicates() {
 
     let _replacement = fx.spawn_process(&fx.db_url, "replacement", 500);
     fx.assert_drained(&ids, Duration::from_secs(60)).await;
+}
+
+/// Entries in every partition stream.
+async fn stream_lengths(fx: &Fixture, conn: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let mut total = 0;
+    for p in 0..PARTITIONS {
+        let len: i64 = redis::cmd("XLEN")
+            .arg(fx.keys().stream(p))
+            .query_async(conn)
+            .await
+            .expect("xlen");
+        total += len;
+    }
+    total
+}
+
+/// With no retention, the worker trims each stream right behind what the group has acked, and
+/// never an entry still pending: entries another consumer read and never acked stay until the
+/// worker claims and stores them, then go too.
+#[actix_web::test]
+async fn streams_are_trimmed_behind_the_acked_and_never_past_the_pending() {
+    let fx = Fixture::new().await;
+    let mut conn = redis::Client::open(testing::redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let first = fx.append(400).await;
+    // A consumer that reads every partition's entries and dies without acking them.
+    for p in 0..PARTITIONS {
+        let stream = fx.keys().stream(p);
+        let _: redis::Value = redis::cmd("XGROUP")
+            .arg(&["CREATE", &stream, PERSISTENCE_GROUP, "0", "MKSTREAM"])
+            .query_async(&mut conn)
+            .await
+            .expect("group");
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg(&[
+                "GROUP",
+                PERSISTENCE_GROUP,
+                "dead",
+                "COUNT",
+                "1000",
+                "STREAMS",
+                &stream,
+                ">",
+            ])
+            .query_async(&mut conn)
+            .await
+            .expect("read as the dead consumer");
+    }
+    assert_eq!(fx.pending_total().await, 400);
+    let worker = fx.start_configured(persistence_worker::config::WorkerConfig {
+        worker_stream_retention_secs: 0,
+        worker_trim_interval_ms: 200,
+        // Longer than the check below: the dead consumer's entries stay pending meanwhile.
+        worker_claim_idle_ms: 4000,
+        ..fx.worker_config(&fx.db_url, "trimmer")
+    });
+    let second = fx.append(400).await;
+    let stored_second = eventually(Duration::from_secs(20), || async {
+        fx.stored().await == 400
+    })
+    .await;
+    assert!(stored_second, "the new entries are stored");
+    // Trims run meanwhile: the dead consumer's 400 pending entries are older than every new
+    // one, so nothing may go yet.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        stream_lengths(&fx, &mut conn).await >= 400,
+        "an entry still pending was trimmed"
+    );
+    let mut ids = first;
+    ids.extend(second);
+    fx.assert_drained(&ids, Duration::from_secs(30)).await;
+    let trimmed = eventually(Duration::from_secs(10), || async {
+        stream_lengths(&fx, &mut conn.clone()).await <= i64::from(PARTITIONS)
+    })
+    .await;
+    assert!(
+        trimmed,
+        "{} entries left after everything was acked",
+        stream_lengths(&fx, &mut conn).await
+    );
+    worker.cancel();
 }
 
 /// A worker process, SIGKILLed on drop.

@@ -18,10 +18,42 @@ pub type Ws =
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 
-/// One deployment under test: a database, a Redis prefix, and its nodes.
+/// The backend a test deploys on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Redis: any number of nodes.
+    Redis,
+    /// One process, no Redis (`CHAT_BACKEND=memory`): "two nodes" are one node reached twice.
+    Memory,
+}
+
+/// Runs a test on both backends: the body, with `backend` in scope, becomes the test
+/// `<name>::redis` and the test `<name>::memory`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($(#[$meta:meta])* async fn $name:ident($backend:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$meta])*
+            async fn case($backend: Backend) $body
+            #[actix_web::test]
+            async fn redis() {
+                case(Backend::Redis).await
+            }
+            #[actix_web::test]
+            async fn memory() {
+                case(Backend::Memory).await
+            }
+        }
+    };
+}
+
+/// One deployment under test: a database, a Redis prefix, a backend, and its nodes.
 pub struct Cluster {
     pub db_url: String,
     pub prefix: String,
+    pub backend: Backend,
 }
 
 pub struct NodeHandle {
@@ -32,15 +64,26 @@ pub struct NodeHandle {
 }
 
 impl Cluster {
+    /// A deployment on Redis.
     pub async fn new() -> Self {
+        Self::on(Backend::Redis).await
+    }
+
+    /// A deployment on `backend`.
+    pub async fn on(backend: Backend) -> Self {
         Cluster {
             db_url: chat_core::testing::fresh_database().await,
             prefix: chat_core::testing::unique_prefix(),
+            backend,
         }
     }
 
     pub fn config(&self, node_id: &str) -> GatewayConfig {
         GatewayConfig {
+            backend: match self.backend {
+                Backend::Redis => gateway::config::BackendKind::Redis,
+                Backend::Memory => gateway::config::BackendKind::Memory,
+            },
             redis_url: chat_core::testing::redis_url(),
             database_url: self.db_url.clone(),
             redis_prefix: self.prefix.clone(),
@@ -73,18 +116,43 @@ impl Cluster {
         node
     }
 
-    /// Two ready nodes and two registered users, Alice and Bob.
+    /// Two ready nodes and two registered users, Alice and Bob, on Redis.
     pub async fn two_nodes() -> (Cluster, NodeHandle, NodeHandle, User, User) {
-        let cluster = Cluster::new().await;
-        let a = cluster.start_node("node-a").await;
-        let b = cluster.start_node("node-b").await;
+        Self::two_nodes_on(Backend::Redis).await
+    }
+
+    /// Two ready nodes (on `Memory`, one node reached twice) and two registered users, Alice
+    /// and Bob.
+    pub async fn two_nodes_on(backend: Backend) -> (Cluster, NodeHandle, NodeHandle, User, User) {
+        let cluster = Cluster::on(backend).await;
+        let (a, b) = cluster
+            .start_pair(cluster.config("node-a"), cluster.config("node-b"))
+            .await;
         let alice = register(&a, "alice").await;
         let bob = register(&b, "bob").await;
         (cluster, a, b, alice, bob)
     }
 
-    /// Starts a persistence worker in-process against this deployment.
+    /// Starts two nodes with these configurations; on `Memory`, the first alone, reached twice.
+    pub async fn start_pair(
+        &self,
+        first: GatewayConfig,
+        second: GatewayConfig,
+    ) -> (NodeHandle, NodeHandle) {
+        let a = self.start_with(first).await;
+        let b = match self.backend {
+            Backend::Redis => self.start_with(second).await,
+            Backend::Memory => a.alias(),
+        };
+        (a, b)
+    }
+
+    /// Starts a persistence worker in-process against this deployment. On `Memory` the node
+    /// drains its own log into Postgres and there is nothing to start.
     pub fn start_worker(&self) -> CancellationToken {
+        if self.backend == Backend::Memory {
+            return CancellationToken::new();
+        }
         let config = persistence_worker::config::WorkerConfig {
             redis_url: chat_core::testing::redis_url(),
             database_url: self.db_url.clone(),
@@ -101,6 +169,18 @@ impl Cluster {
         let token = CancellationToken::new();
         actix_web::rt::spawn(persistence_worker::run(config, listener, token.clone()));
         token
+    }
+}
+
+impl NodeHandle {
+    /// Another handle to the same node (its task stays with the first handle).
+    pub fn alias(&self) -> NodeHandle {
+        NodeHandle {
+            http: self.http,
+            internal: self.internal,
+            shutdown: self.shutdown.clone(),
+            task: actix_web::rt::spawn(async { Ok(()) }),
+        }
     }
 }
 
@@ -388,6 +468,13 @@ impl Cluster {
         let (http, internal) = (spare_addr(), spare_addr());
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"));
         command
+            .env(
+                "CHAT_BACKEND",
+                match self.backend {
+                    Backend::Redis => "redis",
+                    Backend::Memory => "memory",
+                },
+            )
             .env("CHAT_REDIS_URL", chat_core::testing::redis_url())
             .env("CHAT_DATABASE_URL", &self.db_url)
             .env("CHAT_REDIS_PREFIX", &self.prefix)
