@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole stack on this machine: Redis and Postgres (started or installed if needed), two
 # gateway nodes (8080 and 8081) and one persistence worker. Ctrl-C stops everything.
-# Usage: deploy/run-local.sh
+# With `one-process`: one gateway (8080) on the in-memory backend and Postgres alone, no Redis
+# and no worker (CHAT_BACKEND=memory, docs/operations.md), on its own database `chat_one`.
+# Usage: deploy/run-local.sh [one-process]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -12,10 +14,16 @@ mkdir -p "$RUN"
 unset CHAT_LOCAL_REDIS_PORT CHAT_LOCAL_PG_PORT
 deploy/ensure-services.sh
 
+MODE=${1:-stack}
+case "$MODE" in
+  stack) DB=chat ;;
+  one-process) DB=chat_one ;;
+  *) echo "usage: deploy/run-local.sh [one-process]" >&2; exit 2 ;;
+esac
 PG="postgres://postgres:postgres@127.0.0.1:5432"
-if ! PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT 1 FROM pg_database WHERE datname = 'chat'" | grep -q 1; then
-  echo "run-local: creating database chat"
-  PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE chat"
+if ! PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1; then
+  echo "run-local: creating database $DB"
+  PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $DB"
 fi
 
 echo "run-local: building (release)"
@@ -27,7 +35,7 @@ if [ -z "${CHAT_JWT_SECRET:-}" ]; then
   CHAT_JWT_SECRET=$(cat "$RUN/jwt_secret")
 fi
 export CHAT_JWT_SECRET
-export CHAT_DATABASE_URL="${CHAT_DATABASE_URL:-$PG/chat}"
+export CHAT_DATABASE_URL="${CHAT_DATABASE_URL:-$PG/$DB}"
 export CHAT_REDIS_URL="${CHAT_REDIS_URL:-redis://127.0.0.1:6379}"
 export CHAT_LOG_FORMAT="${CHAT_LOG_FORMAT:-text}"
 # Dev mode: with no reset webhook configured, password reset tokens are written to the gateway
@@ -48,19 +56,42 @@ start_gateway() { # node-id public-port internal-port
     "$ROOT/target/release/gateway" >"$RUN/$1.log" 2>&1 &
   pids+=($!)
 }
+wait_ready() { # internal ports...
+  local port
+  for port in "$@"; do
+    for _ in $(seq 1 100); do
+      curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+      sleep 0.2
+    done
+    curl -fs "http://127.0.0.1:$port/readyz" >/dev/null || { echo "run-local: 127.0.0.1:$port not ready; see $RUN/*.log"; exit 1; }
+  done
+}
+
+if [ "$MODE" = one-process ]; then
+  CHAT_BACKEND=memory start_gateway solo 8080 9090
+  wait_ready 9090
+  cat <<MSG
+
+One gateway is up, on the in-memory backend (no Redis, no worker: an ack means the message is
+in Postgres). Open http://localhost:8080/ in a browser (two people: two browser profiles, or a
+private window).
+  gateway solo  http://127.0.0.1:8080  (ws://127.0.0.1:8080/ws)   admin http://127.0.0.1:9090/metrics
+  log           $RUN/solo.log
+  database      $CHAT_DATABASE_URL
+
+Ctrl-C stops it.
+MSG
+  wait
+  exit 0
+fi
+
 start_gateway node-a 8080 9090
 start_gateway node-b 8081 9092
 CHAT_WORKER_INTERNAL_LISTEN=127.0.0.1:9091 CHAT_WORKER_CONSUMER_NAME=worker-1 \
   "$ROOT/target/release/persistence-worker" >"$RUN/worker-1.log" 2>&1 &
 pids+=($!)
 
-for port in 9090 9092 9091; do
-  for _ in $(seq 1 100); do
-    curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
-    sleep 0.2
-  done
-  curl -fs "http://127.0.0.1:$port/readyz" >/dev/null || { echo "run-local: 127.0.0.1:$port not ready; see $RUN/*.log"; exit 1; }
-done
+wait_ready 9090 9092 9091
 
 cat <<MSG
 

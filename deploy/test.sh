@@ -25,6 +25,8 @@ echo "== deploy checks (Dockerfiles, compose, Helm chart, kustomize manifests)"
 deploy/check-deploy.sh
 echo "== observability (promtool check/test rules, dashboard, runbooks, metric names)"
 deploy/check-observability.sh
+echo "== architecture (module graph without circles, redis only in the Redis backend, SQL only in the store)"
+python3 deploy/checks/architecture.py --check
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -16,7 +16,7 @@ cli() { redis-cli -p "$PORT" "$@"; }
 for _ in $(seq 1 50); do cli ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 # The script exactly as the gateway runs it, then the variants.
-sed -n '/^const APPEND_LUA: &str = r#"/,/^"#;/p' chat-core/src/stream.rs | sed '1d;$d' >"$WORK/full.lua"
+sed -n '/^const APPEND_LUA: &str = r#"/,/^"#;/p' chat-core/src/log/redis.rs | sed '1d;$d' >"$WORK/full.lua"
 python3 - "$WORK" <<'PY'
 import sys
 work = sys.argv[1]
@@ -27,10 +27,10 @@ if prior then
   return {tonumber(seq), msg_id, tonumber(ts)}
 end
 """
-dedup_record = "redis.call('SET', KEYS[5], seq .. ':' .. ARGV[1] .. ':' .. ARGV[6], 'PX', ARGV[12])\n"
-tail = "redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], seq .. '-0', 'f', frame)\n"
-expire = "redis.call('PEXPIRE', KEYS[3], ARGV[11])\n"
-publish = "for i = 15, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end\n"
+dedup_record = "redis.call('SET', KEYS[5], seq .. ':' .. ARGV[1] .. ':' .. ARGV[6], 'PX', ARGV[13])\n"
+tail = "redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], seq .. '-0', 'f', frame)\n"
+expire = "redis.call('PEXPIRE', KEYS[3], ARGV[12])\n"
+publish = "for i = 16, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end\n"
 for part in (dedup_check, dedup_record, tail, expire, publish):
     assert part in full, f"the append script changed; update append-script-cost.sh: {part!r}"
 variants = {

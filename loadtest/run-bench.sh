@@ -8,7 +8,7 @@
 # Knobs (environment): BENCH_CONNS (19000), BENCH_CONN_PROCS (3), BENCH_PAIRS (500),
 #   BENCH_RATES (1000,2000,5000,10000,15000), BENCH_STEP_SECS (10), BENCH_WINDOW (8),
 #   BENCH_DRAIN_COUNT (100000), BENCH_ROOM_SIZES (100,1000,10000), BENCH_ROOM_MESSAGES (20),
-#   BENCH_TARGETS ("ours socketio sockudo").
+#   BENCH_TARGETS ("ours socketio sockudo"), BENCH_PLOT (1; 0 skips the plots).
 # Sockudo runs only when SOCKUDO_BIN names its binary (built outside this repository; see
 # loadtest/README.md); otherwise it is skipped with a message.
 set -euo pipefail
@@ -185,5 +185,6 @@ if want ceiling; then
   fi
 fi
 
-"$LOADGEN" plot --results "$OUT" --out "$ROOT/docs/benchmarks"
+# BENCH_PLOT=0 (loadtest/ab-chat.sh) leaves the published plots alone.
+[ "${BENCH_PLOT:-1}" = 0 ] || "$LOADGEN" plot --results "$OUT" --out "$ROOT/docs/benchmarks"
 stack_log "results in $OUT"

@@ -91,25 +91,33 @@ async fn an_ack_means_the_message_is_in_postgres() {
     node.shutdown.cancel();
 }
 
+/// The error a node with `config` stops with at start.
+async fn refused(config: gateway::config::GatewayConfig) -> String {
+    let node = spawn_node(config);
+    tokio::time::timeout(Duration::from_secs(15), node.task)
+        .await
+        .expect("refused in time")
+        .expect("task")
+        .expect_err("refused")
+        .to_string()
+}
+
 /// A second one-process gateway, or a gateway on Redis, on the same database refuses to start
 /// and says why; so does a one-process gateway beside a gateway on Redis.
 #[actix_web::test]
 async fn a_database_has_one_one_process_gateway_or_gateways_on_redis() {
+    use gateway::config::{BackendKind, GatewayConfig};
     let cluster = Cluster::on(Backend::Memory).await;
     let solo = cluster.start_node("solo").await;
     for (backend, who) in [
-        (gateway::config::BackendKind::Memory, "second one-process"),
-        (gateway::config::BackendKind::Redis, "redis"),
+        (BackendKind::Memory, "second one-process"),
+        (BackendKind::Redis, "redis"),
     ] {
-        let refused = spawn_node(gateway::config::GatewayConfig {
+        let err = refused(GatewayConfig {
             backend,
             ..cluster.config(who)
-        });
-        let result = tokio::time::timeout(Duration::from_secs(15), refused.task)
-            .await
-            .expect("refused in time")
-            .expect("task");
-        let err = result.expect_err(who).to_string();
+        })
+        .await;
         assert!(err.contains("in use by"), "{who}: {err}");
     }
     solo.shutdown.cancel();
@@ -117,15 +125,11 @@ async fn a_database_has_one_one_process_gateway_or_gateways_on_redis() {
 
     let on_redis = Cluster::new().await;
     let node = on_redis.start_node("redis-node").await;
-    let lonely = spawn_node(gateway::config::GatewayConfig {
-        backend: gateway::config::BackendKind::Memory,
+    let err = refused(GatewayConfig {
+        backend: BackendKind::Memory,
         ..on_redis.config("lonely")
-    });
-    let result = tokio::time::timeout(Duration::from_secs(15), lonely.task)
-        .await
-        .expect("refused in time")
-        .expect("task");
-    let err = result.expect_err("beside redis").to_string();
+    })
+    .await;
     assert!(err.contains("in use by other gateways"), "{err}");
     node.shutdown.cancel();
 }

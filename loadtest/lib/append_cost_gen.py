@@ -1,5 +1,6 @@
 # Writes N EVALSHA calls of the append script (loadtest/append-script-cost.sh) in RESP, shaped
-# like the gateway's: 500 conversations over 8 partition streams, a 64-byte body, a fresh client id each, two channels.
+# like the gateway's (chat-core/src/log/redis.rs): 500 conversations over 8 partition streams, a 64-byte body, a fresh client id
+# each, the envelope header around the seq, two channels.
 # Usage: append_cost_gen.py N SHA > file
 import sys
 import uuid
@@ -20,5 +21,6 @@ for i in range(n):
     msg = str(uuid.uuid4())
     frame_a = '{"type":"message","msg_id":"%s","conversation_id":"%s","seq":' % (msg, c)
     frame_b = ',"from":"%s","to":"%s","body":"%s","ts":1795397327000}' % (c, c, body)
-    args = [msg, c, c, c, body, "1795397327000", frame_a, frame_b, str(uuid.uuid4()), "1000", "604800000", "600000", "a:b", "", f"lt:ch:{c}:a", f"lt:ch:{c}:b"]
+    header_a = "m %s %s 1795397327000 " % (uuid.uuid4(), c)
+    args = [msg, c, c, c, body, "1795397327000", frame_a, frame_b, header_a, "", "1000", "604800000", "600000", "a:b", "", f"lt:ch:{c}:a", f"lt:ch:{c}:b"]
     w.write(resp("EVALSHA", sha, 5, *keys, *args))

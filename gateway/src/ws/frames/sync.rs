@@ -25,50 +25,46 @@ pub async fn handle(
     out: &mut Outbox,
 ) -> Result<(), WriteError> {
     for point in points {
-        sync_one(peer, point, ledger, directory, history, metrics, out).await?;
+        let conversation = point.conversation_id;
+        let after = point.after_seq;
+        if after < 0 {
+            reply_error(out, ErrorCode::BadRequest, "after_seq must be at least 0").await?;
+            continue;
+        }
+        if let Err((code, message)) = membership(directory, peer, conversation).await {
+            reply_error(out, code, message).await?;
+            continue;
+        }
+        // From the first live message on, live delivery covers the conversation.
+        let upper = match ledger.sync_ceiling(conversation) {
+            Some(ceiling) => ceiling,
+            None => match history.last_seq(conversation).await {
+                Ok(last) => last,
+                Err(e) => {
+                    reply_history_error(peer, out, e).await?;
+                    continue;
+                }
+            },
+        };
+        let hi = upper.min(after.saturating_add(SYNC_PAGE));
+        let messages = match history.read_range(conversation, after + 1, hi).await {
+            Ok(m) => m,
+            Err(e) => {
+                reply_history_error(peer, out, e).await?;
+                continue;
+            }
+        };
+        for message in &messages {
+            let text = serde_json::to_string(message).unwrap_or_default();
+            out.text(text.into()).await?;
+            metrics.frames_out_message.inc();
+        }
+        let complete = hi >= upper;
+        let last_seq = if complete { upper.max(after) } else { hi };
+        ledger.synced(conversation, last_seq);
+        out.frame(&synced(conversation, last_seq, complete)).await?;
     }
     Ok(())
-}
-
-async fn sync_one(
-    peer: Peer,
-    point: SyncPoint,
-    ledger: &mut SyncLedger,
-    directory: &Directory,
-    history: &History,
-    metrics: &Metrics,
-    out: &mut Outbox,
-) -> Result<(), WriteError> {
-    let conversation = point.conversation_id;
-    let after = point.after_seq;
-    if after < 0 {
-        return reply_error(out, ErrorCode::BadRequest, "after_seq must be at least 0").await;
-    }
-    if let Err((code, message)) = membership(directory, peer, conversation).await {
-        return reply_error(out, code, message).await;
-    }
-    // From the first live message on, live delivery covers the conversation.
-    let upper = match ledger.sync_ceiling(conversation) {
-        Some(ceiling) => ceiling,
-        None => match history.last_seq(conversation).await {
-            Ok(last) => last,
-            Err(e) => return reply_history_error(peer, out, e).await,
-        },
-    };
-    let hi = upper.min(after.saturating_add(SYNC_PAGE));
-    let messages = match history.read_range(conversation, after + 1, hi).await {
-        Ok(m) => m,
-        Err(e) => return reply_history_error(peer, out, e).await,
-    };
-    for message in &messages {
-        let text = serde_json::to_string(message).unwrap_or_default();
-        out.text(text.into()).await?;
-        metrics.frames_out_message.inc();
-    }
-    let complete = hi >= upper;
-    let last_seq = if complete { upper.max(after) } else { hi };
-    ledger.synced(conversation, last_seq);
-    out.frame(&synced(conversation, last_seq, complete)).await
 }
 
 fn synced(conversation_id: Uuid, last_seq: i64, complete: bool) -> ServerFrame {

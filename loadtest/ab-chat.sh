@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Before and after, minutes apart on one machine: runs `run-bench.sh chat` for our stack (worker
+# running, then paused) alternately from two checkouts, ROUNDS times each (A B A B ...), and
+# prints, for each run, delivered/s and latency at the offered rate and in the closed loop,
+# with the CPU of the gateways and Redis. Each checkout builds (or reuses) its release binaries
+# in its own target directory.
+# Usage: loadtest/ab-chat.sh BEFORE_TREE AFTER_TREE [ROUNDS (2)]
+# Env: BEFORE_TARGET, AFTER_TARGET (default <tree>/target), BENCH_RATES (5000), BENCH_PAIRS,
+#   BENCH_STEP_SECS, BENCH_WINDOW (passed to run-bench.sh).
+set -euo pipefail
+BEFORE=$(cd "$1" && pwd)
+AFTER=$(cd "$2" && pwd)
+ROUNDS=${3:-2}
+export BENCH_TARGETS=ours BENCH_RATES=${BENCH_RATES:-5000} BENCH_PLOT=0
+declare -A TARGET=([before]="${BEFORE_TARGET:-$BEFORE/target}" [after]="${AFTER_TARGET:-$AFTER/target}")
+declare -A TREE=([before]="$BEFORE" [after]="$AFTER")
+runs=()
+for round in $(seq 1 "$ROUNDS"); do
+  for side in before after; do
+    echo "ab-chat: round $round, $side (${TREE[$side]})" >&2
+    out=$(cd "${TREE[$side]}" && CARGO_TARGET_DIR="${TARGET[$side]}" loadtest/run-bench.sh chat 2>&1 |
+      tee /dev/stderr | sed -n 's/.*results in \(.*\)$/\1/p' | tail -1)
+    [ -z "$out" ] && out=$(ls -dt "${TREE[$side]}"/loadtest/results/*/ | head -1)
+    runs+=("$side=$round=$out")
+  done
+done
+python3 - "${runs[@]}" <<'PY'
+import json, sys
+from pathlib import Path
+print(f"{'run':<12} {'worker':<8} {'step':<12} {'delivered/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'gw CPU %':>9} {'redis %':>8}")
+for arg in sys.argv[1:]:
+    side, rnd, out = arg.split("=", 2)
+    for name, worker in (("chat-ours.json", "running"), ("chat-ours-no-worker.json", "paused")):
+        path = Path(out) / name
+        if not path.exists():
+            continue
+        for step in json.load(open(path))["result"]["steps"]:
+            label = f"{step['offered_per_sec']}/s" if step["kind"] == "rate" else f"closed w{step['window']}"
+            cpu = step.get("cpu_percent", {})
+            gw = sum(v for k, v in cpu.items() if k.startswith("gateway"))
+            lat = step["latency"]
+            print(f"{side + ' ' + rnd:<12} {worker:<8} {label:<12} {step['delivered_per_sec']:>11.0f} "
+                  f"{lat['p50_ms']:>8.2f} {lat['p99_ms']:>8.2f} {gw:>9.0f} {cpu.get('redis', 0):>8.0f}")
+PY
