@@ -14,13 +14,16 @@ ROUNDS=${3:-2}
 export BENCH_TARGETS=ours BENCH_RATES=${BENCH_RATES:-5000} BENCH_PLOT=0
 declare -A TARGET=([before]="${BEFORE_TARGET:-$BEFORE/target}" [after]="${AFTER_TARGET:-$AFTER/target}")
 declare -A TREE=([before]="$BEFORE" [after]="$AFTER")
+LOGS=$(mktemp -d /tmp/ab-chat.XXXXXX)
 runs=()
 for round in $(seq 1 "$ROUNDS"); do
   for side in before after; do
-    echo "ab-chat: round $round, $side (${TREE[$side]})" >&2
-    out=$(cd "${TREE[$side]}" && CARGO_TARGET_DIR="${TARGET[$side]}" loadtest/run-bench.sh chat 2>&1 |
-      tee /dev/stderr | sed -n 's/.*results in \(.*\)$/\1/p' | tail -1)
-    [ -z "$out" ] && out=$(ls -dt "${TREE[$side]}"/loadtest/results/*/ | head -1)
+    log="$LOGS/$round-$side.log"
+    echo "ab-chat: round $round, $side (${TREE[$side]}), log $log" >&2
+    (cd "${TREE[$side]}" && CARGO_TARGET_DIR="${TARGET[$side]}" loadtest/run-bench.sh chat) >"$log" 2>&1 ||
+      { echo "ab-chat: run-bench.sh failed; see $log" >&2; exit 1; }
+    out=$(sed -n 's/.*results in \(.*\)$/\1/p' "$log" | tail -1)
+    echo "ab-chat: results in $out" >&2
     runs+=("$side=$round=$out")
   done
 done

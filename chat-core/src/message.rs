@@ -40,7 +40,16 @@ impl NewMessage {
     /// serde writes [`MessageFrame`]. The log joins them once the seq is known, so the frame is
     /// serialized once per message and every recipient gets the same bytes.
     pub fn frame_around_seq(&self) -> (String, String) {
-        self.stored(0).frame().around_seq()
+        MessageFrame {
+            msg_id: self.msg_id,
+            conversation_id: self.conversation_id,
+            seq: 0,
+            from: self.from,
+            to: self.to,
+            body: self.body.clone(),
+            ts: self.ts,
+        }
+        .around_seq()
     }
 
     /// The topics the message is published to.

@@ -84,29 +84,44 @@ pub struct MessageFrame {
     pub ts: i64,
 }
 
-/// The placeholder seq [`MessageFrame::around_seq`] serializes and splits at.
+/// The placeholder seq [`MessageFrame::around_seq`] serializes and splits at, and the text serde
+/// writes for it.
 const SEQ_PLACEHOLDER: i64 = i64::MIN;
+const SEQ_FIELD: &str = "\"seq\":";
+const SEQ_MARKER: &str = "\"seq\":-9223372036854775808";
+
+/// Where the last frame's seq placeholder was: every message frame has it at the same place
+/// (its fields before the seq have fixed widths), so a search is needed only once.
+static LAST_SEQ_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl MessageFrame {
     /// The frame's JSON split around its seq: `head + seq + tail` is what serde writes for this
     /// frame with that seq. Lets a log that assigns the seq later (inside a Redis script) finish
     /// the frame without serializing it again. The split point is found, not assumed: a body
     /// cannot contain the unescaped text `"seq":`, since serde escapes its quotes.
-    pub fn around_seq(&self) -> (String, String) {
-        let placeholder = MessageFrame {
-            seq: SEQ_PLACEHOLDER,
-            ..self.clone()
+    pub fn around_seq(mut self) -> (String, String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.seq = SEQ_PLACEHOLDER;
+        let mut buf = Vec::with_capacity(self.body.len() + 256);
+        // Serializing plain strings, uuids and integers cannot fail, and writes UTF-8.
+        let _ = serde_json::to_writer(&mut buf, &self);
+        let mut json = String::from_utf8(buf).unwrap_or_default();
+        let marker = SEQ_MARKER;
+        let hint = LAST_SEQ_AT.load(Relaxed);
+        let at = if json.get(hint..hint + marker.len()) == Some(marker) {
+            Some(hint)
+        } else {
+            let found = json.find(marker);
+            if let Some(at) = found {
+                LAST_SEQ_AT.store(at, Relaxed);
+            }
+            found
         };
-        // Serializing plain strings, uuids and integers cannot fail.
-        let json = serde_json::to_string(&placeholder).unwrap_or_default();
-        let marker = format!("\"seq\":{SEQ_PLACEHOLDER}");
-        match json.find(&marker) {
+        match at {
             Some(at) => {
-                let split = at + marker.len() - SEQ_PLACEHOLDER.to_string().len();
-                (
-                    json[..split].to_string(),
-                    json[at + marker.len()..].to_string(),
-                )
+                let tail = json.split_off(at + marker.len());
+                json.truncate(at + SEQ_FIELD.len());
+                (json, tail)
             }
             None => (json, String::new()),
         }
@@ -389,6 +404,13 @@ mod tests {
             let json = serde_json::to_string(&code).expect("serialize");
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }
+    }
+
+    /// The marker is the field as serde writes it with the placeholder.
+    #[test]
+    fn seq_marker_is_what_serde_writes() {
+        let placeholder = serde_json::to_string(&SEQ_PLACEHOLDER).expect("json");
+        assert_eq!(SEQ_MARKER, format!("{SEQ_FIELD}{placeholder}"));
     }
 
     /// `kind` is the `type` serde writes, and every kind is in the table.

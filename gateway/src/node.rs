@@ -493,7 +493,7 @@ pub async fn run(
         let _ = watcher.await;
     }
     backend.stop(&backend_stop).await;
-    if let Some(lock) = Arc::try_unwrap(lock).ok().and_then(|l| l.0.into_inner()) {
+    if let Some(lock) = lock.0.get() {
         lock.release().await;
     }
     admin.stop().await;

@@ -37,6 +37,9 @@ pub const MAX_DEDUP_RECORDS: usize = 500_000;
 const MAX_COUNTERS: usize = 100_000;
 /// Dead letters kept for inspection (they are also logged).
 const MAX_DEAD_LETTERS: usize = 1_000;
+/// Longest an append waits for its commit before it answers `Timeout` (the entry stays queued:
+/// it commits later, and a retry with the same client id then gets the original ack).
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A conversation's seq counter.
 #[derive(Debug, Clone, Copy)]
@@ -285,10 +288,11 @@ impl MessageLog for MemoryLog {
                 Step::LoadCounter => self.load_counter(conversation).await?,
                 Step::Wait(committed, appended) => {
                     self.inner.arrived.notify_one();
-                    return match committed.await {
-                        Ok(Ok(())) => Ok(appended),
-                        Ok(Err(reason)) => Err(BackendError::Unavailable(reason)),
-                        Err(_) => Err(BackendError::Stopped),
+                    return match tokio::time::timeout(COMMIT_TIMEOUT, committed).await {
+                        Ok(Ok(Ok(()))) => Ok(appended),
+                        Ok(Ok(Err(reason))) => Err(BackendError::Unavailable(reason)),
+                        Ok(Err(_)) => Err(BackendError::Stopped),
+                        Err(_) => Err(BackendError::Timeout),
                     };
                 }
             }

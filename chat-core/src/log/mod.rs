@@ -52,9 +52,9 @@ pub trait MessageLog: Send + Sync {
     /// Appends `msg` with the conversation's next seq and publishes it to its topics, unless
     /// its sender appended `client_id` in this conversation within the dedup window (then the
     /// original message is answered and nothing changes). `origin` is the sending connection,
-    /// which gets the ack instead of the message. On an error the append may still have taken
-    /// effect: the client is told `unavailable`, never acked, and a retry with the same client
-    /// id finds it.
+    /// which gets the ack instead of the message. Answers within about 3 s. On an error the
+    /// append may still have taken effect: the client is told `unavailable`, never acked, and a
+    /// retry with the same client id finds it.
     async fn append(
         &self,
         msg: &NewMessage,

@@ -100,29 +100,22 @@ impl Envelope {
     /// (`<origin>[ <traceparent>]\n<frame>`), so a rolling upgrade keeps delivering from old
     /// nodes to new ones.
     pub fn decode(payload: &[u8]) -> Result<Envelope, EnvelopeError> {
-        let (header, body) = match payload.iter().position(|b| *b == b'\n') {
-            Some(at) => (&payload[..at], Some(&payload[at + 1..])),
+        // A message's header has two UUIDs at fixed places before its newline: skip them.
+        let from = if payload.starts_with(b"m ") {
+            MESSAGE_UUIDS.min(payload.len())
+        } else {
+            0
+        };
+        let (header, body) = match payload[from..].iter().position(|b| *b == b'\n') {
+            Some(at) => (&payload[..from + at], Some(&payload[from + at + 1..])),
             None => (payload, None),
         };
+        if let (Some(rest), Some(body)) = (header.strip_prefix(b"m "), body) {
+            return decode_message(rest, body);
+        }
         let header = std::str::from_utf8(header).map_err(|_| EnvelopeError::Header)?;
         let mut fields = header.split(' ');
         match (fields.next(), body) {
-            (Some("m"), Some(body)) => {
-                let mut next = || fields.next().ok_or(EnvelopeError::Header);
-                let origin = parse_uuid(next()?)?;
-                let conversation = parse_uuid(next()?)?;
-                let ts = next()?.parse().map_err(|_| EnvelopeError::Header)?;
-                let seq = next()?.parse().map_err(|_| EnvelopeError::Header)?;
-                let trace_parent = fields.next().map(Box::from);
-                Ok(Envelope::Message(MessageEnvelope {
-                    origin,
-                    conversation,
-                    seq,
-                    ts,
-                    trace_parent,
-                    frame: utf8(body)?,
-                }))
-            }
             (Some("e"), Some(body)) => {
                 let origin = parse_uuid(fields.next().ok_or(EnvelopeError::Header)?)?;
                 event_from_json(origin, utf8(body)?)
@@ -137,6 +130,45 @@ impl Envelope {
             _ => Err(EnvelopeError::Header),
         }
     }
+}
+
+/// Bytes of a message header before anything but its two UUIDs (`m <origin> <conversation> `).
+const MESSAGE_UUIDS: usize = 2 + 2 * 37;
+
+/// A message envelope after its `m `: two hyphenated UUIDs at fixed places, then ts, seq and
+/// the optional traceparent. Read by position, as every node does for every message.
+fn decode_message(header: &[u8], body: &[u8]) -> Result<Envelope, EnvelopeError> {
+    const UUID: usize = 36;
+    let uuid_at = |at: usize| {
+        header
+            .get(at..at + UUID)
+            .and_then(|b| Uuid::try_parse_ascii(b).ok())
+            .filter(|_| header.get(at + UUID) == Some(&b' '))
+            .ok_or(EnvelopeError::Header)
+    };
+    let origin = uuid_at(0)?;
+    let conversation = uuid_at(UUID + 1)?;
+    let rest = header
+        .get(2 * (UUID + 1)..)
+        .and_then(|r| std::str::from_utf8(r).ok())
+        .ok_or(EnvelopeError::Header)?;
+    let mut fields = rest.splitn(3, ' ');
+    let mut number = || {
+        fields
+            .next()
+            .and_then(|f| f.parse::<i64>().ok())
+            .ok_or(EnvelopeError::Header)
+    };
+    let ts = number()?;
+    let seq = number()?;
+    Ok(Envelope::Message(MessageEnvelope {
+        origin,
+        conversation,
+        seq,
+        ts,
+        trace_parent: fields.next().map(Box::from),
+        frame: utf8(body)?,
+    }))
 }
 
 /// Whether nodes relay this frame to other connections.
@@ -210,7 +242,15 @@ pub fn message_header_around_seq(
     ts: i64,
     trace_parent: Option<&str>,
 ) -> (String, String) {
-    let head = format!("m {origin} {conversation} {ts} ");
+    let mut head = String::with_capacity(2 + 2 * 37 + 21);
+    let mut buf = Uuid::encode_buffer();
+    head.push_str("m ");
+    head.push_str(origin.hyphenated().encode_lower(&mut buf));
+    head.push(' ');
+    head.push_str(conversation.hyphenated().encode_lower(&mut buf));
+    head.push(' ');
+    head.push_str(&ts.to_string());
+    head.push(' ');
     let tail = trace_parent.map(|tp| format!(" {tp}")).unwrap_or_default();
     (head, tail)
 }
@@ -299,6 +339,18 @@ mod tests {
             Err(EnvelopeError::Frame)
         );
         assert_eq!(Envelope::decode(b"m nope\n{}"), Err(EnvelopeError::Header));
+        let Envelope::Message(m) = message(None) else {
+            unreachable!()
+        };
+        let good = Envelope::Message(m).encode();
+        let mut shifted = good.clone();
+        shifted.insert(2, b' ');
+        assert_eq!(Envelope::decode(&shifted), Err(EnvelopeError::Header));
+        let no_seq = format!("m {} {} 5\n{{}}", Uuid::nil(), Uuid::nil());
+        assert_eq!(
+            Envelope::decode(no_seq.as_bytes()),
+            Err(EnvelopeError::Header)
+        );
         assert_eq!(Envelope::decode(b"r soon"), Err(EnvelopeError::Header));
         assert_eq!(Envelope::decode(b"no newline"), Err(EnvelopeError::Header));
         let bad_utf8 = [

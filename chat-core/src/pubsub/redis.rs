@@ -228,6 +228,7 @@ impl Manager {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => {
                         reader.abort();
+                        let _ = reader.await;
                         return;
                     }
                     _ = &mut reader => break true,
@@ -242,12 +243,14 @@ impl Manager {
                         if let Err(e) = self.reconcile(&sink, &mut subscribed, change).await {
                             tracing::warn!(error = %e, "subscription reconciliation failed");
                             reader.abort();
+                            let _ = (&mut reader).await;
                             break true;
                         }
                     }
                     cmd = self.commands.recv() => {
                         let Some(cmd) = cmd else {
                             reader.abort();
+                            let _ = reader.await;
                             return;
                         };
                         let mut batch = vec![cmd];
@@ -260,6 +263,7 @@ impl Manager {
                         if let Err(e) = self.reconcile(&sink, &mut subscribed, batch).await {
                             tracing::warn!(error = %e, "subscription change failed");
                             reader.abort();
+                            let _ = (&mut reader).await;
                             break true;
                         }
                     }

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chat_protocol::MessageFrame;
+use serde::Serialize;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
@@ -16,6 +17,17 @@ pub enum Membership {
     Direct { peer: Uuid },
     /// A room.
     Room,
+}
+
+/// A member of a conversation as lists show them: the other member of a direct conversation,
+/// or a member of a room.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub id: Uuid,
+    pub name: String,
+    pub avatar_url: Option<String>,
+    /// How far this member has read the conversation: messages up to it are "seen".
+    pub last_read_seq: i64,
 }
 
 /// One row of a user's conversation list.
@@ -30,8 +42,8 @@ pub struct ConversationRow {
     pub last_read_seq: i64,
     /// Last activity, Unix microseconds (the list's cursor).
     pub activity_micros: i64,
-    /// The other member of a direct conversation: id, name, avatar, read position.
-    pub peer: Option<(Uuid, String, Option<String>, i64)>,
+    /// The other member of a direct conversation.
+    pub peer: Option<Member>,
     /// The last message, when the worker has stored it.
     pub last_message: Option<MessageFrame>,
     /// Messages of other members after the read position, counted up to the cap asked for.
@@ -174,13 +186,11 @@ impl Store {
                     last_seq,
                     last_read_seq: r.get(4),
                     activity_micros: r.get(5),
-                    peer: r.get::<_, Option<Uuid>>(6).map(|peer| {
-                        (
-                            peer,
-                            r.get::<_, Option<String>>(7).unwrap_or_default(),
-                            r.get(15),
-                            r.get::<_, Option<i64>>(14).unwrap_or(0),
-                        )
+                    peer: r.get::<_, Option<Uuid>>(6).map(|id| Member {
+                        id,
+                        name: r.get::<_, Option<String>>(7).unwrap_or_default(),
+                        avatar_url: r.get(15),
+                        last_read_seq: r.get::<_, Option<i64>>(14).unwrap_or(0),
                     }),
                     last_message: r.get::<_, Option<Uuid>>(8).map(|msg_id| MessageFrame {
                         msg_id,

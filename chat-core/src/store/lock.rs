@@ -75,7 +75,7 @@ async fn try_lock(url: &str, mode: LockMode) -> Result<Option<Session>, DbError>
 /// The lock, held until dropped or until `shutdown`.
 pub struct BackendLock {
     held: Arc<AtomicBool>,
-    task: JoinHandle<()>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl BackendLock {
@@ -96,12 +96,18 @@ impl BackendLock {
         };
         let held = Arc::new(AtomicBool::new(true));
         let task = tokio::spawn(keep(url.to_string(), mode, session, held.clone(), shutdown));
-        Ok(BackendLock { held, task })
+        Ok(BackendLock {
+            held,
+            task: std::sync::Mutex::new(Some(task)),
+        })
     }
 
-    /// Waits for the keeper to end (after shutdown), releasing the lock.
-    pub async fn release(self) {
-        let _ = self.task.await;
+    /// Waits for the keeper to end (after shutdown), which releases the lock.
+    pub async fn release(&self) {
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 }
 

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
-pub use conversations::{ConversationRow, Membership};
-pub use rooms::{RoomMember, RoomRefusal, RoomView};
+pub use conversations::{ConversationRow, Member, Membership};
+pub use rooms::{RoomRefusal, RoomView};
 pub use users::{User, UserListRow};
 
 /// A database problem at start-up.

@@ -4,20 +4,10 @@
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::{Member, Store, StoreError};
 
 /// Most members listed by [`Store::room_view`].
 const MAX_LISTED_MEMBERS: i64 = 1000;
-
-/// A member as the room view lists them.
-#[derive(Debug, Clone, Serialize)]
-pub struct RoomMember {
-    pub id: Uuid,
-    pub name: String,
-    pub avatar_url: Option<String>,
-    /// How far this member has read the room.
-    pub last_read_seq: i64,
-}
 
 /// A room as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -28,7 +18,7 @@ pub struct RoomView {
     pub owner_id: Option<Uuid>,
     pub member_count: i64,
     /// Up to 1000 members, in the order they joined.
-    pub members: Vec<RoomMember>,
+    pub members: Vec<Member>,
 }
 
 /// Why a room change was refused (nothing was changed).
@@ -162,7 +152,7 @@ impl Store {
             )
             .await?
             .iter()
-            .map(|r| RoomMember {
+            .map(|r| Member {
                 id: r.get(0),
                 name: r.get(1),
                 avatar_url: r.get(2),

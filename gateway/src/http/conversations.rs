@@ -3,7 +3,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use chat_core::protocol::{ErrorCode, MessageFrame};
-use chat_core::store::{Membership, Store};
+use chat_core::store::{Member, Membership, Store};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -142,15 +142,6 @@ pub struct ListQuery {
 }
 
 #[derive(Debug, Serialize)]
-struct Peer {
-    id: Uuid,
-    name: String,
-    avatar_url: Option<String>,
-    /// How far the other member has read: the caller's messages up to it are "seen".
-    last_read_seq: i64,
-}
-
-#[derive(Debug, Serialize)]
 struct ConversationView {
     id: Uuid,
     kind: String,
@@ -158,7 +149,7 @@ struct ConversationView {
     name: Option<String>,
     /// The other member of a direct conversation.
     #[serde(skip_serializing_if = "Option::is_none")]
-    peer: Option<Peer>,
+    peer: Option<Member>,
     last_message: Option<MessageFrame>,
     last_seq: i64,
     last_read_seq: i64,
@@ -211,12 +202,7 @@ pub async fn list(
             id: r.id,
             kind: r.kind,
             name: r.name,
-            peer: r.peer.map(|(id, name, avatar_url, last_read_seq)| Peer {
-                id,
-                name,
-                avatar_url,
-                last_read_seq,
-            }),
+            peer: r.peer,
             last_message: r.last_message,
             last_seq: r.last_seq,
             last_read_seq: r.last_read_seq,

@@ -1,8 +1,6 @@
 //! `send`: checks the frame and the sender's right to write, appends the message to the log
 //! (which assigns its seq and publishes it), and answers `ack`, or `error` with the client's id.
 
-use std::time::Duration;
-
 use chat_core::conversation::direct_conversation_id;
 use chat_core::log::MessageLog;
 use chat_core::message::{Appended, NewMessage};
@@ -18,10 +16,6 @@ use crate::directory::Directory;
 use crate::metrics::Metrics;
 use crate::rate::SendLimiter;
 use crate::ws::outbox::{Outbox, WriteError};
-
-/// Longest an append may take before the sender gets `unavailable` (it may still complete: a
-/// retry with the same id then gets the original ack).
-const APPEND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What the frame asks for.
 pub struct Target {
@@ -113,27 +107,26 @@ async fn accept(
         ts: chat_core::now_ms(),
         trace_parent: chat_core::telemetry::traceparent(&tracing::Span::current()),
     };
-    let appended = tokio::time::timeout(APPEND_TIMEOUT, log.append(&msg, &target.id, peer.conn_id))
+    // The log answers within about 3 s (it may still complete after: a retry with the same id
+    // then gets the original ack).
+    let appended = log
+        .append(&msg, &target.id, peer.conn_id)
         .instrument(chat_core::telemetry::span_if_exporting(|| {
             tracing::info_span!("log.append")
         }))
         .await;
     let (seq, msg_id, ts) = match appended {
-        Ok(Ok(Appended::New { seq })) => {
+        Ok(Appended::New { seq }) => {
             metrics.messages_accepted.inc();
             (seq, msg.msg_id, msg.ts)
         }
         // A retry of a send that was appended: the original ack, nothing stored again.
-        Ok(Ok(Appended::Repeat { seq, msg_id, ts })) => {
+        Ok(Appended::Repeat { seq, msg_id, ts }) => {
             metrics.sends_repeated.inc();
             (seq, msg_id, ts)
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::warn!(error = %e, conn_id = %peer.conn_id, "append failed");
-            return Err((ErrorCode::Unavailable, "message not accepted; retry".into()));
-        }
-        Err(_) => {
-            tracing::warn!(conn_id = %peer.conn_id, "append timed out");
             return Err((ErrorCode::Unavailable, "message not accepted; retry".into()));
         }
     };
