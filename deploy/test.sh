@@ -36,7 +36,12 @@ cargo test --workspace --locked
 echo "== fuzz the client-frame decoder and validator (deploy/checks/fuzz.sh, about a minute)"
 deploy/checks/fuzz.sh
 echo "== k6 smoke (loadtest/k6/chat.js against two local gateway nodes)"
-cargo build --locked -p gateway -p persistence-worker
+# The stages below run the gateway and worker binaries that `cargo test` built for the
+# integration tests (target/debug). Building them again with `cargo build` would recompile tokio
+# and everything above it without the test-only features: a minute of CI for nothing.
+for bin in gateway persistence-worker; do
+  [ -x "${CARGO_TARGET_DIR:-$PWD/target}/debug/$bin" ] || { echo "test.sh: no $bin binary after cargo test" >&2; exit 1; }
+done
 STACK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" loadtest/k6-smoke.sh
 echo "== Autobahn WebSocket test cases against /debug/echo (deploy/checks/autobahn.sh)"
 STACK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" deploy/checks/autobahn.sh
