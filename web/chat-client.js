@@ -152,7 +152,9 @@ export class Api {
  * - `message`: `{message, source, own}` once per (conversation_id, seq); source is `live`,
  *   `sync` or `ack` (own sends). Order by `seq`, not by arrival.
  * - `conversation`: `{conversationId, message}` for a message in a conversation not tracked yet.
- * - `hello`, `read`, `typing`, `presence`, `membership`, `synced`, `resync`: the server frames.
+ * - `hello`, `read`, `typing`, `presence`, `membership`, `synced`, `resync`, `rebased`: the
+ *   server frames. `rebased` ({conversation_id, from_seq, to_seq}): those seqs will never hold a
+ *   message (the server's log lost data); messages shown from that range were lost.
  * - `server-error`: an `error` frame that answers no `send` (sync, read, typing, watch).
  * - `unauthorized`: `{reason}`, the token is expired (`token_expired`, 4100), revoked by a
  *   password reset (`token_revoked`, 4101) or refused at connect (`token_refused`); the client
@@ -350,6 +352,9 @@ export class ChatClient extends EventTarget {
         this._sync([...this._convs.keys()]);
         this._emit('resync', f);
         break;
+      case 'rebased':
+        this._onRebased(f);
+        break;
       case 'ack':
         this._onAck(f);
         break;
@@ -446,6 +451,18 @@ export class ChatClient extends EventTarget {
     this._emit('synced', f);
     if (!f.complete) this._sync([f.conversation_id]);
     else if (c.held.size) this._scheduleGapSync(f.conversation_id, c);
+  }
+
+  /** The server's log skipped `from_seq..to_seq` (protocol.md, "When the log loses data"):
+   *  count the range as held, so the gap it leaves is not waited for, and sync what follows. */
+  _onRebased(f) {
+    const c = this._convs.get(f.conversation_id);
+    if (c) {
+      // Held up to the range: it is held too. Otherwise the sync below skips it.
+      if (c.lastSeq >= f.from_seq - 1) this._advance(c, f.to_seq);
+      this._sync([f.conversation_id]);
+    }
+    this._emit('rebased', f);
   }
 
   // ---- delivery bookkeeping (protocol.md, "Recovering after a reconnect") ----

@@ -56,10 +56,26 @@ impl KeySchema {
         format!("{}:{{p{}}}:dead", self.prefix, p)
     }
 
-    /// The per-conversation sequence counter (in the conversation's partition slot).
-    pub fn seq(&self, conversation_id: Uuid) -> String {
+    /// The per-conversation sequence counter (in the conversation's partition slot): a hash
+    /// whose field `n` is the last seq issued and `e` the log epoch it was validated in (see
+    /// [`Self::epoch`]).
+    pub fn seq_counter(&self, conversation_id: Uuid) -> String {
+        let p = self.partition_of(conversation_id);
+        format!("{}:{{p{}}}:ctr:{}", self.prefix, p, conversation_id)
+    }
+
+    /// The counter as 0.2 kept it (a plain integer). Read once, when a conversation is first
+    /// validated in an epoch, so an upgrade never issues a seq 0.2 issued.
+    pub fn legacy_seq(&self, conversation_id: Uuid) -> String {
         let p = self.partition_of(conversation_id);
         format!("{}:{{p{}}}:seq:{}", self.prefix, p, conversation_id)
+    }
+
+    /// The log epoch of partition `p`: `<token>:<margin>`, set when a process first appends to
+    /// the partition after Redis started (or lost the key). A counter validated in another
+    /// epoch (or in none) is re-based above what Postgres holds before it issues a seq.
+    pub fn epoch(&self, p: u16) -> String {
+        format!("{}:{{p{}}}:epoch", self.prefix, p)
     }
 
     /// The recent tail of one conversation: a stream whose entry ids are `<seq>-0` and whose one
@@ -158,7 +174,8 @@ mod tests {
             let p = keys.partition_of(conv);
             assert!(p < 8);
             let tag = format!("{{p{p}}}");
-            assert!(keys.seq(conv).contains(&tag));
+            assert!(keys.seq_counter(conv).contains(&tag));
+            assert!(keys.epoch(p).contains(&tag));
             assert!(keys.stream(p).contains(&tag));
         }
     }

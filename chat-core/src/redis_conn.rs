@@ -33,6 +33,10 @@ pub struct RedisMetrics {
     pub subscriptions: IntGauge,
     /// Times the pub/sub connection was established again.
     pub reconnects: IntCounter,
+    /// What the log did about Redis losing data and its bounds, by event: `epoch_opened`,
+    /// `rebased` (a counter validated in a new epoch), `backlog_full` (an append refused),
+    /// `replicas_short` (fewer replicas than `ack_durability` asks confirmed an append).
+    pub log_events: IntCounterVec,
 }
 
 /// The shared command connection, opened at first use. Concurrent calls pipeline on it; while

@@ -192,6 +192,14 @@ pub enum ServerFrame {
     /// Live delivery to this connection may have missed frames (the node lost its Redis pub/sub
     /// connection for a moment): sync every conversation, as after a reconnect.
     Resync { reason: String },
+    /// The log lost data (Redis restarted, failed over or was flushed) and the conversation's
+    /// seq moved past `from_seq..=to_seq`: no message will ever have those seqs. Messages held
+    /// in that range were lost; count the range as held and sync the conversation.
+    Rebased {
+        conversation_id: Uuid,
+        from_seq: i64,
+        to_seq: i64,
+    },
     /// A frame could not be processed; the connection stays usable.
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,7 +211,7 @@ pub enum ServerFrame {
 
 /// Every `type` a server frame may have, `message` included: the frame names the docs, the
 /// AsyncAPI file and the `chat_gateway_frames_out_total` labels use.
-pub const SERVER_FRAME_TYPES: [&str; 10] = [
+pub const SERVER_FRAME_TYPES: [&str; 11] = [
     "hello",
     "ack",
     "message",
@@ -213,6 +221,7 @@ pub const SERVER_FRAME_TYPES: [&str; 10] = [
     "membership",
     "presence",
     "resync",
+    "rebased",
     "error",
 ];
 
@@ -228,6 +237,7 @@ impl ServerFrame {
             ServerFrame::Membership { .. } => "membership",
             ServerFrame::Presence { .. } => "presence",
             ServerFrame::Resync { .. } => "resync",
+            ServerFrame::Rebased { .. } => "rebased",
             ServerFrame::Error { .. } => "error",
         }
     }
@@ -457,6 +467,11 @@ mod tests {
                 ts: 1,
             },
             ServerFrame::Resync { reason: "r".into() },
+            ServerFrame::Rebased {
+                conversation_id: id,
+                from_seq: 4,
+                to_seq: 1_000_003,
+            },
             ServerFrame::error(None, ErrorCode::Internal, "x"),
         ];
         for frame in frames {

@@ -32,6 +32,16 @@ pub struct GatewayConfig {
     pub redis_prefix: String,
     /// Stream partitions; must match the worker's and must not change once data exists.
     pub redis_partitions: u16,
+    /// Entries one stream partition may hold (messages not yet drained into Postgres, and
+    /// those the worker keeps for `worker_stream_retention_secs`) before sends are refused with
+    /// `unavailable`. Also how far a conversation's seq jumps after Redis lost data.
+    pub redis_log_max_backlog: u64,
+    /// When a send is acked: `leader` (the Redis master applied the append) or `replicas:<N>`
+    /// (also N replicas confirmed it, Redis `WAIT`, within `ack_replica_timeout_ms`).
+    pub ack_durability: String,
+    /// How long an append waits for its replicas with `replicas:<N>` before the sender gets
+    /// `unavailable`.
+    pub ack_replica_timeout_ms: u64,
     pub jwt_secret: Option<String>,
     pub jwt_ttl_secs: u64,
     /// JWKS file of an external identity provider whose RS256/ES256 tokens are also accepted.
@@ -125,6 +135,9 @@ impl Default for GatewayConfig {
             database_url: "postgres://postgres@127.0.0.1:5432/chat".into(),
             redis_prefix: "chat".into(),
             redis_partitions: 8,
+            redis_log_max_backlog: chat_core::log::DEFAULT_MAX_BACKLOG,
+            ack_durability: "leader".into(),
+            ack_replica_timeout_ms: 1000,
             jwt_secret: None,
             jwt_ttl_secs: 86_400,
             jwt_jwks_path: None,
@@ -192,6 +205,8 @@ pub struct Validated {
     pub tracing: chat_core::telemetry::TracingSettings,
     /// The external identity provider, when `jwt_jwks_path` is set (checked to load).
     pub external_jwt: Option<ExternalJwt>,
+    /// When a send is acked.
+    pub durability: chat_core::log::Durability,
 }
 
 /// An external identity provider's JWKS document, issuer and audience.
@@ -229,6 +244,7 @@ impl GatewayConfig {
                 "must be 1 to 1024",
             ));
         }
+        let durability = self.durability()?;
         let positive = [
             ("jwt_ttl_secs", self.jwt_ttl_secs as usize),
             (
@@ -268,6 +284,10 @@ impl GatewayConfig {
             (
                 "gateway_send_dedup_window_secs",
                 self.gateway_send_dedup_window_secs as usize,
+            ),
+            (
+                "redis_log_max_backlog",
+                usize::try_from(self.redis_log_max_backlog).unwrap_or(usize::MAX),
             ),
             (
                 "password_reset_ttl_secs",
@@ -398,7 +418,36 @@ impl GatewayConfig {
             tls,
             tracing,
             external_jwt,
+            durability,
         })
+    }
+
+    /// `ack_durability` with its timeout; `replicas` needs Redis.
+    fn durability(&self) -> Result<chat_core::log::Durability, SettingsError> {
+        use chat_core::log::Durability;
+        let durability: Durability = self
+            .ack_durability
+            .parse()
+            .map_err(|e| SettingsError::invalid("ack_durability", e))?;
+        if !(1..=2500).contains(&self.ack_replica_timeout_ms) {
+            return Err(SettingsError::invalid(
+                "ack_replica_timeout_ms",
+                "must be 1 to 2500 (an append answers within 3 s)",
+            ));
+        }
+        match durability {
+            Durability::Leader => Ok(durability),
+            Durability::Replicas { .. } if self.backend == BackendKind::Memory => {
+                Err(SettingsError::invalid(
+                    "ack_durability",
+                    "replicas needs backend = redis (memory acks after the Postgres commit)",
+                ))
+            }
+            Durability::Replicas { count, .. } => Ok(Durability::Replicas {
+                count,
+                timeout: std::time::Duration::from_millis(self.ack_replica_timeout_ms),
+            }),
+        }
     }
 
     /// Reads and checks the external provider's settings and JWKS file.
@@ -471,11 +520,39 @@ mod tests {
         );
     }
 
+    /// `ack_durability` is `leader` or `replicas:<1-16>` (with Redis), and names itself when not.
+    #[test]
+    fn ack_durability_parses_or_names_its_key() {
+        use chat_core::log::Durability;
+        let mut config = base();
+        config.ack_durability = "replicas:2".into();
+        config.ack_replica_timeout_ms = 700;
+        assert_eq!(
+            config.clone().validate().expect("valid").durability,
+            Durability::Replicas {
+                count: 2,
+                timeout: std::time::Duration::from_millis(700)
+            }
+        );
+        for bad in ["replicas:0", "replicas", "all", "replicas:17"] {
+            let mut config = base();
+            config.ack_durability = bad.into();
+            let err = config.validate().expect_err(bad).to_string();
+            assert!(err.contains("ack_durability"), "{err}");
+        }
+        let memory = GatewayConfig {
+            backend: BackendKind::Memory,
+            ack_durability: "replicas:1".into(),
+            ..base()
+        };
+        assert!(memory.validate().is_err(), "replicas needs redis");
+    }
+
     /// Every count, rate and period must be positive: zero would refuse all traffic or spin.
     #[test]
     fn zero_limits_name_their_key() {
         type Zero = fn(&mut GatewayConfig);
-        let cases: [(&str, Zero); 4] = [
+        let cases: [(&str, Zero); 5] = [
             ("gateway_send_rate_per_sec", |c| {
                 c.gateway_send_rate_per_sec = 0
             }),
@@ -484,6 +561,7 @@ mod tests {
             ("gateway_send_dedup_window_secs", |c| {
                 c.gateway_send_dedup_window_secs = 0
             }),
+            ("redis_log_max_backlog", |c| c.redis_log_max_backlog = 0),
         ];
         for (key, set) in cases {
             let mut config = base();

@@ -2,9 +2,11 @@
 //! (messages possibly not yet in Postgres) and Postgres (everything the sink wrote), so an acked
 //! message is readable at once on every node. History requests and sync both read through it.
 //!
-//! Seqs are gap-free from 1 to the conversation's last seq, so the seqs a request wants are
-//! known before reading: the tail answers them when it holds them all, Postgres fills in the
-//! rest, and a seq that neither has is reported rather than skipped while the sink may still
+//! Seqs are gap-free from 1 to the conversation's last seq, except for the ranges a re-base
+//! skipped after Redis lost data (recorded in Postgres), so the seqs a request wants are known
+//! before reading: the tail answers them when it holds them all, Postgres fills in the rest, a
+//! seq in a skipped range is passed over (and a page that ends in one reaches to its far end),
+//! and any other seq that neither has is reported rather than skipped while the sink may still
 //! write it.
 
 use std::collections::BTreeMap;
@@ -32,6 +34,16 @@ impl From<chat_core::store::StoreError> for HistoryError {
     fn from(e: chat_core::store::StoreError) -> Self {
         HistoryError::Postgres(e.to_string())
     }
+}
+
+/// What a range read found.
+#[derive(Debug)]
+pub struct Range {
+    /// The messages, ascending.
+    pub messages: Vec<MessageFrame>,
+    /// The seqs the read accounts for: the range asked, extended over skipped ranges that
+    /// cover either end (a page that ends in one continues after it).
+    pub covered: (i64, i64),
 }
 
 /// Reads history.
@@ -62,17 +74,21 @@ impl History {
         }
     }
 
-    /// The messages with `lo <= seq <= hi`, ascending. Call with a bounded range (it is read
-    /// whole).
+    /// The messages with `lo <= seq <= hi`, ascending, and the seqs the read accounts for
+    /// (`lo..=hi`, reaching further where a skipped range covers either end). Call with a
+    /// bounded range (it is read whole).
     pub async fn read_range(
         &self,
         conversation: Uuid,
         lo: i64,
         hi: i64,
-    ) -> Result<Vec<MessageFrame>, HistoryError> {
+    ) -> Result<Range, HistoryError> {
         let lo = lo.max(1);
         if lo > hi {
-            return Ok(Vec::new());
+            return Ok(Range {
+                messages: Vec::new(),
+                covered: (lo, hi),
+            });
         }
         let wanted = usize::try_from(hi - lo + 1).unwrap_or(usize::MAX);
         let mut found: BTreeMap<i64, MessageFrame> =
@@ -88,19 +104,35 @@ impl History {
                 found.entry(m.seq).or_insert(m);
             }
         }
+        let mut covered = (lo, hi);
         if found.len() < wanted {
+            let gaps = self.store.seq_gaps(conversation, lo, hi).await?;
+            for &(glo, ghi) in &gaps {
+                if glo <= lo {
+                    covered.0 = covered.0.min(glo.max(1));
+                }
+                if ghi >= hi {
+                    covered.1 = covered.1.max(ghi);
+                }
+            }
+            let skipped = |s: i64| gaps.iter().any(|&(glo, ghi)| glo <= s && s <= ghi);
             let missing_above = (lo..=hi)
-                .filter(|s| !found.contains_key(s))
+                .filter(|s| !found.contains_key(s) && !skipped(*s))
                 .max()
                 .unwrap_or(0);
             // A hole at or below what Postgres has recorded will never fill (a dead-lettered
             // entry, or Redis data loss); a hole above it may still be written by the sink.
-            if missing_above > self.store.last_seq(conversation).await? {
-                self.metrics.history_incomplete.inc();
-                return Err(HistoryError::CatchingUp);
+            if missing_above > 0 {
+                if missing_above > self.store.last_seq(conversation).await? {
+                    self.metrics.history_incomplete.inc();
+                    return Err(HistoryError::CatchingUp);
+                }
+                tracing::warn!(%conversation, "history has a permanent hole; skipping it");
             }
-            tracing::warn!(%conversation, "history has a permanent hole; skipping it");
         }
-        Ok(found.into_values().collect())
+        Ok(Range {
+            messages: found.into_values().collect(),
+            covered,
+        })
     }
 }

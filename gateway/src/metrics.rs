@@ -27,6 +27,7 @@ pub struct Metrics {
     pub messages_accepted: IntCounter,
     pub messages_delivered: IntCounter,
     pub redis_errors: IntCounterVec,
+    pub log_events: IntCounterVec,
     pub pubsub_subscriptions: IntGauge,
     pub pubsub_reconnects: IntCounter,
     pub outbound_dropped: IntCounter,
@@ -120,6 +121,11 @@ impl Metrics {
                 "Failed Redis operations",
                 &["op"],
             )?,
+            log_events: counter_vec(
+                "chat_gateway_log_events_total",
+                "What the log did about Redis losing data and its bounds: epoch_opened, rebased, backlog_full, replicas_short",
+                &["event"],
+            )?,
             pubsub_subscriptions: gauge(
                 "chat_gateway_pubsub_subscriptions",
                 "Channels (users' and rooms') this node is subscribed to",
@@ -190,6 +196,7 @@ impl Metrics {
             errors: self.redis_errors.clone(),
             subscriptions: self.pubsub_subscriptions.clone(),
             reconnects: self.pubsub_reconnects.clone(),
+            log_events: self.log_events.clone(),
         }
     }
 
@@ -198,6 +205,9 @@ impl Metrics {
     fn with_known_labels(self) -> Self {
         for op in ["append", "command", "pubsub_connect", "pubsub"] {
             self.redis_errors.with_label_values(&[op]);
+        }
+        for event in ["epoch_opened", "rebased", "backlog_full", "replicas_short"] {
+            self.log_events.with_label_values(&[event]);
         }
         for limit in [
             "send",

@@ -64,6 +64,7 @@ impl Backend {
     fn redis(
         config: &Validated,
         metrics: &Metrics,
+        store: &Store,
         delivery: Arc<Delivery>,
         stop: CancellationToken,
     ) -> Result<Backend, GatewayError> {
@@ -78,11 +79,15 @@ impl Backend {
             stop,
         );
         Ok(Backend {
-            log: Arc::new(RedisLog::new(
-                redis.clone(),
-                keys.clone(),
-                retention(config),
-            )),
+            log: Arc::new(
+                RedisLog::new(
+                    redis.clone(),
+                    keys.clone(),
+                    retention(config),
+                    Arc::new(store.clone()),
+                )
+                .with_durability(config.durability),
+            ),
             pubsub: Arc::new(pubsub),
             presence: Arc::new(RedisPresence::new(
                 redis.clone(),
@@ -188,6 +193,7 @@ fn retention(config: &Validated) -> Retention {
         tail_len: cfg.gateway_history_tail_len,
         tail_ttl_ms: cfg.gateway_history_tail_ttl_secs.saturating_mul(1000),
         dedup_window_ms: cfg.gateway_send_dedup_window_secs.saturating_mul(1000),
+        max_backlog: cfg.redis_log_max_backlog,
     }
 }
 
@@ -266,7 +272,9 @@ pub async fn run(
     // The backend outlives the connections: it stops after they have drained.
     let backend_stop = CancellationToken::new();
     let backend = match cfg.backend {
-        BackendKind::Redis => Backend::redis(&config, &metrics, delivery, backend_stop.clone())?,
+        BackendKind::Redis => {
+            Backend::redis(&config, &metrics, &store, delivery, backend_stop.clone())?
+        }
         BackendKind::Memory => {
             Backend::memory(&config, &metrics, &store, delivery, backend_stop.clone())?
         }

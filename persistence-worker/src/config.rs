@@ -30,7 +30,9 @@ pub struct WorkerConfig {
     pub worker_claim_idle_ms: u64,
     pub worker_claim_interval_ms: u64,
     pub worker_trim_interval_ms: u64,
-    /// Acked entries younger than this stay in the stream (recent history is served from it).
+    /// Acked entries younger than this stay in the stream (nothing reads them; they are there
+    /// to inspect). They count towards the gateway's `redis_log_max_backlog`; 0 trims right
+    /// behind what the group has acked.
     pub worker_stream_retention_secs: u64,
     pub worker_pg_pool_size: usize,
     /// OTLP/HTTP endpoint spans are exported to (`http://collector:4318`); unset: no export.
@@ -55,7 +57,7 @@ impl Default for WorkerConfig {
             worker_claim_idle_ms: 30_000,
             worker_claim_interval_ms: 5_000,
             worker_trim_interval_ms: 10_000,
-            worker_stream_retention_secs: 3600,
+            worker_stream_retention_secs: 0,
             // One per partition loop (8 by default) and one for the readiness probe.
             worker_pg_pool_size: 9,
             otel_endpoint: None,

@@ -2,6 +2,7 @@
 //! gateway's append script wrote, across a SIGKILLed worker and a Postgres outage.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chat_core::conversation::direct_conversation_id;
@@ -52,7 +53,8 @@ impl Fixture {
     /// Appends `n` messages spread over every pair of users; returns their ids.
     async fn append(&self, n: usize) -> Vec<Uuid> {
         let redis = Commands::new(&testing::redis_url(), None).expect("redis url");
-        let log = RedisLog::new(redis, self.keys(), Retention::default());
+        let store = chat_core::store::Store::connect(&self.db_url, 2).expect("store");
+        let log = RedisLog::new(redis, self.keys(), Retention::default(), Arc::new(store));
         let mut pairs = Vec::new();
         for (i, a) in self.users.iter().enumerate() {
             for b in &self.users[i + 1..] {

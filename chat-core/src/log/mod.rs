@@ -24,6 +24,9 @@ pub const DEFAULT_TAIL_LEN: u32 = 1000;
 pub const DEFAULT_TAIL_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Default window in which a repeated client id gets the original ack.
 pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 10 * 60 * 1000;
+/// Default bound on the entries a partition holds (its backlog): appends beyond it are refused
+/// (`unavailable`). It is also how far a counter jumps when Redis may have lost seqs it issued.
+pub const DEFAULT_MAX_BACKLOG: u64 = 1_000_000;
 
 /// What the log keeps beside the entries: the tail and the idempotency records.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +37,10 @@ pub struct Retention {
     pub tail_ttl_ms: u64,
     /// How long a client id is remembered.
     pub dedup_window_ms: u64,
+    /// Entries a partition may hold before appends are refused. Every message appended and not
+    /// yet in Postgres is among them, so no conversation has more seqs issued beyond what
+    /// Postgres holds: the margin a re-base adds (see [`SeqFloor`]).
+    pub max_backlog: u64,
 }
 
 impl Default for Retention {
@@ -42,8 +49,71 @@ impl Default for Retention {
             tail_len: DEFAULT_TAIL_LEN,
             tail_ttl_ms: DEFAULT_TAIL_TTL_MS,
             dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
+            max_backlog: DEFAULT_MAX_BACKLOG,
         }
     }
+}
+
+/// When an append is acked: what the log must have done with it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Once the log's primary applied it (on Redis: the master ran the script). A failover
+    /// to a replica that had not received it loses it.
+    #[default]
+    Leader,
+    /// Once `count` replicas confirmed it (Redis `WAIT`), within `timeout`; otherwise the
+    /// sender is told `unavailable`, and a retry with the same client id is idempotent.
+    Replicas {
+        count: u32,
+        timeout: std::time::Duration,
+    },
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    /// `leader` or `replicas:<N>` (N from 1 to 16).
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "leader" {
+            return Ok(Durability::Leader);
+        }
+        let count = text
+            .strip_prefix("replicas:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| (1..=16).contains(n))
+            .ok_or_else(|| format!("{text:?} is neither `leader` nor `replicas:<1-16>`"))?;
+        Ok(Durability::Replicas {
+            count,
+            timeout: std::time::Duration::from_millis(1000),
+        })
+    }
+}
+
+/// What a log that can lose data (Redis after a restart, failover or flush) consults in the
+/// durable store so that it never issues a seq twice: how far Postgres holds a conversation,
+/// a record of every epoch it opens, and the seq ranges a re-base skipped. Implemented by
+/// [`crate::store::Store`].
+#[async_trait]
+pub trait SeqFloor: Send + Sync {
+    /// The conversation's highest seq in Postgres (0 without messages).
+    async fn persisted_last_seq(&self, conversation: Uuid) -> Result<i64, BackendError>;
+    /// Records a new epoch of `partition` in the log named `prefix`; true when seqs were
+    /// issued in an earlier epoch of it (so some may be lost to the log).
+    async fn open_epoch(
+        &self,
+        prefix: &str,
+        partition: u16,
+        epoch: &str,
+    ) -> Result<bool, BackendError>;
+    /// Marks `epoch` as one seqs are issued in; called before the first is.
+    async fn mark_used(
+        &self,
+        prefix: &str,
+        partition: u16,
+        epoch: &str,
+    ) -> Result<(), BackendError>;
+    /// Records that seqs `lo..=hi` of `conversation` will never hold a message.
+    async fn record_gap(&self, conversation: Uuid, lo: i64, hi: i64) -> Result<(), BackendError>;
 }
 
 /// The gateway's side of the log.

@@ -2,12 +2,18 @@
 //! counter, a tail stream and the idempotency records per conversation, all in the
 //! conversation's partition slot. An append is one script round trip that also publishes the
 //! message envelope; the workers read each partition with the consumer group `persistence`.
+//!
+//! No seq is issued twice, whatever Redis loses: each partition has an epoch, opened anew when
+//! Redis lost it (a flush, an empty restart) or does not know the scripts (any restart or
+//! failover), and a counter issues seqs only in the epoch it was validated in, after a re-base
+//! above what Postgres holds (see `docs/architecture.md`, "When Redis loses data").
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chat_protocol::MessageFrame;
+use chat_protocol::{MessageFrame, ServerFrame};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadOptions, StreamReadReply,
@@ -16,13 +22,13 @@ use redis::{AsyncCommands, Value};
 use uuid::Uuid;
 
 use super::{
-    ClaimPage, DecodeError, LogConsumer, LogEntry, MessageLog, PartitionReader, PartitionStats,
-    ReadFrom, Retention,
+    ClaimPage, DecodeError, Durability, LogConsumer, LogEntry, MessageLog, PartitionReader,
+    PartitionStats, ReadFrom, Retention, SeqFloor,
 };
 use crate::backend::BackendError;
 use crate::keys::{KeySchema, PERSISTENCE_GROUP};
 use crate::message::{Appended, NewMessage, StoredMessage};
-use crate::pubsub::envelope::message_header_around_seq;
+use crate::pubsub::envelope::{message_header_around_seq, Envelope};
 use crate::redis_conn::Commands;
 
 /// Field names of a stream entry. Short, because every message carries them.
@@ -39,24 +45,32 @@ pub mod field {
 }
 
 /// Unless the sender's client id was appended in this conversation within the dedup window
-/// (then it answers the original seq, msg_id and ts and changes nothing), assigns the next seq,
-/// appends the entry to the partition stream and to the conversation's tail, records a direct
-/// conversation's members with its first message, remembers the client id, and publishes the
-/// message envelope to every channel given (both users' channels, or the room's). Every key is
-/// in one slot: KEYS[1] the counter, KEYS[2] the partition stream, KEYS[3] the tail, KEYS[4]
-/// the pair, KEYS[5] the client id's record. ARGV: 1-6 the entry's fields, 7-8 the frame
-/// around the seq, 9-10 the envelope header around the seq, 11-13 the tail length, tail TTL and
-/// dedup window, 14 the pair (empty in rooms), 15 the traceparent (empty when not traced),
-/// then the channels. The tail is a cache: if its XADD fails (its last id is above `seq` after
-/// a Redis data loss), the message is still accepted, and history reads notice the hole (see
-/// `docs/architecture.md`).
+/// (then it answers the original seq, msg_id and ts, and only refreshes the record), checks that the
+/// partition has an epoch (`{-1}` when not), that the conversation's counter was validated in it
+/// (`{-2}` when not: it must be re-based first) and that the partition holds fewer than the
+/// backlog bound (`{-3}` when full); then assigns the next seq, appends the entry to the
+/// partition stream and to the conversation's tail, records a direct conversation's members
+/// with its first message, remembers the client id, and publishes the message envelope to every
+/// channel given (both users' channels, or the room's). Every key is in one slot: KEYS[1] the
+/// counter, KEYS[2] the partition stream, KEYS[3] the tail, KEYS[4] the pair, KEYS[5] the client
+/// id's record, KEYS[6] the partition's epoch. ARGV: 1-6 the entry's fields, 7-8 the frame around
+/// the seq, 9-10 the envelope header around the seq, 11-13 the tail length, tail TTL and dedup
+/// window, 14 the pair (empty in rooms), 15 the traceparent (empty when not traced), 16 the
+/// backlog bound, then the channels. The tail is a cache: if its XADD fails (its last id is
+/// above `seq`), the message is still accepted, and history reads notice the hole.
 const APPEND_LUA: &str = r#"
 local prior = redis.call('GET', KEYS[5])
 if prior then
+  -- A write, so that a WAIT after this script also covers the original append.
+  redis.call('PEXPIRE', KEYS[5], ARGV[13])
   local seq, msg_id, ts = string.match(prior, '^(%d+):([^:]+):(%d+)$')
   return {tonumber(seq), msg_id, tonumber(ts)}
 end
-local seq = redis.call('INCR', KEYS[1])
+local epoch = redis.call('GET', KEYS[6])
+if not epoch then return {-1} end
+if redis.call('HGET', KEYS[1], 'e') ~= epoch then return {-2} end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[16]) then return {-3} end
+local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
 local entry = {'msg_id', ARGV[1], 'conv', ARGV[2], 'seq', seq, 'from', ARGV[3], 'to', ARGV[4],
   'body', ARGV[5], 'ts', ARGV[6]}
 if ARGV[15] ~= '' then
@@ -70,12 +84,42 @@ redis.call('PEXPIRE', KEYS[3], ARGV[12])
 if seq == 1 and ARGV[14] ~= '' then redis.call('SET', KEYS[4], ARGV[14]) end
 redis.call('SET', KEYS[5], seq .. ':' .. ARGV[1] .. ':' .. ARGV[6], 'PX', ARGV[13])
 local payload = ARGV[9] .. seq .. ARGV[10] .. '\n' .. frame
-for i = 16, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end
+for i = 17, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end
 return {seq}
 "#;
 
+/// Validates a conversation's counter in the partition's current epoch: unless the epoch is no
+/// longer ARGV[1] (`0`: read again) or another process validated it already (`1`), sets the
+/// counter to at least ARGV[2], records the epoch, publishes ARGV[3] (the `rebased` event, when
+/// seqs were skipped) to the channels ARGV[4..], and answers `2`. KEYS[1] the counter, KEYS[2]
+/// the epoch.
+const REBASE_LUA: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then return 1 end
+local target = tonumber(ARGV[2])
+local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+if n > target then target = n end
+redis.call('HSET', KEYS[1], 'n', target, 'e', ARGV[1])
+if ARGV[3] ~= '' then
+  for i = 4, #ARGV do redis.call('PUBLISH', ARGV[i], ARGV[3]) end
+end
+return 2
+"#;
+
+/// What the append script answered.
+#[derive(Debug, PartialEq, Eq)]
+enum AppendReply {
+    Done(Appended),
+    /// The partition has no epoch: Redis lost it (a flush, or an empty restart).
+    NoEpoch,
+    /// The counter was not validated in the current epoch.
+    Unvalidated,
+    /// The partition holds the backlog bound.
+    BacklogFull,
+}
+
 /// The script's reply.
-fn appended_from(v: &Value) -> redis::RedisResult<Appended> {
+fn append_reply(v: &Value) -> redis::RedisResult<AppendReply> {
     let malformed = || {
         redis::RedisError::from((
             redis::ErrorKind::TypeError,
@@ -84,20 +128,59 @@ fn appended_from(v: &Value) -> redis::RedisResult<Appended> {
     };
     let parts: Vec<Value> = redis::FromRedisValue::from_redis_value(v)?;
     match parts.as_slice() {
-        [seq] => Ok(Appended::New {
-            seq: redis::FromRedisValue::from_redis_value(seq)?,
-        }),
+        [seq] => match redis::FromRedisValue::from_redis_value(seq)? {
+            -1i64 => Ok(AppendReply::NoEpoch),
+            -2 => Ok(AppendReply::Unvalidated),
+            -3 => Ok(AppendReply::BacklogFull),
+            seq if seq > 0 => Ok(AppendReply::Done(Appended::New { seq })),
+            _ => Err(malformed()),
+        },
         [seq, msg_id, ts] => {
             let msg_id: String = redis::FromRedisValue::from_redis_value(msg_id)?;
-            Ok(Appended::Repeat {
+            Ok(AppendReply::Done(Appended::Repeat {
                 seq: redis::FromRedisValue::from_redis_value(seq)?,
                 msg_id: Uuid::parse_str(&msg_id).map_err(|_| malformed())?,
                 ts: redis::FromRedisValue::from_redis_value(ts)?,
-            })
+            }))
         }
         _ => Err(malformed()),
     }
 }
+
+/// `EVALSHA` of `script` on `keys`; the caller adds the arguments.
+fn evalsha(script: &redis::Script, keys: &[String]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    cmd
+}
+
+/// The margin of an epoch value (`<token>:<margin>`).
+fn epoch_margin(value: &str) -> Option<u64> {
+    value.rsplit_once(':')?.1.parse().ok()
+}
+
+/// Where a re-base moves a counter: above every seq Redis still knows (`known`), and, when seqs
+/// may have been lost (`margin` > 0), above every seq that can have been issued: no conversation
+/// has more than `margin` seqs beyond what Postgres held when they were issued. Returns the new
+/// counter and the skipped range, if any.
+pub fn rebase_target(known: i64, persisted: i64, margin: u64) -> (i64, Option<(i64, i64)>) {
+    let known = known.max(persisted);
+    if margin == 0 {
+        return (known, None);
+    }
+    let above = persisted.saturating_add(i64::try_from(margin).unwrap_or(i64::MAX));
+    if above > known {
+        (above, Some((known + 1, above)))
+    } else {
+        (known, None)
+    }
+}
+
+/// A counter as `HMGET n e` reads it: the last seq, and the epoch it was validated in.
+type Counter = (Option<i64>, Option<String>);
+
+/// Longest a caller waits through re-bases and epoch changes before it is told `unavailable`.
+const MAX_APPEND_ROUNDS: usize = 4;
 
 /// The gateway's side of the log on Redis.
 #[derive(Clone)]
@@ -105,20 +188,224 @@ pub struct RedisLog {
     redis: Commands,
     keys: KeySchema,
     retention: Retention,
-    script: std::sync::Arc<redis::Script>,
+    floor: Arc<dyn SeqFloor>,
+    append: Arc<redis::Script>,
+    rebase: Arc<redis::Script>,
+    /// Epochs this process marked used (each is marked once, before its first seq).
+    marked: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    durability: Durability,
 }
 
 impl RedisLog {
-    pub fn new(redis: Commands, keys: KeySchema, retention: Retention) -> Self {
+    /// The log on `redis`; `floor` is the durable store it re-bases counters against.
+    pub fn new(
+        redis: Commands,
+        keys: KeySchema,
+        retention: Retention,
+        floor: Arc<dyn SeqFloor>,
+    ) -> Self {
         RedisLog {
             redis,
-            keys,
             retention: Retention {
                 dedup_window_ms: retention.dedup_window_ms.max(1),
+                max_backlog: retention.max_backlog.max(1),
                 ..retention
             },
-            script: std::sync::Arc::new(redis::Script::new(APPEND_LUA)),
+            floor,
+            // The prefix in the text makes the scripts' hashes the deployment's own: every
+            // deployment sharing a Redis notices its restart by itself.
+            append: Arc::new(redis::Script::new(&format!(
+                "-- chat log {}\n{APPEND_LUA}",
+                keys.prefix()
+            ))),
+            rebase: Arc::new(redis::Script::new(&format!(
+                "-- chat log {}\n{REBASE_LUA}",
+                keys.prefix()
+            ))),
+            marked: Arc::default(),
+            durability: Durability::Leader,
+            keys,
         }
+    }
+
+    /// Acks only what `durability` promises.
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    fn event(&self, event: &str) {
+        if let Some(m) = self.redis.metrics() {
+            m.log_events.with_label_values(&[event]).inc();
+        }
+    }
+
+    /// Runs `cmd` (an [`evalsha`] of one of the log's scripts). A Redis that does not know the
+    /// script is a new process (a restart or a failover): whatever it lost, the counters it
+    /// holds may be behind, so every partition gets a new epoch before the scripts are loaded,
+    /// and nothing is appended in the old ones.
+    async fn eval(&self, label: &str, cmd: &redis::Cmd) -> Result<Value, BackendError> {
+        Ok(self.eval_waited(label, cmd, None).await?.0)
+    }
+
+    /// [`Self::eval`], followed on the same connection (one pipeline) by `WAIT` for `wait`
+    /// replicas when given: its reply, the replicas that confirmed everything this connection
+    /// wrote up to the script, comes second.
+    async fn eval_waited(
+        &self,
+        label: &str,
+        cmd: &redis::Cmd,
+        wait: Option<(u32, u64)>,
+    ) -> Result<(Value, Option<i64>), BackendError> {
+        let pipe = wait.map(|(replicas, timeout_ms)| {
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd.clone())
+                .cmd("WAIT")
+                .arg(replicas)
+                .arg(timeout_ms);
+            pipe
+        });
+        let once = || {
+            self.redis.run(label, |mut conn| {
+                let pipe = pipe.as_ref();
+                async move {
+                    let reply = match pipe {
+                        None => cmd.query_async::<Value>(&mut conn).await.map(|v| (v, None)),
+                        Some(pipe) => pipe
+                            .query_async::<(Value, i64)>(&mut conn)
+                            .await
+                            .map(|(v, w)| (v, Some(w))),
+                    };
+                    match reply {
+                        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => Ok(None),
+                        other => other.map(Some),
+                    }
+                }
+            })
+        };
+        if let Some(reply) = once().await? {
+            return Ok(reply);
+        }
+        tracing::warn!(
+            "redis does not know the log's scripts (restarted or failed over); opening new epochs"
+        );
+        for p in 0..self.keys.partitions() {
+            self.open_epoch(p, true).await?;
+        }
+        for script in [&self.append, &self.rebase] {
+            let _: String = self
+                .redis
+                .run("command", |mut conn| async move {
+                    script.prepare_invoke().load_async(&mut conn).await
+                })
+                .await?;
+        }
+        once()
+            .await?
+            .ok_or_else(|| BackendError::Unavailable("redis lost the log's scripts again".into()))
+    }
+
+    /// Opens a new epoch of partition `p` (recorded in Postgres first). `replace` after a
+    /// restart (the old epoch may have survived in the restored data); otherwise only where
+    /// the epoch is missing, so concurrent openers agree on one.
+    async fn open_epoch(&self, p: u16, replace: bool) -> Result<(), BackendError> {
+        let token = Uuid::new_v4().simple().to_string();
+        let used = self.floor.open_epoch(self.keys.prefix(), p, &token).await?;
+        let margin = if used { self.retention.max_backlog } else { 0 };
+        let value = format!("{token}:{margin}");
+        let mut set = redis::cmd("SET");
+        set.arg(self.keys.epoch(p)).arg(&value);
+        if !replace {
+            set.arg("NX");
+        }
+        let _: Option<String> = self
+            .redis
+            .run("command", |mut conn| async move {
+                set.query_async(&mut conn).await
+            })
+            .await?;
+        self.event("epoch_opened");
+        tracing::info!(partition = p, margin, "log epoch opened");
+        Ok(())
+    }
+
+    /// Validates `msg`'s conversation counter in the current epoch: above what Redis knows and
+    /// what Postgres holds, and, when the epoch says seqs may have been lost, above every seq
+    /// that can have been issued. The skipped range is announced to the conversation's topics
+    /// (`rebased`) and recorded for history.
+    async fn rebase(&self, msg: &NewMessage) -> Result<(), BackendError> {
+        let conv = msg.conversation_id;
+        let p = self.keys.partition_of(conv);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(self.keys.seq_counter(conv))
+            .arg("n")
+            .arg("e")
+            .cmd("GET")
+            .arg(self.keys.legacy_seq(conv))
+            .cmd("GET")
+            .arg(self.keys.epoch(p));
+        let (counter, legacy, epoch): (Counter, Option<i64>, Option<String>) =
+            self.redis.query("command", &pipe).await?;
+        let (n, validated) = counter;
+        let Some(epoch) = epoch else {
+            return self.open_epoch(p, false).await;
+        };
+        if validated.as_deref() == Some(epoch.as_str()) {
+            return Ok(());
+        }
+        let persisted = self.floor.persisted_last_seq(conv).await?;
+        let margin = epoch_margin(&epoch).unwrap_or(self.retention.max_backlog);
+        let unmarked = !self
+            .marked
+            .lock()
+            .map(|m| m.contains(&epoch))
+            .unwrap_or(false);
+        if unmarked {
+            self.floor.mark_used(self.keys.prefix(), p, &epoch).await?;
+            if let Ok(mut marked) = self.marked.lock() {
+                if marked.len() >= 4096 {
+                    marked.clear();
+                }
+                marked.insert(epoch.clone());
+            }
+        }
+        let known = n.unwrap_or(0).max(legacy.unwrap_or(0));
+        let (target, gap) = rebase_target(known, persisted, margin);
+        let payload = gap
+            .map(|(lo, hi)| {
+                Envelope::event(
+                    Uuid::nil(),
+                    ServerFrame::Rebased {
+                        conversation_id: conv,
+                        from_seq: lo,
+                        to_seq: hi,
+                    },
+                )
+                .encode()
+            })
+            .unwrap_or_default();
+        let mut cmd = evalsha(
+            &self.rebase,
+            &[self.keys.seq_counter(conv), self.keys.epoch(p)],
+        );
+        cmd.arg(epoch).arg(target).arg(payload);
+        for topic in msg.topics() {
+            cmd.arg(self.keys.channel(topic));
+        }
+        let applied: i64 =
+            redis::FromRedisValue::from_redis_value(&self.eval("command", &cmd).await?)?;
+        if applied == 2 {
+            self.event("rebased");
+            if let Some((lo, hi)) = gap {
+                tracing::warn!(conversation = %conv, lo, hi, "seq counter re-based above seqs Redis may have lost");
+                // Without the record history still skips the range, one page at a time.
+                if let Err(e) = self.floor.record_gap(conv, lo, hi).await {
+                    tracing::warn!(conversation = %conv, error = %e, "skipped seq range not recorded");
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -150,14 +437,18 @@ impl MessageLog for RedisLog {
                 format!("{low}:{high}")
             })
             .unwrap_or_default();
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(self.keys.seq(conv))
-            .key(self.keys.stream(p))
-            .key(self.keys.tail(conv))
-            .key(self.keys.pair(conv))
-            .key(self.keys.sent(conv, msg.from, client_id))
-            .arg(msg.msg_id.to_string())
+        let mut cmd = evalsha(
+            &self.append,
+            &[
+                self.keys.seq_counter(conv),
+                self.keys.stream(p),
+                self.keys.tail(conv),
+                self.keys.pair(conv),
+                self.keys.sent(conv, msg.from, client_id),
+                self.keys.epoch(p),
+            ],
+        );
+        cmd.arg(msg.msg_id.to_string())
             .arg(conv.to_string())
             .arg(msg.from.to_string())
             .arg(msg.to.map(|t| t.to_string()).unwrap_or_default())
@@ -171,19 +462,68 @@ impl MessageLog for RedisLog {
             .arg(self.retention.tail_ttl_ms)
             .arg(self.retention.dedup_window_ms)
             .arg(pair)
-            .arg(msg.trace_parent.as_deref().unwrap_or_default());
+            .arg(msg.trace_parent.as_deref().unwrap_or_default())
+            .arg(self.retention.max_backlog);
         for topic in msg.topics() {
-            invocation.arg(self.keys.channel(topic));
+            cmd.arg(self.keys.channel(topic));
         }
-        let reply: Value = self.redis.invoke("append", &invocation).await?;
-        Ok(appended_from(&reply)?)
+        let wait = match self.durability {
+            Durability::Leader => None,
+            Durability::Replicas { count, timeout } => Some((
+                count,
+                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            )),
+        };
+        for _ in 0..MAX_APPEND_ROUNDS {
+            let (reply, confirmed) = self.eval_waited("append", &cmd, wait).await?;
+            match append_reply(&reply)? {
+                AppendReply::Done(appended) => {
+                    if let (Some((count, _)), Some(confirmed)) = (wait, confirmed) {
+                        if confirmed < i64::from(count) {
+                            self.event("replicas_short");
+                            return Err(BackendError::Unavailable(format!(
+                                "{confirmed} of {count} replicas confirmed the append in time"
+                            )));
+                        }
+                    }
+                    return Ok(appended);
+                }
+                AppendReply::NoEpoch => {
+                    tracing::warn!(partition = p, "log partition has no epoch (Redis lost its data, or this is its first use)");
+                    self.open_epoch(p, false).await?
+                }
+                AppendReply::Unvalidated => self.rebase(msg).await?,
+                AppendReply::BacklogFull => {
+                    self.event("backlog_full");
+                    return Err(BackendError::Unavailable(format!(
+                        "log partition {p} holds {} entries not yet drained",
+                        self.retention.max_backlog
+                    )));
+                }
+            }
+        }
+        Err(BackendError::Unavailable(
+            "the log's epoch kept changing".into(),
+        ))
     }
 
     async fn last_seq(&self, conversation: Uuid) -> Result<i64, BackendError> {
+        let p = self.keys.partition_of(conversation);
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(self.keys.seq(conversation));
-        let (seq,): (Option<i64>,) = self.redis.query("command", &pipe).await?;
-        Ok(seq.unwrap_or(0))
+        pipe.cmd("HMGET")
+            .arg(self.keys.seq_counter(conversation))
+            .arg("n")
+            .arg("e")
+            .cmd("GET")
+            .arg(self.keys.epoch(p));
+        let ((n, validated), epoch): (Counter, Option<String>) =
+            self.redis.query("command", &pipe).await?;
+        let n = n.unwrap_or(0);
+        if epoch.is_some() && validated == epoch {
+            return Ok(n);
+        }
+        // Not validated since Redis lost or restored data: what it says may be behind.
+        Ok(n.max(self.floor.persisted_last_seq(conversation).await?))
     }
 
     async fn recent(
@@ -509,6 +849,56 @@ fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A re-base never goes below what Redis or Postgres knows; with a margin it goes above
+    /// Postgres by the margin and names the skipped range.
+    #[test]
+    fn rebase_targets() {
+        assert_eq!(
+            rebase_target(0, 0, 0),
+            (0, None),
+            "a new deployment starts at 1"
+        );
+        assert_eq!(rebase_target(7, 3, 0), (7, None));
+        assert_eq!(rebase_target(3, 7, 0), (7, None));
+        assert_eq!(rebase_target(3, 5, 1000), (1005, Some((6, 1005))));
+        assert_eq!(rebase_target(0, 0, 1000), (1000, Some((1, 1000))));
+        assert_eq!(
+            rebase_target(5000, 5, 1000),
+            (5000, None),
+            "already above every issued seq"
+        );
+        assert_eq!(epoch_margin("0a1b:1000000"), Some(1_000_000));
+        assert_eq!(epoch_margin("garbage"), None);
+    }
+
+    /// The script's status replies and its two kinds of answer parse; anything else is an error.
+    #[test]
+    fn append_replies_parse() {
+        let int = |n: i64| Value::Array(vec![Value::Int(n)]);
+        assert_eq!(append_reply(&int(-1)).ok(), Some(AppendReply::NoEpoch));
+        assert_eq!(append_reply(&int(-2)).ok(), Some(AppendReply::Unvalidated));
+        assert_eq!(append_reply(&int(-3)).ok(), Some(AppendReply::BacklogFull));
+        assert_eq!(
+            append_reply(&int(9)).ok(),
+            Some(AppendReply::Done(Appended::New { seq: 9 }))
+        );
+        assert!(append_reply(&int(0)).is_err());
+        let id = Uuid::now_v7();
+        let repeat = Value::Array(vec![
+            Value::Int(4),
+            Value::BulkString(id.to_string().into_bytes()),
+            Value::Int(77),
+        ]);
+        assert_eq!(
+            append_reply(&repeat).ok(),
+            Some(AppendReply::Done(Appended::Repeat {
+                seq: 4,
+                msg_id: id,
+                ts: 77
+            }))
+        );
+    }
 
     /// Stream ids order numerically, not as text.
     #[test]

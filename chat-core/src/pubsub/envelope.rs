@@ -61,8 +61,8 @@ pub enum EnvelopeError {
 }
 
 impl Envelope {
-    /// An event envelope: `frame` serialized once. Only `read`, `typing`, `presence` and
-    /// `membership` frames are relayed between nodes.
+    /// An event envelope: `frame` serialized once. Only `read`, `typing`, `presence`,
+    /// `membership` and `rebased` frames are relayed between nodes.
     pub fn event(origin: Uuid, frame: ServerFrame) -> Self {
         debug_assert!(is_relayable(&frame), "{frame:?} is not relayed");
         let json = ByteString::from(frame.to_json());
@@ -179,6 +179,7 @@ fn is_relayable(frame: &ServerFrame) -> bool {
             | ServerFrame::Typing { .. }
             | ServerFrame::Presence { .. }
             | ServerFrame::Membership { .. }
+            | ServerFrame::Rebased { .. }
     )
 }
 

@@ -19,6 +19,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "accounts",
         include_str!("../../migrations/0003_accounts.sql"),
     ),
+    (
+        4,
+        "log_epochs",
+        include_str!("../../migrations/0004_log_epochs.sql"),
+    ),
 ];
 
 /// Arbitrary constant key for the migration advisory lock.

@@ -3,10 +3,12 @@
 //!
 //! One file per group of tables: [`users`], [`password_resets`], [`conversations`] (membership,
 //! lists, read positions, the direct-conversation insert both binaries share), [`rooms`],
-//! [`messages`] (history ranges and the worker's batch insert), and [`migrate`].
+//! [`messages`] (history ranges and the worker's batch insert), [`log_epochs`] (what the Redis
+//! log re-bases its counters against after a data loss), and [`migrate`].
 
 pub mod conversations;
 pub mod lock;
+pub mod log_epochs;
 pub mod messages;
 pub mod migrate;
 pub mod password_resets;

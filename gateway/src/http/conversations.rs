@@ -120,16 +120,30 @@ pub async fn messages(
     } else {
         ((upper - limit + 1).max(lower), upper)
     };
-    let messages = history
+    let range = history
         .read_range(conversation, lo, hi)
         .await
         .map_err(history_error)?;
-    let first = messages.first().map(|m| m.seq);
-    let highest = messages.last().map(|m| m.seq);
+    // The next page starts where this one's messages end, or past a skipped range at its edge.
+    let first = range.messages.first().map(|m| m.seq);
+    let highest = range.messages.last().map(|m| m.seq);
+    let (covered_lo, covered_hi) = range.covered;
+    let before = match first {
+        Some(seq) if covered_lo < lo => Some(seq.min(covered_lo)),
+        Some(seq) => Some(seq),
+        None if lo <= hi => Some(covered_lo),
+        None => None,
+    };
+    let after = match highest {
+        Some(seq) if covered_hi > hi => Some(seq.max(covered_hi)),
+        Some(seq) => Some(seq),
+        None if lo <= hi => Some(covered_hi),
+        None => None,
+    };
     Ok(HttpResponse::Ok().json(HistoryPage {
-        next_before_seq: first.filter(|s| *s > 1),
-        next_after_seq: highest.filter(|s| *s < last),
-        messages,
+        next_before_seq: before.filter(|s| *s > 1),
+        next_after_seq: after.filter(|s| *s < last),
+        messages: range.messages,
         last_seq: last,
     }))
 }

@@ -150,11 +150,16 @@ impl Cluster {
     /// Starts a persistence worker in-process against this deployment. On `Memory` the node
     /// drains its own log into Postgres and there is nothing to start.
     pub fn start_worker(&self) -> CancellationToken {
+        self.start_worker_on(&chat_core::testing::redis_url())
+    }
+
+    /// Starts a persistence worker in-process against this deployment's log on `redis_url`.
+    pub fn start_worker_on(&self, redis_url: &str) -> CancellationToken {
         if self.backend == Backend::Memory {
             return CancellationToken::new();
         }
         let config = persistence_worker::config::WorkerConfig {
-            redis_url: chat_core::testing::redis_url(),
+            redis_url: redis_url.into(),
             database_url: self.db_url.clone(),
             redis_prefix: self.prefix.clone(),
             redis_partitions: 4,
@@ -546,4 +551,143 @@ pub async fn sync_all(
             return got;
         }
     }
+}
+
+/// A `redis-server` on a spare port, killed (SIGKILL) when dropped.
+pub struct OwnRedis {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl OwnRedis {
+    /// Without persistence.
+    pub async fn start() -> Self {
+        Self::start_on(spare_port(), None).await
+    }
+
+    /// On `port`; with `aof_dir`, it keeps an append-only file there, fsynced on every write
+    /// (the setting docs/operations.md requires), and loads it when it starts.
+    pub async fn start_on(port: u16, aof_dir: Option<&std::path::Path>) -> Self {
+        Self::start_with(port, aof_dir, None).await
+    }
+
+    /// A replica of the Redis on `master_port`, on `port`, once its link to the master is up.
+    pub async fn start_replica(port: u16, master_port: u16) -> Self {
+        let redis = Self::start_with(port, None, Some(master_port)).await;
+        let client = redis::Client::open(redis.url.as_str()).expect("url");
+        let linked = chat_core::testing::eventually(Duration::from_secs(10), || {
+            let client = client.clone();
+            async move {
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return false;
+                };
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                info.contains("master_link_status:up")
+            }
+        })
+        .await;
+        assert!(linked, "replica linked to its master");
+        redis
+    }
+
+    async fn start_with(
+        port: u16,
+        aof_dir: Option<&std::path::Path>,
+        master_port: Option<u16>,
+    ) -> Self {
+        let mut command = std::process::Command::new("redis-server");
+        if let Some(master) = master_port {
+            command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
+        command.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
+        match aof_dir {
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+            None => command.args(["--appendonly", "no"]),
+        };
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let up = chat_core::testing::eventually(Duration::from_secs(10), || {
+            let client = client.clone();
+            async move {
+                match client.get_multiplexed_async_connection().await {
+                    // Up, and done loading its AOF.
+                    Ok(mut conn) => redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        assert!(up, "own redis-server started");
+        OwnRedis { child, url }
+    }
+}
+
+pub fn spare_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("spare port")
+        .port()
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every seq of `conversation`'s history, read page by page from the oldest as a client would
+/// (following `next_after_seq`, which passes over skipped ranges).
+pub async fn all_history_seqs(http: SocketAddr, token: &str, conversation: Uuid) -> Vec<i64> {
+    let mut seqs = Vec::new();
+    let mut after = 0;
+    for _ in 0..20 {
+        let (status, page) = get(
+            &format!("http://{http}/api/v1/conversations/{conversation}/messages?after_seq={after}&limit=100"),
+            Some(token),
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        seqs.extend(
+            page["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .filter_map(|m| m["seq"].as_i64()),
+        );
+        match page["next_after_seq"].as_i64() {
+            Some(next) => after = next,
+            None => return seqs,
+        }
+    }
+    panic!("history did not end within 20 pages: {seqs:?}");
+}
+
+/// Waits until `node` says it is ready.
+pub async fn wait_ready(node: &NodeHandle) -> bool {
+    let internal = node.internal;
+    chat_core::testing::eventually(Duration::from_secs(15), || async move {
+        matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
+    })
+    .await
 }

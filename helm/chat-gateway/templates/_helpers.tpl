@@ -198,3 +198,15 @@ no chart Ingress at the same time (it would speak plain HTTP to a port that spea
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+A setting's value as an environment variable string. YAML numbers reach templates as floats,
+which print large whole numbers in exponent form (1000000 as "1e+06"): print those as integers.
+*/}}
+{{- define "chat-gateway.envValue" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) -}}
+{{- int64 . | toString | quote -}}
+{{- else -}}
+{{- . | toString | quote -}}
+{{- end -}}
+{{- end -}}

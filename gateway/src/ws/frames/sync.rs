@@ -14,6 +14,8 @@ use crate::ws::outbox::{Outbox, WriteError};
 
 /// Most messages one `sync` sends per conversation; `synced.complete` is false beyond it.
 pub const SYNC_PAGE: i64 = 500;
+/// Skipped ranges (seqs a re-base passed over) one sync steps over before it answers.
+const MAX_SKIPS: usize = 2;
 
 pub async fn handle(
     peer: Peer,
@@ -46,21 +48,34 @@ pub async fn handle(
                 }
             },
         };
-        let hi = upper.min(after.saturating_add(SYNC_PAGE));
-        let messages = match history.read_range(conversation, after + 1, hi).await {
-            Ok(m) => m,
-            Err(e) => {
-                reply_history_error(peer, out, e).await?;
-                continue;
+        // One page, and another after each skipped range the page ends in (a few at most).
+        let mut reached = after;
+        let mut failed = false;
+        for _ in 0..=MAX_SKIPS {
+            let hi = upper.min(reached.saturating_add(SYNC_PAGE));
+            let range = match history.read_range(conversation, reached + 1, hi).await {
+                Ok(range) => range,
+                Err(e) => {
+                    reply_history_error(peer, out, e).await?;
+                    failed = true;
+                    break;
+                }
+            };
+            for message in &range.messages {
+                let text = serde_json::to_string(message).unwrap_or_default();
+                out.text(text.into()).await?;
+                metrics.frames_out_message.inc();
             }
-        };
-        for message in &messages {
-            let text = serde_json::to_string(message).unwrap_or_default();
-            out.text(text.into()).await?;
-            metrics.frames_out_message.inc();
+            reached = range.covered.1.min(upper).max(hi);
+            if reached >= upper || reached == hi {
+                break;
+            }
         }
-        let complete = hi >= upper;
-        let last_seq = if complete { upper.max(after) } else { hi };
+        if failed {
+            continue;
+        }
+        let complete = reached >= upper;
+        let last_seq = if complete { upper.max(after) } else { reached };
         ledger.synced(conversation, last_seq);
         out.frame(&synced(conversation, last_seq, complete)).await?;
     }
