@@ -1,13 +1,17 @@
-//! The Redis plumbing the Redis backend's roles share: one multiplexed, self-reconnecting
-//! command connection per process, every call bounded in time and counted by operation, and the
-//! readiness probe on it.
+//! The Redis plumbing the Redis backend's roles share: where Redis is ([`RedisTarget`]: one
+//! instance, or a Redis Cluster), one multiplexed, self-reconnecting command connection per
+//! process (on a cluster, one per master, following MOVED/ASK, slot changes and failovers),
+//! every call bounded in time and counted by operation, and the readiness probe on it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::backend::BackendError;
 
@@ -20,6 +24,112 @@ impl From<redis::RedisError> for BackendError {
     fn from(e: redis::RedisError) -> Self {
         BackendError::Unavailable(e.to_string())
     }
+}
+
+/// Where the Redis backend lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One instance (possibly with replicas), at this URL.
+    Single(String),
+    /// A Redis Cluster, found through these seed nodes.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// The target the settings name: the cluster when `cluster_urls` (comma-separated) is not
+    /// empty, else `url`.
+    pub fn from_settings(url: &str, cluster_urls: &str) -> Self {
+        let seeds: Vec<String> = cluster_urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
+        if seeds.is_empty() {
+            RedisTarget::Single(url.to_string())
+        } else {
+            RedisTarget::Cluster(seeds)
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisTarget::Cluster(_))
+    }
+
+    /// Every URL it names.
+    pub fn urls(&self) -> Vec<&str> {
+        match self {
+            RedisTarget::Single(url) => vec![url.as_str()],
+            RedisTarget::Cluster(seeds) => seeds.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// A cluster client for these seeds; `resp3` with pushes delivered to `pushes`.
+    pub fn cluster_client<P: redis::aio::AsyncPushSender>(
+        seeds: &[String],
+        response_timeout: Duration,
+        pushes: Option<P>,
+    ) -> Result<ClusterClient, BackendError> {
+        let mut builder = ClusterClientBuilder::new(seeds.to_vec())
+            .connection_timeout(COMMAND_TIMEOUT)
+            .response_timeout(response_timeout)
+            .retries(3)
+            .min_retry_wait(50)
+            .max_retry_wait(1000);
+        if let Some(pushes) = pushes {
+            builder = builder
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(pushes);
+        }
+        Ok(builder.build()?)
+    }
+}
+
+/// A connection: to one instance (self-reconnecting, or plain multiplexed for a connection of
+/// its own), or to every master of a cluster.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Multiplexed(redis::aio::MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Multiplexed(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Multiplexed(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Multiplexed(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How a [`Commands`] connects.
+#[derive(Clone)]
+enum Client {
+    Single(redis::Client),
+    Cluster(ClusterClient),
 }
 
 /// The Redis metrics of one binary, registered by it under its own names.
@@ -44,24 +154,48 @@ pub struct RedisMetrics {
 /// health-check round trip per message (measured in docs/benchmarks.md).
 #[derive(Clone)]
 pub struct Commands {
-    client: redis::Client,
-    conn: Arc<tokio::sync::OnceCell<ConnectionManager>>,
+    client: Client,
+    target: RedisTarget,
+    conn: Arc<tokio::sync::OnceCell<Conn>>,
     metrics: Option<RedisMetrics>,
 }
 
 impl Commands {
-    /// Commands against `url`; `metrics` are recorded when given.
+    /// Commands against one instance at `url`; `metrics` are recorded when given.
     pub fn new(url: &str, metrics: Option<RedisMetrics>) -> Result<Self, BackendError> {
+        Self::open(&RedisTarget::Single(url.to_string()), metrics)
+    }
+
+    /// Commands against `target`; `metrics` are recorded when given.
+    pub fn open(target: &RedisTarget, metrics: Option<RedisMetrics>) -> Result<Self, BackendError> {
+        let client = match target {
+            RedisTarget::Single(url) => Client::Single(redis::Client::open(url.as_str())?),
+            RedisTarget::Cluster(seeds) => Client::Cluster(RedisTarget::cluster_client(
+                seeds,
+                COMMAND_TIMEOUT,
+                None::<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+            )?),
+        };
         Ok(Commands {
-            client: redis::Client::open(url)?,
+            client,
+            target: target.clone(),
             conn: Arc::new(tokio::sync::OnceCell::new()),
             metrics,
         })
     }
 
-    /// The client, for connections of their own (pub/sub, blocking reads).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// Where these commands go.
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
+    }
+
+    /// The single instance's client, for connections of its own (pub/sub); `None` on a
+    /// cluster.
+    pub fn client(&self) -> Option<&redis::Client> {
+        match &self.client {
+            Client::Single(c) => Some(c),
+            Client::Cluster(_) => None,
+        }
     }
 
     /// The metrics, when recorded.
@@ -69,15 +203,24 @@ impl Commands {
         self.metrics.as_ref()
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, BackendError> {
+    async fn conn(&self) -> Result<Conn, BackendError> {
         let conn = self
             .conn
-            .get_or_try_init(|| {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(COMMAND_TIMEOUT)
-                    .set_number_of_retries(2)
-                    .set_max_delay(1000);
-                ConnectionManager::new_with_config(self.client.clone(), config)
+            .get_or_try_init(|| async {
+                match &self.client {
+                    Client::Single(client) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(COMMAND_TIMEOUT)
+                            .set_number_of_retries(2)
+                            .set_max_delay(1000);
+                        ConnectionManager::new_with_config(client.clone(), config)
+                            .await
+                            .map(Conn::Single)
+                    }
+                    Client::Cluster(client) => {
+                        client.get_async_connection().await.map(Conn::Cluster)
+                    }
+                }
             })
             .await?;
         Ok(conn.clone())
@@ -87,7 +230,7 @@ impl Commands {
     /// failure under `label`.
     pub async fn run<T, F, Fut>(&self, label: &str, op: F) -> Result<T, BackendError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let attempt = async {

@@ -64,6 +64,29 @@ pub fn parse_listen(key: &'static str, value: &str) -> Result<std::net::SocketAd
     })
 }
 
+/// The Redis target of `redis_url` and `redis_cluster_urls` (comma-separated seeds; not empty:
+/// a cluster), each URL checked.
+pub fn redis_target(
+    redis_url: &str,
+    cluster_urls: &str,
+) -> Result<crate::redis_conn::RedisTarget, SettingsError> {
+    let target = crate::redis_conn::RedisTarget::from_settings(redis_url, cluster_urls);
+    let key = if target.is_cluster() {
+        "redis_cluster_urls"
+    } else {
+        "redis_url"
+    };
+    for url in target.urls() {
+        if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            return Err(SettingsError::invalid(
+                key,
+                "every URL must start with redis:// or rediss://",
+            ));
+        }
+    }
+    Ok(target)
+}
+
 /// Checks the Redis (when used) and Postgres URL schemes.
 pub fn check_urls(redis_url: Option<&str>, database_url: &str) -> Result<(), SettingsError> {
     if redis_url.is_some_and(|u| !u.starts_with("redis://") && !u.starts_with("rediss://")) {

@@ -13,6 +13,13 @@ pub fn redis_url() -> String {
     std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// Seed URLs of a Redis Cluster to run the backend on instead of one instance
+/// (`CHAT_TEST_REDIS_CLUSTER_URLS`, comma-separated, as `deploy/redis-cluster.sh` prints them);
+/// empty when unset.
+pub fn redis_cluster_urls() -> String {
+    std::env::var("CHAT_TEST_REDIS_CLUSTER_URLS").unwrap_or_default()
+}
+
 /// Postgres server for tests (without a database name): `CHAT_TEST_PG`, default local.
 pub fn pg_server() -> String {
     std::env::var("CHAT_TEST_PG")

@@ -21,6 +21,7 @@ REDIS_FILES = {
     "chat-core/src/redis_conn.rs",
     "chat-core/src/log/redis.rs",
     "chat-core/src/pubsub/redis.rs",
+    "chat-core/src/pubsub/redis_cluster.rs",
     "chat-core/src/presence/redis.rs",
     "chat-core/src/counters/redis.rs",
 }

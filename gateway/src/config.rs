@@ -28,6 +28,9 @@ pub struct GatewayConfig {
     /// `redis` (default) or `memory` (one process, no Redis).
     pub backend: BackendKind,
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster, comma-separated (`redis://host:port` each). Not empty:
+    /// the cluster is used and `redis_url` is not.
+    pub redis_cluster_urls: String,
     pub database_url: String,
     pub redis_prefix: String,
     /// Stream partitions; must match the worker's and must not change once data exists.
@@ -132,6 +135,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             backend: BackendKind::Redis,
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_cluster_urls: String::new(),
             database_url: "postgres://postgres@127.0.0.1:5432/chat".into(),
             redis_prefix: "chat".into(),
             redis_partitions: 8,
@@ -207,6 +211,8 @@ pub struct Validated {
     pub external_jwt: Option<ExternalJwt>,
     /// When a send is acked.
     pub durability: chat_core::log::Durability,
+    /// Where Redis is (with `backend = redis`).
+    pub redis_target: chat_core::redis_conn::RedisTarget,
 }
 
 /// An external identity provider's JWKS document, issuer and audience.
@@ -245,6 +251,15 @@ impl GatewayConfig {
             ));
         }
         let durability = self.durability()?;
+        let redis_target = match self.backend {
+            BackendKind::Redis => {
+                settings::redis_target(&self.redis_url, &self.redis_cluster_urls)?
+            }
+            // Not read by the memory backend.
+            BackendKind::Memory => {
+                chat_core::redis_conn::RedisTarget::Single(self.redis_url.clone())
+            }
+        };
         let positive = [
             ("jwt_ttl_secs", self.jwt_ttl_secs as usize),
             (
@@ -419,6 +434,7 @@ impl GatewayConfig {
             tracing,
             external_jwt,
             durability,
+            redis_target,
         })
     }
 
@@ -569,6 +585,30 @@ mod tests {
             let err = config.validate().expect_err(key).to_string();
             assert!(err.contains(key), "{err}");
         }
+    }
+
+    /// A cluster is chosen by its seed URLs, each checked; without them, the single URL.
+    #[test]
+    fn cluster_urls_choose_the_cluster() {
+        use chat_core::redis_conn::RedisTarget;
+        let config = GatewayConfig {
+            redis_cluster_urls: " redis://a:7000, redis://b:7001 ,".into(),
+            ..base()
+        };
+        assert_eq!(
+            config.validate().expect("valid").redis_target,
+            RedisTarget::Cluster(vec!["redis://a:7000".into(), "redis://b:7001".into()])
+        );
+        let bad = GatewayConfig {
+            redis_cluster_urls: "redis://a:7000,http://b".into(),
+            ..base()
+        };
+        let err = bad.validate().expect_err("bad seed").to_string();
+        assert!(err.contains("redis_cluster_urls"), "{err}");
+        assert_eq!(
+            base().validate().expect("valid").redis_target,
+            RedisTarget::Single("redis://127.0.0.1:6379".into())
+        );
     }
 
     /// The backend is `redis` by default; `memory` takes no Redis URL, `redis` checks it.

@@ -20,8 +20,9 @@ use chat_core::presence::redis::RedisPresence;
 use chat_core::presence::PresenceStore;
 use chat_core::pubsub::memory::MemoryPubSub;
 use chat_core::pubsub::redis::RedisPubSub;
+use chat_core::pubsub::redis_cluster::RedisClusterPubSub;
 use chat_core::pubsub::PubSub;
-use chat_core::redis_conn::Commands;
+use chat_core::redis_conn::{Commands, RedisTarget};
 use chat_core::store::lock::{BackendLock, LockMode};
 use chat_core::store::Store;
 use persistence_worker::consumer::{self as sink, ConsumerSettings};
@@ -69,15 +70,33 @@ impl Backend {
         stop: CancellationToken,
     ) -> Result<Backend, GatewayError> {
         let cfg = &config.raw;
-        let keys = KeySchema::new(cfg.redis_prefix.clone(), cfg.redis_partitions);
-        let redis = Commands::new(&cfg.redis_url, Some(metrics.redis()))?;
-        let (pubsub, manager) = RedisPubSub::start(
-            redis.clone(),
-            keys.clone(),
-            delivery,
-            Duration::from_millis(cfg.gateway_subscribe_timeout_ms),
-            stop,
-        );
+        let target = &config.redis_target;
+        let keys = KeySchema::for_target(cfg.redis_prefix.clone(), cfg.redis_partitions, target);
+        let redis = Commands::open(target, Some(metrics.redis()))?;
+        let subscribe_timeout = Duration::from_millis(cfg.gateway_subscribe_timeout_ms);
+        let (pubsub, manager): (Arc<dyn PubSub>, _) = match target {
+            RedisTarget::Single(_) => {
+                let (pubsub, manager) = RedisPubSub::start(
+                    redis.clone(),
+                    keys.clone(),
+                    delivery,
+                    subscribe_timeout,
+                    stop,
+                );
+                (Arc::new(pubsub), manager)
+            }
+            RedisTarget::Cluster(seeds) => {
+                let (pubsub, manager) = RedisClusterPubSub::start(
+                    seeds.clone(),
+                    redis.clone(),
+                    keys.clone(),
+                    delivery,
+                    subscribe_timeout,
+                    stop,
+                );
+                (Arc::new(pubsub), manager)
+            }
+        };
         Ok(Backend {
             log: Arc::new(
                 RedisLog::new(
@@ -88,7 +107,7 @@ impl Backend {
                 )
                 .with_durability(config.durability),
             ),
-            pubsub: Arc::new(pubsub),
+            pubsub,
             presence: Arc::new(RedisPresence::new(
                 redis.clone(),
                 keys.clone(),

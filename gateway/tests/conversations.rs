@@ -148,17 +148,10 @@ async fn history_pages_at_the_edges_with_and_without_the_worker() {
     })
     .await;
     assert!(stored, "the worker wrote the messages");
-    let keys = chat_core::keys::KeySchema::new(cluster.prefix.clone(), 4);
-    let mut redis = redis::Client::open(chat_core::testing::redis_url())
-        .expect("redis")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let removed: i64 = redis::cmd("DEL")
-        .arg(keys.tail(room))
-        .query_async(&mut redis)
-        .await
-        .expect("del");
+    let keys = test_keys(&cluster.prefix);
+    let mut del = redis::cmd("DEL");
+    del.arg(keys.tail(room));
+    let removed: i64 = redis_query(del).await;
     assert_eq!(removed, 1, "the tail existed");
     check_pages(&a, &bob, &path).await;
     worker.cancel();

@@ -16,6 +16,7 @@ async fn two_nodes_on(redis: &OwnRedis) -> (Cluster, NodeHandle, NodeHandle, Use
     let cluster = Cluster::new().await;
     let config = |node_id: &str| gateway::config::GatewayConfig {
         redis_url: redis.url.clone(),
+        redis_cluster_urls: String::new(),
         ..cluster.config(node_id)
     };
     let a = cluster.start_with(config("node-a")).await;

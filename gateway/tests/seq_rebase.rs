@@ -34,6 +34,7 @@ impl Deployment {
         let cluster = Cluster::new().await;
         let config = |node_id: &str| gateway::config::GatewayConfig {
             redis_url: redis.url.clone(),
+            redis_cluster_urls: String::new(),
             redis_log_max_backlog: MARGIN as u64,
             ..cluster.config(node_id)
         };

@@ -12,6 +12,9 @@ use serde::Deserialize;
 #[serde(default)]
 pub struct WorkerConfig {
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster, comma-separated (`redis://host:port` each). Not empty:
+    /// the cluster is used and `redis_url` is not.
+    pub redis_cluster_urls: String,
     pub database_url: String,
     pub redis_prefix: String,
     /// Must match the gateways'.
@@ -45,6 +48,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_cluster_urls: String::new(),
             database_url: "postgres://postgres@127.0.0.1:5432/chat".into(),
             redis_prefix: "chat".into(),
             redis_partitions: 8,
@@ -74,6 +78,8 @@ pub struct Validated {
     pub consumer_name: String,
     /// Span export, when `otel_endpoint` is set.
     pub tracing: chat_core::telemetry::TracingSettings,
+    /// Where Redis is.
+    pub redis_target: chat_core::redis_conn::RedisTarget,
 }
 
 impl WorkerConfig {
@@ -86,6 +92,7 @@ impl WorkerConfig {
             settings::parse_listen("worker_internal_listen", &self.worker_internal_listen)?;
         settings::check_prefix("redis_prefix", &self.redis_prefix)?;
         settings::check_urls(Some(&self.redis_url), &self.database_url)?;
+        let redis_target = settings::redis_target(&self.redis_url, &self.redis_cluster_urls)?;
         if self.redis_partitions == 0 || self.redis_partitions > 1024 {
             return Err(SettingsError::invalid(
                 "redis_partitions",
@@ -134,6 +141,7 @@ impl WorkerConfig {
             internal_listen,
             consumer_name,
             tracing,
+            redis_target,
         })
     }
 }

@@ -68,9 +68,13 @@ pub async fn run(
     let cfg = config.raw.clone();
     let metrics = Metrics::new()?;
     let store = Store::connect(&cfg.database_url, cfg.worker_pg_pool_size)?;
-    let keys = KeySchema::new(cfg.redis_prefix.clone(), cfg.redis_partitions);
+    let keys = KeySchema::for_target(
+        cfg.redis_prefix.clone(),
+        cfg.redis_partitions,
+        &config.redis_target,
+    );
     let settings = ConsumerSettings::from_config(&config);
-    let log = RedisLogConsumer::open(&cfg.redis_url, keys, settings.block)?;
+    let log = RedisLogConsumer::open(&config.redis_target, keys, settings.block)?;
     let lifecycle = Lifecycle::default();
     let admin_server = admin::serve(
         internal,
@@ -78,7 +82,7 @@ pub async fn run(
         Readiness {
             lifecycle: lifecycle.clone(),
             probes: vec![
-                Arc::new(Commands::new(&cfg.redis_url, None)?),
+                Arc::new(Commands::open(&config.redis_target, None)?),
                 Arc::new(store.clone()),
             ],
         },

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chat_protocol::{MessageFrame, ServerFrame};
-use redis::aio::MultiplexedConnection;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadOptions, StreamReadReply,
 };
@@ -29,7 +28,8 @@ use crate::backend::BackendError;
 use crate::keys::{KeySchema, PERSISTENCE_GROUP};
 use crate::message::{Appended, NewMessage, StoredMessage};
 use crate::pubsub::envelope::{message_header_around_seq, Envelope};
-use crate::redis_conn::Commands;
+use crate::redis_conn::{Commands, Conn, RedisTarget};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 /// Field names of a stream entry. Short, because every message carries them.
 pub mod field {
@@ -147,6 +147,36 @@ fn append_reply(v: &Value) -> redis::RedisResult<AppendReply> {
     }
 }
 
+/// One of the log's scripts for partition `p` of the deployment of `keys`. The prefix and the
+/// partition in its text make its hash the partition's own: after a restart or a failover each
+/// partition meets `NOSCRIPT` by itself and opens its own epoch before its script is loaded
+/// (on the master that owns it, and only there), so no partition appends in an old epoch on a
+/// new process. On a cluster the channels are shard channels in the script's own slot.
+fn script(body: &str, keys: &KeySchema, p: u16) -> LogScript {
+    let body = if keys.is_cluster() {
+        body.replace("'PUBLISH'", "'SPUBLISH'")
+    } else {
+        body.to_string()
+    };
+    let text = format!("-- chat log {} p{p}\n{body}", keys.prefix());
+    LogScript {
+        script: redis::Script::new(&text),
+        text,
+    }
+}
+
+/// A script and its text (loaded by hand, on the partition's master only).
+struct LogScript {
+    script: redis::Script,
+    text: String,
+}
+
+/// The log's two scripts for one partition.
+struct Scripts {
+    append: LogScript,
+    rebase: LogScript,
+}
+
 /// `EVALSHA` of `script` on `keys`; the caller adds the arguments.
 fn evalsha(script: &redis::Script, keys: &[String]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
@@ -189,8 +219,8 @@ pub struct RedisLog {
     keys: KeySchema,
     retention: Retention,
     floor: Arc<dyn SeqFloor>,
-    append: Arc<redis::Script>,
-    rebase: Arc<redis::Script>,
+    /// Per partition.
+    scripts: Arc<[Scripts]>,
     /// Epochs this process marked used (each is marked once, before its first seq).
     marked: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     durability: Durability,
@@ -212,16 +242,12 @@ impl RedisLog {
                 ..retention
             },
             floor,
-            // The prefix in the text makes the scripts' hashes the deployment's own: every
-            // deployment sharing a Redis notices its restart by itself.
-            append: Arc::new(redis::Script::new(&format!(
-                "-- chat log {}\n{APPEND_LUA}",
-                keys.prefix()
-            ))),
-            rebase: Arc::new(redis::Script::new(&format!(
-                "-- chat log {}\n{REBASE_LUA}",
-                keys.prefix()
-            ))),
+            scripts: (0..keys.partitions())
+                .map(|p| Scripts {
+                    append: script(APPEND_LUA, &keys, p),
+                    rebase: script(REBASE_LUA, &keys, p),
+                })
+                .collect(),
             marked: Arc::default(),
             durability: Durability::Leader,
             keys,
@@ -244,16 +270,17 @@ impl RedisLog {
     /// script is a new process (a restart or a failover): whatever it lost, the counters it
     /// holds may be behind, so every partition gets a new epoch before the scripts are loaded,
     /// and nothing is appended in the old ones.
-    async fn eval(&self, label: &str, cmd: &redis::Cmd) -> Result<Value, BackendError> {
-        Ok(self.eval_waited(label, cmd, None).await?.0)
+    async fn eval(&self, label: &str, p: u16, cmd: &redis::Cmd) -> Result<Value, BackendError> {
+        Ok(self.eval_waited(label, p, cmd, None).await?.0)
     }
 
     /// [`Self::eval`], followed on the same connection (one pipeline) by `WAIT` for `wait`
     /// replicas when given: its reply, the replicas that confirmed everything this connection
-    /// wrote up to the script, comes second.
+    /// wrote up to the script, comes second. `cmd` runs one of partition `p`'s scripts.
     async fn eval_waited(
         &self,
         label: &str,
+        p: u16,
         cmd: &redis::Cmd,
         wait: Option<(u32, u64)>,
     ) -> Result<(Value, Option<i64>), BackendError> {
@@ -287,16 +314,32 @@ impl RedisLog {
             return Ok(reply);
         }
         tracing::warn!(
-            "redis does not know the log's scripts (restarted or failed over); opening new epochs"
+            partition = p,
+            "redis does not know the partition's scripts (restarted or failed over); opening a new epoch"
         );
-        for p in 0..self.keys.partitions() {
-            self.open_epoch(p, true).await?;
-        }
-        for script in [&self.append, &self.rebase] {
-            let _: String = self
+        self.open_epoch(p, true).await?;
+        let scripts = &self.scripts[usize::from(p)];
+        let slot = self.keys.partition_slot(p);
+        for script in [&scripts.append, &scripts.rebase] {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(&script.text);
+            let _: Value = self
                 .redis
-                .run("command", |mut conn| async move {
-                    script.prepare_invoke().load_async(&mut conn).await
+                .run("command", |conn| async move {
+                    match conn {
+                        // Only the partition's master: a replica that had the script would
+                        // skip the new epoch when it is promoted.
+                        Conn::Cluster(mut c) => {
+                            c.route_command(
+                                &load,
+                                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                                    Route::new(slot, SlotAddr::Master),
+                                )),
+                            )
+                            .await
+                        }
+                        mut conn => load.query_async(&mut conn).await,
+                    }
                 })
                 .await?;
         }
@@ -386,15 +429,15 @@ impl RedisLog {
             })
             .unwrap_or_default();
         let mut cmd = evalsha(
-            &self.rebase,
+            &self.scripts[usize::from(p)].rebase.script,
             &[self.keys.seq_counter(conv), self.keys.epoch(p)],
         );
         cmd.arg(epoch).arg(target).arg(payload);
         for topic in msg.topics() {
-            cmd.arg(self.keys.channel(topic));
+            cmd.arg(self.keys.channel_in(topic, p));
         }
         let applied: i64 =
-            redis::FromRedisValue::from_redis_value(&self.eval("command", &cmd).await?)?;
+            redis::FromRedisValue::from_redis_value(&self.eval("command", p, &cmd).await?)?;
         if applied == 2 {
             self.event("rebased");
             if let Some((lo, hi)) = gap {
@@ -438,7 +481,7 @@ impl MessageLog for RedisLog {
             })
             .unwrap_or_default();
         let mut cmd = evalsha(
-            &self.append,
+            &self.scripts[usize::from(p)].append.script,
             &[
                 self.keys.seq_counter(conv),
                 self.keys.stream(p),
@@ -465,7 +508,7 @@ impl MessageLog for RedisLog {
             .arg(msg.trace_parent.as_deref().unwrap_or_default())
             .arg(self.retention.max_backlog);
         for topic in msg.topics() {
-            cmd.arg(self.keys.channel(topic));
+            cmd.arg(self.keys.channel_in(topic, p));
         }
         let wait = match self.durability {
             Durability::Leader => None,
@@ -475,7 +518,7 @@ impl MessageLog for RedisLog {
             )),
         };
         for _ in 0..MAX_APPEND_ROUNDS {
-            let (reply, confirmed) = self.eval_waited("append", &cmd, wait).await?;
+            let (reply, confirmed) = self.eval_waited("append", p, &cmd, wait).await?;
             match append_reply(&reply)? {
                 AppendReply::Done(appended) => {
                     if let (Some((count, _)), Some(confirmed)) = (wait, confirmed) {
@@ -621,26 +664,55 @@ fn entry(stream_id: StreamId) -> LogEntry {
 /// The workers' side of the log on Redis.
 #[derive(Clone)]
 pub struct RedisLogConsumer {
-    client: redis::Client,
+    target: RedisTarget,
     keys: KeySchema,
     /// Reads block this long at most; connections allow for it.
     block: Duration,
 }
 
 impl RedisLogConsumer {
-    /// A consumer of every partition of `keys` on `client`, whose blocking reads wait up to
-    /// `block`.
-    pub fn new(client: redis::Client, keys: KeySchema, block: Duration) -> Self {
-        RedisLogConsumer {
-            client,
+    /// A consumer of every partition of `keys` on `target` (one instance, or a cluster: each
+    /// partition is read from the master that owns its slot, followed through failovers),
+    /// whose blocking reads wait up to `block`.
+    pub fn open(
+        target: &RedisTarget,
+        keys: KeySchema,
+        block: Duration,
+    ) -> Result<Self, BackendError> {
+        for url in target.urls() {
+            redis::Client::open(url)?;
+        }
+        Ok(RedisLogConsumer {
+            target: target.clone(),
             keys,
             block,
-        }
+        })
     }
 
-    /// A consumer on `url`.
-    pub fn open(url: &str, keys: KeySchema, block: Duration) -> Result<Self, BackendError> {
-        Ok(Self::new(redis::Client::open(url)?, keys, block))
+    /// A connection of one partition reader's own (its blocking reads hold it).
+    async fn connect(&self) -> Result<Conn, BackendError> {
+        let response_timeout = self.block + Duration::from_secs(5);
+        Ok(match &self.target {
+            RedisTarget::Single(url) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Duration::from_secs(2))
+                    .set_response_timeout(response_timeout);
+                Conn::Multiplexed(
+                    redis::Client::open(url.as_str())?
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                )
+            }
+            RedisTarget::Cluster(seeds) => Conn::Cluster(
+                RedisTarget::cluster_client(
+                    seeds,
+                    response_timeout,
+                    None::<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+                )?
+                .get_async_connection()
+                .await?,
+            ),
+        })
     }
 }
 
@@ -655,13 +727,7 @@ impl LogConsumer for RedisLogConsumer {
         partition: u16,
         consumer: &str,
     ) -> Result<Box<dyn PartitionReader>, BackendError> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(self.block + Duration::from_secs(5));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut conn = self.connect().await?;
         let stream = self.keys.stream(partition);
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -686,7 +752,7 @@ impl LogConsumer for RedisLogConsumer {
 }
 
 struct RedisPartitionReader {
-    conn: MultiplexedConnection,
+    conn: Conn,
     stream: String,
     dead_letter: String,
     consumer: String,

@@ -1,7 +1,9 @@
 //! Presence on Redis. Per user, a sorted set of the nodes holding a connection, each scored with
-//! the (Redis clock) time its entry expires; beside them one index of every present user scored
-//! with their latest expiry, which the sweep walks. Every transition is decided inside one
-//! script, so exactly one caller sees it. Every key a script touches is passed in `KEYS`.
+//! the (Redis clock) time its entry expires; beside them, per presence partition, an index of
+//! its present users scored with their latest expiry, which the sweep walks. Every transition is
+//! decided inside one script, so exactly one caller sees it. Every key a script touches is passed
+//! in `KEYS`, and all of them share the partition's hash tag: one slot per call, so it runs on a
+//! Redis Cluster as on one instance.
 
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use uuid::Uuid;
 
 use super::PresenceStore;
 use crate::backend::BackendError;
-use crate::keys::KeySchema;
+use crate::keys::{KeySchema, PRESENCE_PARTITIONS};
 use crate::redis_conn::Commands;
 
 /// Users refreshed per script call.
@@ -127,12 +129,48 @@ impl RedisPresence {
     }
 }
 
+impl RedisPresence {
+    /// `users` grouped by presence partition, in partition order.
+    fn by_partition<'a>(&self, users: impl Iterator<Item = &'a Uuid>) -> Vec<(u16, Vec<Uuid>)> {
+        let mut groups: std::collections::BTreeMap<u16, Vec<Uuid>> = Default::default();
+        for u in users {
+            groups
+                .entry(self.keys.presence_partition(*u))
+                .or_default()
+                .push(*u);
+        }
+        groups.into_iter().collect()
+    }
+
+    /// Sweeps partition `q`: up to `max` users whose every entry expired.
+    async fn sweep_partition(&self, q: u16, max: usize) -> Result<Vec<Uuid>, BackendError> {
+        let mut due = self.due.prepare_invoke();
+        due.key(self.keys.presence_deadlines(q)).arg(max);
+        let candidates = uuids(self.redis.invoke("command", &due).await?);
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.sweep.prepare_invoke();
+        inv.key(self.keys.presence_deadlines(q));
+        for u in &candidates {
+            inv.key(self.keys.presence(*u));
+        }
+        for u in &candidates {
+            inv.arg(u.to_string());
+        }
+        Ok(uuids(self.redis.invoke("command", &inv).await?))
+    }
+}
+
 #[async_trait]
 impl PresenceStore for RedisPresence {
     async fn join(&self, user: Uuid) -> Result<bool, BackendError> {
         let mut inv = self.join.prepare_invoke();
         inv.key(self.keys.presence(user))
-            .key(self.keys.presence_deadlines())
+            .key(
+                self.keys
+                    .presence_deadlines(self.keys.presence_partition(user)),
+            )
             .arg(&self.node_id)
             .arg(self.ttl_ms)
             .arg(user.to_string());
@@ -143,7 +181,10 @@ impl PresenceStore for RedisPresence {
     async fn leave(&self, user: Uuid) -> Result<bool, BackendError> {
         let mut inv = self.leave.prepare_invoke();
         inv.key(self.keys.presence(user))
-            .key(self.keys.presence_deadlines())
+            .key(
+                self.keys
+                    .presence_deadlines(self.keys.presence_partition(user)),
+            )
             .arg(&self.node_id)
             .arg(user.to_string());
         let went_offline: i64 = self.redis.invoke("command", &inv).await?;
@@ -152,64 +193,81 @@ impl PresenceStore for RedisPresence {
 
     async fn refresh(&self, users: &[Uuid]) -> Result<Vec<Uuid>, BackendError> {
         let mut revived = Vec::new();
-        for batch in users.chunks(REFRESH_BATCH) {
-            let mut inv = self.refresh.prepare_invoke();
-            inv.key(self.keys.presence_deadlines());
-            for u in batch {
-                inv.key(self.keys.presence(*u));
+        for (q, group) in self.by_partition(users.iter()) {
+            for batch in group.chunks(REFRESH_BATCH) {
+                let mut inv = self.refresh.prepare_invoke();
+                inv.key(self.keys.presence_deadlines(q));
+                for u in batch {
+                    inv.key(self.keys.presence(*u));
+                }
+                inv.arg(&self.node_id).arg(self.ttl_ms);
+                for u in batch {
+                    inv.arg(u.to_string());
+                }
+                let ids: Vec<String> = self.redis.invoke("command", &inv).await?;
+                revived.extend(uuids(ids));
             }
-            inv.arg(&self.node_id).arg(self.ttl_ms);
-            for u in batch {
-                inv.arg(u.to_string());
-            }
-            let ids: Vec<String> = self.redis.invoke("command", &inv).await?;
-            revived.extend(uuids(ids));
         }
         Ok(revived)
     }
 
     async fn sweep(&self, max: usize) -> Result<Vec<Uuid>, BackendError> {
-        let mut due = self.due.prepare_invoke();
-        due.key(self.keys.presence_deadlines()).arg(max);
-        let candidates = uuids(self.redis.invoke("command", &due).await?);
-        if candidates.is_empty() {
-            return Ok(Vec::new());
+        let mut gone = Vec::new();
+        for q in 0..PRESENCE_PARTITIONS {
+            if gone.len() >= max {
+                break;
+            }
+            gone.extend(self.sweep_partition(q, max - gone.len()).await?);
         }
-        let mut inv = self.sweep.prepare_invoke();
-        inv.key(self.keys.presence_deadlines());
-        for u in &candidates {
-            inv.key(self.keys.presence(*u));
-        }
-        for u in &candidates {
-            inv.arg(u.to_string());
-        }
-        Ok(uuids(self.redis.invoke("command", &inv).await?))
+        Ok(gone)
     }
 
     async fn online(&self, users: &[Uuid]) -> Result<Vec<bool>, BackendError> {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZMSCORE").arg(self.keys.presence_deadlines());
-        for u in users {
-            pipe.arg(u.to_string());
-        }
-        let (scores,): (Vec<Option<f64>>,) = self.redis.query("command", &pipe).await?;
         let now = crate::now_ms() as f64;
-        Ok(scores.iter().map(|s| s.is_some_and(|s| s > now)).collect())
+        let mut online: std::collections::HashMap<Uuid, bool> = Default::default();
+        let reads = self
+            .by_partition(users.iter())
+            .into_iter()
+            .map(|(q, group)| async move {
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZMSCORE").arg(self.keys.presence_deadlines(q));
+                for u in &group {
+                    pipe.arg(u.to_string());
+                }
+                let (scores,): (Vec<Option<f64>>,) = self.redis.query("command", &pipe).await?;
+                Ok::<_, BackendError>(group.into_iter().zip(scores).collect::<Vec<_>>())
+            });
+        for group in futures_util::future::join_all(reads).await {
+            for (u, score) in group? {
+                online.insert(u, score.is_some_and(|s| s > now));
+            }
+        }
+        Ok(users
+            .iter()
+            .map(|u| online.get(u).copied().unwrap_or(false))
+            .collect())
     }
 
     async fn all_online(&self, max: usize) -> Result<Vec<Uuid>, BackendError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGEBYSCORE")
-            .arg(self.keys.presence_deadlines())
-            .arg(crate::now_ms())
-            .arg("+inf")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(max);
-        let (ids,): (Vec<String>,) = self.redis.query("command", &pipe).await?;
-        Ok(uuids(ids))
+        let mut all = Vec::new();
+        for q in 0..PRESENCE_PARTITIONS {
+            if all.len() >= max {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(self.keys.presence_deadlines(q))
+                .arg(crate::now_ms())
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(max - all.len());
+            let (ids,): (Vec<String>,) = self.redis.query("command", &pipe).await?;
+            all.extend(uuids(ids));
+        }
+        Ok(all)
     }
 }

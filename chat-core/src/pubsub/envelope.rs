@@ -73,6 +73,30 @@ impl Envelope {
         }
     }
 
+    /// The conversation the envelope is about, if any (a message, a receipt, typing, a
+    /// membership change, a re-base).
+    pub fn conversation(&self) -> Option<Uuid> {
+        match self {
+            Envelope::Message(m) => Some(m.conversation),
+            Envelope::Event { frame, .. } => match frame {
+                ServerFrame::Read {
+                    conversation_id, ..
+                }
+                | ServerFrame::Typing {
+                    conversation_id, ..
+                }
+                | ServerFrame::Membership {
+                    conversation_id, ..
+                }
+                | ServerFrame::Rebased {
+                    conversation_id, ..
+                } => Some(*conversation_id),
+                _ => None,
+            },
+            Envelope::Revoked { .. } => None,
+        }
+    }
+
     /// The envelope's wire form.
     pub fn encode(&self) -> Vec<u8> {
         match self {

@@ -2,11 +2,13 @@
 //! the [`PubSub`] role a backend plays, and the [`Subscriber`] the node gives it. A backend
 //! pushes every envelope into the subscriber as it arrives; nothing polls.
 //!
-//! Implementations: [`redis`] (one pub/sub connection per node), [`memory`] (one process).
+//! Implementations: [`redis`] (one pub/sub connection per node), [`redis_cluster`] (shard
+//! channels on a Redis Cluster, one connection per master), [`memory`] (one process).
 
 pub mod envelope;
 pub mod memory;
 pub mod redis;
+pub mod redis_cluster;
 
 use async_trait::async_trait;
 use uuid::Uuid;

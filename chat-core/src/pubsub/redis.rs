@@ -29,7 +29,7 @@ const COMMAND_QUEUE: usize = 8192;
 /// that could not be queued.
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
-enum Command {
+pub(super) enum Command {
     /// Make sure the topics are subscribed; answer when they are (if anyone waits).
     Ensure {
         topics: Vec<Topic>,
@@ -40,7 +40,7 @@ enum Command {
 }
 
 impl Command {
-    fn from_interest(interest: Interest) -> impl Iterator<Item = Command> {
+    pub(super) fn from_interest(interest: Interest) -> impl Iterator<Item = Command> {
         let ensure = (!interest.subscribe.is_empty()).then_some(Command::Ensure {
             topics: interest.subscribe,
             done: None,
@@ -167,9 +167,13 @@ impl Manager {
     async fn serve(&mut self) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut connected_before = false;
+        let Some(client) = self.redis.client().cloned() else {
+            tracing::error!("classic pub/sub needs one Redis instance, not a cluster");
+            return;
+        };
         loop {
             let pubsub = tokio::select! {
-                r = self.redis.client().get_async_pubsub() => r,
+                r = client.get_async_pubsub() => r,
                 _ = self.shutdown.cancelled() => return,
             };
             let (sink, stream) = match pubsub {

@@ -85,6 +85,7 @@ impl Cluster {
                 Backend::Memory => gateway::config::BackendKind::Memory,
             },
             redis_url: chat_core::testing::redis_url(),
+            redis_cluster_urls: chat_core::testing::redis_cluster_urls(),
             database_url: self.db_url.clone(),
             redis_prefix: self.prefix.clone(),
             redis_partitions: 4,
@@ -150,16 +151,24 @@ impl Cluster {
     /// Starts a persistence worker in-process against this deployment. On `Memory` the node
     /// drains its own log into Postgres and there is nothing to start.
     pub fn start_worker(&self) -> CancellationToken {
-        self.start_worker_on(&chat_core::testing::redis_url())
+        self.start_worker_with(
+            &chat_core::testing::redis_url(),
+            &chat_core::testing::redis_cluster_urls(),
+        )
     }
 
     /// Starts a persistence worker in-process against this deployment's log on `redis_url`.
     pub fn start_worker_on(&self, redis_url: &str) -> CancellationToken {
+        self.start_worker_with(redis_url, "")
+    }
+
+    fn start_worker_with(&self, redis_url: &str, cluster_urls: &str) -> CancellationToken {
         if self.backend == Backend::Memory {
             return CancellationToken::new();
         }
         let config = persistence_worker::config::WorkerConfig {
             redis_url: redis_url.into(),
+            redis_cluster_urls: cluster_urls.into(),
             database_url: self.db_url.clone(),
             redis_prefix: self.prefix.clone(),
             redis_partitions: 4,
@@ -481,6 +490,10 @@ impl Cluster {
                 },
             )
             .env("CHAT_REDIS_URL", chat_core::testing::redis_url())
+            .env(
+                "CHAT_REDIS_CLUSTER_URLS",
+                chat_core::testing::redis_cluster_urls(),
+            )
             .env("CHAT_DATABASE_URL", &self.db_url)
             .env("CHAT_REDIS_PREFIX", &self.prefix)
             .env("CHAT_REDIS_PARTITIONS", "4")
@@ -683,6 +696,36 @@ pub async fn all_history_seqs(http: SocketAddr, token: &str, conversation: Uuid)
     panic!("history did not end within 20 pages: {seqs:?}");
 }
 
+/// True when this run deploys on a Redis Cluster (`CHAT_TEST_REDIS_CLUSTER_URLS`); tests that
+/// look at one Redis instance's internals run in the one-instance pass only.
+pub fn on_cluster() -> bool {
+    !chat_core::testing::redis_cluster_urls().is_empty()
+}
+
+/// The Redis this run deploys on (one instance, or the cluster).
+pub fn test_redis_target() -> chat_core::redis_conn::RedisTarget {
+    chat_core::redis_conn::RedisTarget::from_settings(
+        &chat_core::testing::redis_url(),
+        &chat_core::testing::redis_cluster_urls(),
+    )
+}
+
+/// The key schema of a deployment with `prefix` (4 partitions) on this run's Redis.
+pub fn test_keys(prefix: &str) -> chat_core::keys::KeySchema {
+    chat_core::keys::KeySchema::for_target(prefix, 4, &test_redis_target())
+}
+
+/// Runs one command on this run's Redis (routed by its key on a cluster).
+pub async fn redis_query<T: redis::FromRedisValue + Send + 'static>(cmd: redis::Cmd) -> T {
+    let redis = chat_core::redis_conn::Commands::open(&test_redis_target(), None).expect("redis");
+    redis
+        .run("test", |mut conn| async move {
+            cmd.query_async(&mut conn).await
+        })
+        .await
+        .expect("redis command")
+}
+
 /// Waits until `node` says it is ready.
 pub async fn wait_ready(node: &NodeHandle) -> bool {
     let internal = node.internal;
@@ -690,4 +733,163 @@ pub async fn wait_ready(node: &NodeHandle) -> bool {
         matches!(reqwest::get(format!("http://{internal}/readyz")).await, Ok(r) if r.status() == 200)
     })
     .await
+}
+
+/// A Redis Cluster of this test's own (3 masters, 3 replicas; `deploy/redis-cluster.sh`) on
+/// spare loopback ports, stopped and removed when dropped.
+pub struct OwnCluster {
+    pub base: u16,
+    pub urls: String,
+    dir: std::path::PathBuf,
+}
+
+impl OwnCluster {
+    pub fn start() -> Self {
+        let base = loop {
+            let base = 21000 + (rand_u16() % 20000);
+            let free = (base..base + 6)
+                .flat_map(|p| [p, p + 10000])
+                .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+            if free {
+                break base;
+            }
+        };
+        let dir = std::env::temp_dir().join(format!("chat-cluster-{}", Uuid::new_v4().simple()));
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/redis-cluster.sh");
+        // Blocks this test's thread for the few seconds the cluster takes; nothing else runs yet.
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .arg("start")
+            .arg(base.to_string())
+            .env("REDIS_CLUSTER_DIR", &dir)
+            .output()
+            .expect("deploy/redis-cluster.sh");
+        assert!(
+            out.status.success(),
+            "cluster started: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let urls = (base..base + 6)
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        OwnCluster { base, urls, dir }
+    }
+
+    /// The ports of the current masters and the slot ranges they own.
+    pub async fn masters(&self) -> Vec<(u16, Vec<(u16, u16)>)> {
+        let mut masters = Vec::new();
+        for port in self.base..self.base + 6 {
+            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+                continue;
+            };
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let Ok(nodes) = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async::<String>(&mut conn)
+                .await
+            else {
+                continue;
+            };
+            for line in nodes.lines() {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+                    continue;
+                }
+                let Some(p) = fields[1]
+                    .split('@')
+                    .next()
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.parse::<u16>().ok())
+                else {
+                    continue;
+                };
+                let ranges = fields[8..]
+                    .iter()
+                    .filter(|r| !r.starts_with('['))
+                    .filter_map(|r| match r.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => r.parse().ok().map(|s| (s, s)),
+                    })
+                    .collect::<Vec<_>>();
+                if !ranges.is_empty() {
+                    masters.push((p, ranges));
+                }
+            }
+            break;
+        }
+        masters.sort();
+        masters
+    }
+
+    /// The master that owns `slot` now, if any (none while it fails over).
+    pub async fn owner(&self, slot: u16) -> Option<u16> {
+        self.masters()
+            .await
+            .into_iter()
+            .find(|(_, ranges)| ranges.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+            .map(|(p, _)| p)
+    }
+
+    /// The master that owns `slot` now.
+    pub async fn master_of(&self, slot: u16) -> u16 {
+        self.owner(slot).await.expect("a master owns the slot")
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub fn kill(&self, port: u16) {
+        let pid = std::fs::read_to_string(self.dir.join(port.to_string()).join("redis.pid"))
+            .expect("pid file");
+        let status = std::process::Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "killed {port}");
+    }
+
+    /// Starts the node on `port` again (it rejoins the cluster from its own files).
+    pub fn restart(&self, port: u16) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/redis-cluster.sh");
+        let status = std::process::Command::new("bash")
+            .arg(script)
+            .arg("node")
+            .arg(port.to_string())
+            .arg(self.base.to_string())
+            .env("REDIS_CLUSTER_DIR", &self.dir)
+            .status()
+            .expect("deploy/redis-cluster.sh node");
+        assert!(status.success(), "node {port} started again");
+    }
+
+    /// Runs `args` on the node on `port` and returns its reply.
+    pub async fn query<T: redis::FromRedisValue>(&self, port: u16, args: &[&str]) -> T {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("node");
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await.expect("node command")
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/redis-cluster.sh");
+        let _ = std::process::Command::new("bash")
+            .arg(script)
+            .arg("stop")
+            .arg(self.base.to_string())
+            .env("REDIS_CLUSTER_DIR", &self.dir)
+            .status();
+    }
+}
+
+fn rand_u16() -> u16 {
+    (Uuid::new_v4().as_u128() % 65_536) as u16
 }

@@ -1,0 +1,497 @@
+//! Pub/sub on a Redis Cluster: shard channels only (`SSUBSCRIBE`, `SPUBLISH`; nothing is
+//! broadcast to every shard). A user's topic is one channel per stream partition, so the append
+//! script publishes each message in its conversation's slot; a node subscribes to the channels
+//! of what it holds over one RESP3 connection per master (redis-rs's cluster connection, which
+//! follows MOVED/ASK and failovers). A manager task owns the subscribed set like the one-instance
+//! manager does; a reader task decodes every pushed message once and pushes it into the
+//! subscriber. When a node connection drops, the server moves a subscribed slot away (it
+//! pushes `sunsubscribe`), or pushes overflow, the manager subscribes every wanted channel
+//! again where its slot now lives and tells the subscriber it missed envelopes (its connections
+//! resync).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::redis::Command;
+use super::{Envelope, PubSub, Publication, Subscriber, Topic};
+use crate::backend::BackendError;
+use crate::backoff::Backoff;
+use crate::keys::KeySchema;
+use crate::redis_conn::{Commands, RedisTarget, COMMAND_TIMEOUT};
+
+/// Pushed frames waiting for the reader, at most; beyond, they are dropped and the node
+/// resyncs its connections (as after a lost connection).
+const PUSH_QUEUE: usize = 65_536;
+/// Bound of the subscription command queue.
+const COMMAND_QUEUE: usize = 8192;
+/// Most subscription commands handled in one reconciliation.
+const MAX_COMMAND_BATCH: usize = 512;
+/// How often the subscriptions are compared with what the subscriber wants.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
+/// Shard pub/sub for one node.
+pub struct RedisClusterPubSub {
+    commands: mpsc::Sender<Command>,
+    healthy: Arc<AtomicBool>,
+    keys: KeySchema,
+    publisher: Commands,
+    subscribe_timeout: Duration,
+}
+
+impl RedisClusterPubSub {
+    /// Starts the manager on the cluster `seeds`; it runs until `shutdown` is cancelled.
+    pub fn start(
+        seeds: Vec<String>,
+        publisher: Commands,
+        keys: KeySchema,
+        subscriber: Arc<dyn Subscriber>,
+        subscribe_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let healthy = Arc::new(AtomicBool::new(false));
+        let manager = Manager {
+            own_commands: tx.clone(),
+            commands: rx,
+            healthy: healthy.clone(),
+            seeds,
+            metrics: publisher.clone(),
+            keys: keys.clone(),
+            subscriber,
+            shutdown,
+            background: JoinSet::new(),
+        };
+        let task = tokio::spawn(manager.run());
+        (
+            RedisClusterPubSub {
+                commands: tx,
+                healthy,
+                keys,
+                publisher,
+                subscribe_timeout,
+            },
+            task,
+        )
+    }
+}
+
+#[async_trait]
+impl PubSub for RedisClusterPubSub {
+    async fn subscribe(&self, topics: Vec<Topic>) -> Result<(), BackendError> {
+        let (done, confirmed) = oneshot::channel();
+        let wait = async {
+            self.commands
+                .send(Command::Ensure {
+                    topics,
+                    done: Some(done),
+                })
+                .await
+                .map_err(|_| BackendError::Stopped)?;
+            confirmed.await.map_err(|_| BackendError::Stopped)
+        };
+        tokio::time::timeout(self.subscribe_timeout, wait)
+            .await
+            .map_err(|_| BackendError::Timeout)?
+    }
+
+    fn release(&self, topics: Vec<Topic>) {
+        if !topics.is_empty() {
+            let _ = self.commands.try_send(Command::Release { topics });
+        }
+    }
+
+    /// `SPUBLISH` to each topic's channel, in the slot of the envelope's conversation where it
+    /// has one (so a receipt follows its conversation's messages on the same channel).
+    async fn publish(&self, publications: Vec<Publication>) -> Result<(), BackendError> {
+        for publication in &publications {
+            let payload = publication.envelope.encode();
+            let p = publication
+                .envelope
+                .conversation()
+                .map(|c| self.keys.partition_of(c))
+                .unwrap_or(0);
+            let sends = publication.topics.iter().map(|topic| {
+                let channel = self.keys.channel_in(*topic, p);
+                let payload = payload.as_slice();
+                self.publisher.run("command", move |mut conn| async move {
+                    redis::cmd("SPUBLISH")
+                        .arg(channel)
+                        .arg(payload)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                })
+            });
+            for sent in futures_util::future::join_all(sends).await {
+                sent?;
+            }
+        }
+        Ok(())
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// What the reader tells the manager.
+enum Lost {
+    /// A node connection dropped, or pushes overflowed: everything may have missed envelopes.
+    Everything,
+    /// The server moved this channel's slot away (it pushed `sunsubscribe`).
+    Channel(Topic),
+}
+
+struct Manager {
+    own_commands: mpsc::Sender<Command>,
+    commands: mpsc::Receiver<Command>,
+    healthy: Arc<AtomicBool>,
+    seeds: Vec<String>,
+    /// For its metrics.
+    metrics: Commands,
+    keys: KeySchema,
+    subscriber: Arc<dyn Subscriber>,
+    shutdown: CancellationToken,
+    background: JoinSet<()>,
+}
+
+impl Manager {
+    async fn run(mut self) {
+        self.serve().await;
+        self.healthy.store(false, Ordering::Relaxed);
+        self.background.shutdown().await;
+    }
+
+    async fn serve(&mut self) {
+        let (push_tx, push_rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let on_push = {
+            let overflowed = overflowed.clone();
+            move |info: PushInfo| -> Result<(), ()> {
+                if push_tx.try_send(info).is_err() {
+                    overflowed.store(true, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        };
+        let client = match RedisTarget::cluster_client(&self.seeds, COMMAND_TIMEOUT, Some(on_push))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "shard pub/sub client not built");
+                return;
+            }
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut conn = loop {
+            let attempt = tokio::select! {
+                c = client.get_async_connection() => c,
+                _ = self.shutdown.cancelled() => return,
+            };
+            match attempt {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "shard pub/sub connect failed");
+                    self.count_error("pubsub_connect");
+                    if self.sleep(backoff.next_delay()).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let (lost_tx, mut lost_rx) = mpsc::channel::<Lost>(1024);
+        let mut reader = tokio::spawn(read(
+            push_rx,
+            overflowed,
+            self.keys.clone(),
+            self.subscriber.clone(),
+            self.own_commands.clone(),
+            lost_tx,
+        ));
+        let mut subscribed: HashSet<Topic> = HashSet::new();
+        // The first subscription of everything wanted is a recovery without anything missed.
+        if !self
+            .resubscribe_all(&mut conn, &mut subscribed, false)
+            .await
+        {
+            reader.abort();
+            let _ = reader.await;
+            return;
+        }
+        let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+        reconcile.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = &mut reader => {
+                    tracing::error!("shard pub/sub reader ended");
+                    self.healthy.store(false, Ordering::Relaxed);
+                    return;
+                }
+                lost = lost_rx.recv() => {
+                    let Some(lost) = lost else { break };
+                    let mut everything = matches!(lost, Lost::Everything);
+                    let mut moved = Vec::new();
+                    if let Lost::Channel(t) = lost { moved.push(t) }
+                    while let Ok(more) = lost_rx.try_recv() {
+                        match more {
+                            Lost::Everything => everything = true,
+                            Lost::Channel(t) => moved.push(t),
+                        }
+                    }
+                    tracing::warn!(everything, moved = moved.len(), "shard pub/sub lost envelopes; subscribing again");
+                    self.count_error("pubsub");
+                    if everything {
+                        subscribed.clear();
+                    } else {
+                        for t in &moved { subscribed.remove(t); }
+                    }
+                    if !self.resubscribe_all(&mut conn, &mut subscribed, true).await {
+                        break;
+                    }
+                }
+                _ = reconcile.tick() => {
+                    let wanted: HashSet<Topic> = self.subscriber.topics().into_iter().collect();
+                    let change = vec![
+                        Command::Ensure { topics: wanted.difference(&subscribed).copied().collect(), done: None },
+                        Command::Release { topics: subscribed.difference(&wanted).copied().collect() },
+                    ];
+                    if let Err(e) = self.reconcile(&mut conn, &mut subscribed, change).await {
+                        tracing::warn!(error = %e, "shard subscription reconciliation failed");
+                    }
+                }
+                cmd = self.commands.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    let mut batch = vec![cmd];
+                    while batch.len() < MAX_COMMAND_BATCH {
+                        match self.commands.try_recv() {
+                            Ok(c) => batch.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = self.reconcile(&mut conn, &mut subscribed, batch).await {
+                        tracing::warn!(error = %e, "shard subscription change failed; subscribing again");
+                        self.healthy.store(false, Ordering::Relaxed);
+                        subscribed.clear();
+                        if !self.resubscribe_all(&mut conn, &mut subscribed, true).await {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        reader.abort();
+        let _ = reader.await;
+    }
+
+    /// Subscribes every topic the subscriber wants, retrying with backoff until it succeeds
+    /// (a failover takes the cluster's node timeout) or shutdown (false). With `missed`, the
+    /// subscriber is told afterwards that envelopes were lost meanwhile.
+    async fn resubscribe_all(
+        &mut self,
+        conn: &mut ClusterConnection,
+        subscribed: &mut HashSet<Topic>,
+        missed: bool,
+    ) -> bool {
+        self.healthy.store(false, Ordering::Relaxed);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            let wanted = self.subscriber.topics();
+            let attempt = tokio::select! {
+                r = set_subscribed(conn, &self.keys, &wanted, true) => r,
+                _ = self.shutdown.cancelled() => return false,
+            };
+            match attempt {
+                Ok(()) => {
+                    subscribed.clear();
+                    subscribed.extend(wanted);
+                    self.set_gauge(subscribed);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "shard re-subscribe failed; retrying");
+                    if self.sleep(backoff.next_delay()).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        if missed {
+            if let Some(m) = self.metrics.metrics() {
+                m.reconnects.inc();
+            }
+            let subscriber = self.subscriber.clone();
+            let commands = self.own_commands.clone();
+            self.background.spawn(async move {
+                for command in Command::from_interest(subscriber.missed().await) {
+                    let _ = commands.send(command).await;
+                }
+            });
+        }
+        self.healthy.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// Brings the subscriptions in line with the subscriber for the topics in `batch`.
+    async fn reconcile(
+        &self,
+        conn: &mut ClusterConnection,
+        subscribed: &mut HashSet<Topic>,
+        batch: Vec<Command>,
+    ) -> redis::RedisResult<()> {
+        let mut to_subscribe = Vec::new();
+        let mut waiting = Vec::new();
+        let mut released = HashSet::new();
+        for cmd in batch {
+            match cmd {
+                Command::Ensure {
+                    done: Some(done), ..
+                } if done.is_closed() => {}
+                Command::Ensure { topics, done } => {
+                    for topic in topics {
+                        if !subscribed.contains(&topic) && !to_subscribe.contains(&topic) {
+                            to_subscribe.push(topic);
+                        }
+                    }
+                    waiting.extend(done);
+                }
+                Command::Release { topics } => released.extend(topics),
+            }
+        }
+        to_subscribe.retain(|t| self.subscriber.wants(*t));
+        let to_unsubscribe: Vec<Topic> = released
+            .into_iter()
+            .filter(|t| subscribed.contains(t) && !self.subscriber.wants(*t))
+            .collect();
+        set_subscribed(conn, &self.keys, &to_subscribe, true).await?;
+        subscribed.extend(to_subscribe);
+        for done in waiting {
+            let _ = done.send(());
+        }
+        // Removed first: a `sunsubscribe` push for them is expected.
+        for t in &to_unsubscribe {
+            subscribed.remove(t);
+        }
+        set_subscribed(conn, &self.keys, &to_unsubscribe, false).await?;
+        self.set_gauge(subscribed);
+        Ok(())
+    }
+
+    fn count_error(&self, op: &str) {
+        if let Some(m) = self.metrics.metrics() {
+            m.errors.with_label_values(&[op]).inc();
+        }
+    }
+
+    fn set_gauge(&self, subscribed: &HashSet<Topic>) {
+        if let Some(m) = self.metrics.metrics() {
+            m.subscriptions.set(subscribed.len() as i64);
+        }
+    }
+
+    async fn sleep(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = self.shutdown.cancelled() => true,
+        }
+    }
+}
+
+/// `SSUBSCRIBE` (or `SUNSUBSCRIBE`) every channel of `topics`, one command per channel (each
+/// routed to its slot's master), all in flight at once.
+async fn set_subscribed(
+    conn: &mut ClusterConnection,
+    keys: &KeySchema,
+    topics: &[Topic],
+    subscribe: bool,
+) -> redis::RedisResult<()> {
+    let calls = topics
+        .iter()
+        .flat_map(|topic| keys.channels(*topic))
+        .map(|channel| {
+            let mut conn = conn.clone();
+            async move {
+                if subscribe {
+                    conn.ssubscribe(channel).await
+                } else {
+                    conn.sunsubscribe(channel).await
+                }
+            }
+        });
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .collect()
+}
+
+fn bulk(v: Option<&Value>) -> Option<&[u8]> {
+    match v? {
+        Value::BulkString(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// Decodes every pushed message once and pushes it into the subscriber; reports losses to the
+/// manager.
+async fn read(
+    mut pushes: mpsc::Receiver<PushInfo>,
+    overflowed: Arc<AtomicBool>,
+    keys: KeySchema,
+    subscriber: Arc<dyn Subscriber>,
+    commands: mpsc::Sender<Command>,
+    lost: mpsc::Sender<Lost>,
+) {
+    while let Some(push) = pushes.recv().await {
+        if overflowed.swap(false, Ordering::Relaxed) {
+            tracing::warn!("shard pub/sub pushes overflowed; resyncing");
+            let _ = lost.send(Lost::Everything).await;
+        }
+        match push.kind {
+            PushKind::SMessage => {
+                let (Some(channel), Some(payload)) =
+                    (bulk(push.data.first()), bulk(push.data.get(1)))
+                else {
+                    continue;
+                };
+                let Some(topic) = std::str::from_utf8(channel)
+                    .ok()
+                    .and_then(|c| keys.parse_channel(c))
+                else {
+                    continue;
+                };
+                let envelope = match Envelope::decode(payload) {
+                    Ok(envelope) => envelope,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pub/sub payload dropped");
+                        continue;
+                    }
+                };
+                for command in Command::from_interest(subscriber.deliver(topic, envelope)) {
+                    let _ = commands.send(command).await;
+                }
+            }
+            // The server dropped a subscription we did not drop (its slot moved to another
+            // master): subscribe it again where it lives now.
+            PushKind::SUnsubscribe => {
+                let topic = bulk(push.data.first())
+                    .and_then(|c| std::str::from_utf8(c).ok())
+                    .and_then(|c| keys.parse_channel(c));
+                if let Some(topic) = topic.filter(|t| subscriber.wants(*t)) {
+                    let _ = lost.send(Lost::Channel(topic)).await;
+                }
+            }
+            PushKind::Disconnection => {
+                let _ = lost.send(Lost::Everything).await;
+            }
+            _ => {}
+        }
+    }
+}
