@@ -132,6 +132,59 @@ enum Client {
     Cluster(ClusterClient),
 }
 
+/// What a Redis Cluster looks like from one of its nodes (`CLUSTER NODES`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterHealth {
+    /// Masters that own slots and are not marked failed.
+    pub masters: i64,
+    /// Of those, masters without a replica that is not marked failed: their next failure loses
+    /// their slots until someone intervenes.
+    pub masters_without_replica: i64,
+    /// Slots no live master owns (a shard is down).
+    pub slots_uncovered: i64,
+}
+
+impl ClusterHealth {
+    /// Reads the text of `CLUSTER NODES`.
+    pub fn parse(nodes: &str) -> Self {
+        let mut masters: Vec<(&str, i64)> = Vec::new();
+        let mut replicas_of: std::collections::HashMap<&str, i64> = Default::default();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 || fields[2].contains("fail") {
+                continue;
+            }
+            if fields[2].contains("master") {
+                let slots: i64 = fields[8..]
+                    .iter()
+                    .filter(|r| !r.starts_with('['))
+                    .map(|r| match r.split_once('-') {
+                        Some((a, b)) => match (a.parse::<i64>(), b.parse::<i64>()) {
+                            (Ok(a), Ok(b)) => b - a + 1,
+                            _ => 0,
+                        },
+                        None => i64::from(r.parse::<i64>().is_ok()),
+                    })
+                    .sum();
+                if slots > 0 {
+                    masters.push((fields[0], slots));
+                }
+            } else if fields[2].contains("slave") {
+                *replicas_of.entry(fields[3]).or_default() += 1;
+            }
+        }
+        let covered: i64 = masters.iter().map(|(_, n)| n).sum();
+        ClusterHealth {
+            masters: masters.len() as i64,
+            masters_without_replica: masters
+                .iter()
+                .filter(|(id, _)| replicas_of.get(id).copied().unwrap_or(0) == 0)
+                .count() as i64,
+            slots_uncovered: (16384 - covered).max(0),
+        }
+    }
+}
+
 /// The Redis metrics of one binary, registered by it under its own names.
 #[derive(Clone)]
 pub struct RedisMetrics {
@@ -252,6 +305,22 @@ impl Commands {
         result
     }
 
+    /// The cluster's shape, as one node sees it; `None` on one instance.
+    pub async fn cluster_health(&self) -> Result<Option<ClusterHealth>, BackendError> {
+        if !self.target.is_cluster() {
+            return Ok(None);
+        }
+        let nodes: String = self
+            .run("command", |mut conn| async move {
+                redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(Some(ClusterHealth::parse(&nodes)))
+    }
+
     /// Runs a pipeline and returns its replies.
     pub async fn query<T: redis::FromRedisValue>(
         &self,
@@ -292,5 +361,31 @@ impl crate::admin::Probe for Commands {
                 .ok()
         };
         matches!(tokio::time::timeout(PING_TIMEOUT, ping).await, Ok(Some(_)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Failed nodes do not count; a master whose only replica failed is reported, and the slots
+    /// of a failed master without a successor are uncovered.
+    #[test]
+    fn cluster_health_parses_cluster_nodes() {
+        let nodes = "\
+a 127.0.0.1:7100@17100 myself,master - 0 0 1 connected 0-5460
+b 127.0.0.1:7101@17101 master - 0 0 2 connected 5461-10922
+c 127.0.0.1:7102@17102 master,fail - 0 0 3 connected 10923-16383
+d 127.0.0.1:7103@17103 slave a 0 0 1 connected
+e 127.0.0.1:7104@17104 slave,fail b 0 0 2 connected
+";
+        assert_eq!(
+            ClusterHealth::parse(nodes),
+            ClusterHealth {
+                masters: 2,
+                masters_without_replica: 1,
+                slots_uncovered: 5461,
+            }
+        );
     }
 }

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub redis_errors: IntCounterVec,
     pub log_events: IntCounterVec,
     pub pubsub_subscriptions: IntGauge,
+    /// On a Redis Cluster, as this node last saw it (every 5 s).
+    pub cluster_masters: IntGauge,
+    pub cluster_masters_without_replica: IntGauge,
+    pub cluster_slots_uncovered: IntGauge,
     pub pubsub_reconnects: IntCounter,
     pub outbound_dropped: IntCounter,
     pub history_incomplete: IntCounter,
@@ -129,6 +133,18 @@ impl Metrics {
             pubsub_subscriptions: gauge(
                 "chat_gateway_pubsub_subscriptions",
                 "Channels (users' and rooms') this node is subscribed to",
+            )?,
+            cluster_masters: gauge(
+                "chat_gateway_redis_cluster_masters",
+                "Redis Cluster masters that own slots and are not failed, as this node last saw them (0 on one instance)",
+            )?,
+            cluster_masters_without_replica: gauge(
+                "chat_gateway_redis_cluster_masters_without_replica",
+                "Redis Cluster masters without a live replica, as this node last saw them",
+            )?,
+            cluster_slots_uncovered: gauge(
+                "chat_gateway_redis_cluster_slots_uncovered",
+                "Redis Cluster slots no live master owns, as this node last saw them",
             )?,
             pubsub_reconnects: counter(
                 "chat_gateway_pubsub_reconnects_total",

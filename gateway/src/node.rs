@@ -81,7 +81,7 @@ impl Backend {
                     keys.clone(),
                     delivery,
                     subscribe_timeout,
-                    stop,
+                    stop.clone(),
                 );
                 (Arc::new(pubsub), manager)
             }
@@ -92,7 +92,7 @@ impl Backend {
                     keys.clone(),
                     delivery,
                     subscribe_timeout,
-                    stop,
+                    stop.clone(),
                 );
                 (Arc::new(pubsub), manager)
             }
@@ -115,8 +115,11 @@ impl Backend {
                 Duration::from_secs(cfg.presence_ttl_secs),
             )),
             counters: Arc::new(RedisCounters::new(redis.clone(), keys)),
+            tasks: vec![
+                manager,
+                tokio::spawn(watch_cluster(redis.clone(), metrics.clone(), stop.clone())),
+            ],
             probes: vec![Arc::new(redis)],
-            tasks: vec![manager],
         })
     }
 
@@ -213,6 +216,35 @@ fn retention(config: &Validated) -> Retention {
         tail_ttl_ms: cfg.gateway_history_tail_ttl_secs.saturating_mul(1000),
         dedup_window_ms: cfg.gateway_send_dedup_window_secs.saturating_mul(1000),
         max_backlog: cfg.redis_log_max_backlog,
+    }
+}
+
+/// How often a node reads the Redis Cluster's shape for its gauges.
+const CLUSTER_WATCH_EVERY: Duration = Duration::from_secs(5);
+
+/// On a Redis Cluster, keeps the cluster gauges current until `stop` (the alerts on a shard
+/// down or a master without a replica read them); on one instance, ends at once.
+async fn watch_cluster(redis: Commands, metrics: Metrics, stop: CancellationToken) {
+    if !redis.target().is_cluster() {
+        return;
+    }
+    let mut tick = tokio::time::interval(CLUSTER_WATCH_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        match redis.cluster_health().await {
+            Ok(Some(h)) => {
+                metrics.cluster_masters.set(h.masters);
+                metrics
+                    .cluster_masters_without_replica
+                    .set(h.masters_without_replica);
+                metrics.cluster_slots_uncovered.set(h.slots_uncovered);
+            }
+            Ok(None) => return,
+            Err(e) => tracing::warn!(error = %e, "redis cluster shape unreadable"),
+        }
     }
 }
 

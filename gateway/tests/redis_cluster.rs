@@ -104,6 +104,29 @@ async fn only_shard_channels_carry_chat_and_everything_spreads_over_every_master
             .count();
         assert_eq!(owned, 2, "partitions on master {port}");
     }
+
+    // The gateways watch the cluster's shape: all well, then a replica fails.
+    let gauge = |name: &'static str| {
+        let a = &a;
+        async move { metric(a, name).await }
+    };
+    let healthy = chat_core::testing::eventually(Duration::from_secs(10), || async {
+        gauge("chat_gateway_redis_cluster_masters").await == Some(3.0)
+            && gauge("chat_gateway_redis_cluster_masters_without_replica").await == Some(0.0)
+            && gauge("chat_gateway_redis_cluster_slots_uncovered").await == Some(0.0)
+    })
+    .await;
+    assert!(healthy, "3 masters with replicas, every slot covered");
+    let replica = (redis.base..redis.base + 6)
+        .find(|p| masters.iter().all(|(m, _)| m != p))
+        .expect("a replica");
+    redis.kill(replica);
+    let orphaned = chat_core::testing::eventually(Duration::from_secs(20), || async {
+        gauge("chat_gateway_redis_cluster_masters_without_replica").await == Some(1.0)
+    })
+    .await;
+    assert!(orphaned, "a master without a replica is reported");
+    let _ = &b;
 }
 
 /// What a failover under load did.
