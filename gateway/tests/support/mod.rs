@@ -863,6 +863,47 @@ impl OwnCluster {
         assert!(status.success(), "node {port} started again");
     }
 
+    /// Moves `slot` and its keys from the master on `from` to the one on `to`, as
+    /// `redis-cli --cluster reshard` does for each slot: IMPORTING/MIGRATING, MIGRATE in
+    /// batches, then the new owner announced to every master.
+    pub async fn migrate_slot(&self, slot: u16, from: u16, to: u16) {
+        let id = |port: u16| async move {
+            let id: String = self.query(port, &["CLUSTER", "MYID"]).await;
+            id
+        };
+        let (from_id, to_id) = (id(from).await, id(to).await);
+        let slot_text = slot.to_string();
+        let _: () = self
+            .query(
+                to,
+                &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id],
+            )
+            .await;
+        let _: () = self
+            .query(
+                from,
+                &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id],
+            )
+            .await;
+        loop {
+            let keys: Vec<String> = self
+                .query(from, &["CLUSTER", "GETKEYSINSLOT", &slot_text, "100"])
+                .await;
+            if keys.is_empty() {
+                break;
+            }
+            let to_port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let _: String = self.query(from, &args).await;
+        }
+        for (port, _) in self.masters().await {
+            let _: () = self
+                .query(port, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id])
+                .await;
+        }
+    }
+
     /// Runs `args` on the node on `port` and returns its reply.
     pub async fn query<T: redis::FromRedisValue>(&self, port: u16, args: &[&str]) -> T {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
