@@ -23,15 +23,22 @@ work = sys.argv[1]
 full = open(f"{work}/full.lua").read()
 dedup_check = """local prior = redis.call('GET', KEYS[5])
 if prior then
+  -- A write, so that a WAIT after this script also covers the original append.
+  redis.call('PEXPIRE', KEYS[5], ARGV[13])
   local seq, msg_id, ts = string.match(prior, '^(%d+):([^:]+):(%d+)$')
   return {tonumber(seq), msg_id, tonumber(ts)}
 end
 """
+guards = """local epoch = redis.call('GET', KEYS[6])
+if not epoch then return {-1} end
+if redis.call('HGET', KEYS[1], 'e') ~= epoch then return {-2} end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[16]) then return {-3} end
+"""
 dedup_record = "redis.call('SET', KEYS[5], seq .. ':' .. ARGV[1] .. ':' .. ARGV[6], 'PX', ARGV[13])\n"
 tail = "redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], seq .. '-0', 'f', frame)\n"
 expire = "redis.call('PEXPIRE', KEYS[3], ARGV[12])\n"
-publish = "for i = 16, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end\n"
-for part in (dedup_check, dedup_record, tail, expire, publish):
+publish = "for i = 17, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end\n"
+for part in (dedup_check, guards, dedup_record, tail, expire, publish):
     assert part in full, f"the append script changed; update append-script-cost.sh: {part!r}"
 variants = {
     "1 as the gateway runs it": full,
@@ -40,6 +47,7 @@ variants = {
     "4 without the idempotency record (GET, SET PX)": full.replace(dedup_check, "").replace(dedup_record, ""),
     "5 without PUBLISH": full.replace(publish, ""),
     "6 without tail and record (the script before both)": full.replace(dedup_check, "").replace(dedup_record, "").replace(tail, "").replace(expire, ""),
+    "7 without the epoch and backlog checks": full.replace(guards, ""),
 }
 for i, (name, text) in enumerate(variants.items()):
     open(f"{work}/v{i}.lua", "w").write(text)
@@ -51,6 +59,7 @@ for lua in "$WORK"/v*.lua; do
   sha=$(cli script load "$(cat "$lua")")
   python3 loadtest/lib/append_cost_gen.py "$N" "$sha" >"$WORK/in.resp"
   cli flushall >/dev/null
+  python3 loadtest/lib/append_cost_gen.py setup | cli --pipe >/dev/null
   before=$(cpu); t0=$(date +%s.%N)
   cli --pipe <"$WORK/in.resp" >"$WORK/out" 2>&1
   t1=$(date +%s.%N); after=$(cpu)
