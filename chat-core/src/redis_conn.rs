@@ -256,6 +256,20 @@ impl Commands {
         self.metrics.as_ref()
     }
 
+    /// Counts a failed operation `op` (when metrics are recorded).
+    pub fn count_error(&self, op: &str) {
+        if let Some(m) = &self.metrics {
+            m.errors.with_label_values(&[op]).inc();
+        }
+    }
+
+    /// Sets the pub/sub subscriptions gauge (when metrics are recorded).
+    pub fn set_subscriptions(&self, n: usize) {
+        if let Some(m) = &self.metrics {
+            m.subscriptions.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
     async fn conn(&self) -> Result<Conn, BackendError> {
         let conn = self
             .conn

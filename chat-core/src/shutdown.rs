@@ -26,3 +26,11 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     }
     token.cancel();
 }
+
+/// Sleeps `delay` unless `shutdown` comes first; true on shutdown.
+pub async fn sleep_or_shutdown(delay: std::time::Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = shutdown.cancelled() => true,
+    }
+}

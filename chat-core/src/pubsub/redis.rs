@@ -52,6 +52,102 @@ impl Command {
     }
 }
 
+/// Sends an ensure for `topics` and waits, up to `timeout`, until the manager confirms them.
+pub(super) async fn ensure(
+    commands: &mpsc::Sender<Command>,
+    topics: Vec<Topic>,
+    timeout: Duration,
+) -> Result<(), BackendError> {
+    let (done, confirmed) = oneshot::channel();
+    let wait = async {
+        commands
+            .send(Command::Ensure {
+                topics,
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| BackendError::Stopped)?;
+        confirmed.await.map_err(|_| BackendError::Stopped)
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| BackendError::Timeout)?
+}
+
+/// Queues a release without waiting; when the queue is full, the periodic reconciliation drops
+/// the topics later.
+pub(super) fn release(commands: &mpsc::Sender<Command>, topics: Vec<Topic>) {
+    if !topics.is_empty() {
+        let _ = commands.try_send(Command::Release { topics });
+    }
+}
+
+/// What a batch of subscription commands asks of a manager: topics to subscribe (before the
+/// waiters are answered), the waiters, and topics to drop (only those the subscriber no longer
+/// wants). Decided by the subscriber alone: a topic nobody here needs must not stay subscribed,
+/// even if an (abandoned) ensure for it came in the same batch.
+pub(super) struct Plan {
+    pub subscribe: Vec<Topic>,
+    pub waiting: Vec<oneshot::Sender<()>>,
+    pub unsubscribe: Vec<Topic>,
+}
+
+impl Plan {
+    pub(super) fn of(
+        batch: Vec<Command>,
+        subscribed: &HashSet<Topic>,
+        subscriber: &dyn Subscriber,
+    ) -> Plan {
+        let mut to_subscribe = Vec::new();
+        let mut waiting = Vec::new();
+        let mut released = HashSet::new();
+        for cmd in batch {
+            match cmd {
+                // The caller gave up waiting (timeout): nothing to do for it.
+                Command::Ensure {
+                    done: Some(done), ..
+                } if done.is_closed() => {}
+                Command::Ensure { topics, done } => {
+                    for topic in topics {
+                        if !subscribed.contains(&topic) && !to_subscribe.contains(&topic) {
+                            to_subscribe.push(topic);
+                        }
+                    }
+                    waiting.extend(done);
+                }
+                Command::Release { topics } => released.extend(topics),
+            }
+        }
+        to_subscribe.retain(|t| subscriber.wants(*t));
+        let unsubscribe = released
+            .into_iter()
+            .filter(|t| subscribed.contains(t) && !subscriber.wants(*t))
+            .collect();
+        Plan {
+            subscribe: to_subscribe,
+            waiting,
+            unsubscribe,
+        }
+    }
+
+    /// The changes a periodic comparison of `subscribed` with what the subscriber wants finds.
+    pub(super) fn reconciliation(
+        subscribed: &HashSet<Topic>,
+        subscriber: &dyn Subscriber,
+    ) -> Vec<Command> {
+        let wanted: HashSet<Topic> = subscriber.topics().into_iter().collect();
+        vec![
+            Command::Ensure {
+                topics: wanted.difference(subscribed).copied().collect(),
+                done: None,
+            },
+            Command::Release {
+                topics: subscribed.difference(&wanted).copied().collect(),
+            },
+        ]
+    }
+}
+
 /// Redis pub/sub for one node.
 pub struct RedisPubSub {
     commands: mpsc::Sender<Command>,
@@ -101,27 +197,11 @@ impl RedisPubSub {
 #[async_trait]
 impl PubSub for RedisPubSub {
     async fn subscribe(&self, topics: Vec<Topic>) -> Result<(), BackendError> {
-        let (done, confirmed) = oneshot::channel();
-        let wait = async {
-            self.commands
-                .send(Command::Ensure {
-                    topics,
-                    done: Some(done),
-                })
-                .await
-                .map_err(|_| BackendError::Stopped)?;
-            confirmed.await.map_err(|_| BackendError::Stopped)
-        };
-        tokio::time::timeout(self.subscribe_timeout, wait)
-            .await
-            .map_err(|_| BackendError::Timeout)?
+        ensure(&self.commands, topics, self.subscribe_timeout).await
     }
 
     fn release(&self, topics: Vec<Topic>) {
-        if !topics.is_empty() {
-            // Full: the periodic reconciliation drops them later.
-            let _ = self.commands.try_send(Command::Release { topics });
-        }
+        release(&self.commands, topics)
     }
 
     async fn publish(&self, publications: Vec<Publication>) -> Result<(), BackendError> {
@@ -237,13 +317,7 @@ impl Manager {
                     }
                     _ = &mut reader => break true,
                     _ = reconcile.tick() => {
-                        let wanted: HashSet<Topic> = self.subscriber.topics().into_iter().collect();
-                        let missing: Vec<Topic> = wanted.difference(&subscribed).copied().collect();
-                        let stale: Vec<Topic> = subscribed.difference(&wanted).copied().collect();
-                        let change = vec![
-                            Command::Ensure { topics: missing, done: None },
-                            Command::Release { topics: stale },
-                        ];
+                        let change = Plan::reconciliation(&subscribed, self.subscriber.as_ref());
                         if let Err(e) = self.reconcile(&sink, &mut subscribed, change).await {
                             tracing::warn!(error = %e, "subscription reconciliation failed");
                             reader.abort();
@@ -283,23 +357,16 @@ impl Manager {
     }
 
     fn count_error(&self, op: &str) {
-        if let Some(m) = self.redis.metrics() {
-            m.errors.with_label_values(&[op]).inc();
-        }
+        self.redis.count_error(op);
     }
 
     fn set_gauge(&self, subscribed: &HashSet<Topic>) {
-        if let Some(m) = self.redis.metrics() {
-            m.subscriptions.set(subscribed.len() as i64);
-        }
+        self.redis.set_subscriptions(subscribed.len());
     }
 
     /// Sleeps unless shutdown comes first; returns true on shutdown.
     async fn sleep(&self, delay: Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => false,
-            _ = self.shutdown.cancelled() => true,
-        }
+        crate::shutdown::sleep_or_shutdown(delay, &self.shutdown).await
     }
 
     /// SUBSCRIBE (or UNSUBSCRIBE) each topic's channel, one command per channel, pipelined: the
@@ -335,40 +402,14 @@ impl Manager {
         subscribed: &mut HashSet<Topic>,
         batch: Vec<Command>,
     ) -> redis::RedisResult<()> {
-        let mut to_subscribe = Vec::new();
-        let mut waiting = Vec::new();
-        let mut released = HashSet::new();
-        for cmd in batch {
-            match cmd {
-                // The caller gave up waiting (timeout): nothing to do for it.
-                Command::Ensure {
-                    done: Some(done), ..
-                } if done.is_closed() => {}
-                Command::Ensure { topics, done } => {
-                    for topic in topics {
-                        if !subscribed.contains(&topic) && !to_subscribe.contains(&topic) {
-                            to_subscribe.push(topic);
-                        }
-                    }
-                    waiting.extend(done);
-                }
-                Command::Release { topics } => released.extend(topics),
-            }
-        }
-        // Decided by the subscriber alone: a topic nobody here needs must not stay subscribed,
-        // even if an (abandoned) ensure for it came in the same batch.
-        to_subscribe.retain(|t| self.subscriber.wants(*t));
-        let to_unsubscribe: Vec<Topic> = released
-            .into_iter()
-            .filter(|t| subscribed.contains(t) && !self.subscriber.wants(*t))
-            .collect();
-        self.set_subscribed(sink, &to_subscribe, true).await?;
-        subscribed.extend(to_subscribe);
-        for done in waiting {
+        let plan = Plan::of(batch, subscribed, self.subscriber.as_ref());
+        self.set_subscribed(sink, &plan.subscribe, true).await?;
+        subscribed.extend(plan.subscribe);
+        for done in plan.waiting {
             let _ = done.send(());
         }
-        self.set_subscribed(sink, &to_unsubscribe, false).await?;
-        for t in &to_unsubscribe {
+        self.set_subscribed(sink, &plan.unsubscribe, false).await?;
+        for t in &plan.unsubscribe {
             subscribed.remove(t);
         }
         self.set_gauge(subscribed);

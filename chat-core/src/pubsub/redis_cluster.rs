@@ -17,11 +17,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::redis::Command;
+use super::redis::{ensure, release, Command, Plan};
 use super::{Envelope, PubSub, Publication, Subscriber, Topic};
 use crate::backend::BackendError;
 use crate::backoff::Backoff;
@@ -87,26 +87,11 @@ impl RedisClusterPubSub {
 #[async_trait]
 impl PubSub for RedisClusterPubSub {
     async fn subscribe(&self, topics: Vec<Topic>) -> Result<(), BackendError> {
-        let (done, confirmed) = oneshot::channel();
-        let wait = async {
-            self.commands
-                .send(Command::Ensure {
-                    topics,
-                    done: Some(done),
-                })
-                .await
-                .map_err(|_| BackendError::Stopped)?;
-            confirmed.await.map_err(|_| BackendError::Stopped)
-        };
-        tokio::time::timeout(self.subscribe_timeout, wait)
-            .await
-            .map_err(|_| BackendError::Timeout)?
+        ensure(&self.commands, topics, self.subscribe_timeout).await
     }
 
     fn release(&self, topics: Vec<Topic>) {
-        if !topics.is_empty() {
-            let _ = self.commands.try_send(Command::Release { topics });
-        }
+        release(&self.commands, topics)
     }
 
     /// `SPUBLISH` to each topic's channel, in the slot of the envelope's conversation where it
@@ -259,11 +244,7 @@ impl Manager {
                     }
                 }
                 _ = reconcile.tick() => {
-                    let wanted: HashSet<Topic> = self.subscriber.topics().into_iter().collect();
-                    let change = vec![
-                        Command::Ensure { topics: wanted.difference(&subscribed).copied().collect(), done: None },
-                        Command::Release { topics: subscribed.difference(&wanted).copied().collect() },
-                    ];
+                    let change = Plan::reconciliation(&subscribed, self.subscriber.as_ref());
                     if let Err(e) = self.reconcile(&mut conn, &mut subscribed, change).await {
                         tracing::warn!(error = %e, "shard subscription reconciliation failed");
                     }
@@ -347,61 +328,32 @@ impl Manager {
         subscribed: &mut HashSet<Topic>,
         batch: Vec<Command>,
     ) -> redis::RedisResult<()> {
-        let mut to_subscribe = Vec::new();
-        let mut waiting = Vec::new();
-        let mut released = HashSet::new();
-        for cmd in batch {
-            match cmd {
-                Command::Ensure {
-                    done: Some(done), ..
-                } if done.is_closed() => {}
-                Command::Ensure { topics, done } => {
-                    for topic in topics {
-                        if !subscribed.contains(&topic) && !to_subscribe.contains(&topic) {
-                            to_subscribe.push(topic);
-                        }
-                    }
-                    waiting.extend(done);
-                }
-                Command::Release { topics } => released.extend(topics),
-            }
-        }
-        to_subscribe.retain(|t| self.subscriber.wants(*t));
-        let to_unsubscribe: Vec<Topic> = released
-            .into_iter()
-            .filter(|t| subscribed.contains(t) && !self.subscriber.wants(*t))
-            .collect();
-        set_subscribed(conn, &self.keys, &to_subscribe, true).await?;
-        subscribed.extend(to_subscribe);
-        for done in waiting {
+        let plan = Plan::of(batch, subscribed, self.subscriber.as_ref());
+        set_subscribed(conn, &self.keys, &plan.subscribe, true).await?;
+        subscribed.extend(plan.subscribe);
+        for done in plan.waiting {
             let _ = done.send(());
         }
         // Removed first: a `sunsubscribe` push for them is expected.
-        for t in &to_unsubscribe {
+        for t in &plan.unsubscribe {
             subscribed.remove(t);
         }
-        set_subscribed(conn, &self.keys, &to_unsubscribe, false).await?;
+        set_subscribed(conn, &self.keys, &plan.unsubscribe, false).await?;
         self.set_gauge(subscribed);
         Ok(())
     }
 
     fn count_error(&self, op: &str) {
-        if let Some(m) = self.metrics.metrics() {
-            m.errors.with_label_values(&[op]).inc();
-        }
+        self.metrics.count_error(op);
     }
 
     fn set_gauge(&self, subscribed: &HashSet<Topic>) {
-        if let Some(m) = self.metrics.metrics() {
-            m.subscriptions.set(subscribed.len() as i64);
-        }
+        self.metrics.set_subscriptions(subscribed.len());
     }
 
+    /// Sleeps unless shutdown comes first; returns true on shutdown.
     async fn sleep(&self, delay: Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => false,
-            _ = self.shutdown.cancelled() => true,
-        }
+        crate::shutdown::sleep_or_shutdown(delay, &self.shutdown).await
     }
 }
 
