@@ -28,6 +28,7 @@ pub struct Metrics {
     pub messages_delivered: IntCounter,
     pub redis_errors: IntCounterVec,
     pub log_events: IntCounterVec,
+    pub password_work: IntCounterVec,
     pub pubsub_subscriptions: IntGauge,
     /// On a Redis Cluster, as this node last saw it (every 5 s).
     pub cluster_masters: IntGauge,
@@ -123,6 +124,11 @@ impl Metrics {
             redis_errors: counter_vec(
                 "chat_gateway_redis_errors_total",
                 "Failed Redis operations",
+                &["op"],
+            )?,
+            password_work: counter_vec(
+                "chat_gateway_password_work_total",
+                "argon2id work started on the password threads, by op: hash, verify",
                 &["op"],
             )?,
             log_events: counter_vec(
@@ -221,6 +227,9 @@ impl Metrics {
     fn with_known_labels(self) -> Self {
         for op in ["append", "command", "pubsub_connect", "pubsub"] {
             self.redis_errors.with_label_values(&[op]);
+        }
+        for op in ["hash", "verify"] {
+            self.password_work.with_label_values(&[op]);
         }
         for event in ["epoch_opened", "rebased", "backlog_full", "replicas_short"] {
             self.log_events.with_label_values(&[event]);

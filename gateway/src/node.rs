@@ -386,13 +386,14 @@ pub async fn run(
         auth = auth.with_external(provider);
     }
     let auth = Arc::new(auth);
-    let passwords = Arc::new(Passwords::new(
-        if cfg.gateway_password_hash_concurrency == 0 {
+    let passwords = Arc::new(
+        Passwords::new(if cfg.gateway_password_hash_concurrency == 0 {
             workers
         } else {
             cfg.gateway_password_hash_concurrency
-        },
-    )?);
+        })?
+        .counted(metrics.password_work.clone()),
+    );
     let directory = Arc::new(Directory::new(
         store.clone(),
         backend.log.clone(),

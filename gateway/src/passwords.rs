@@ -37,6 +37,8 @@ pub enum PasswordError {
 /// Hashes and verifies passwords on the password threads.
 pub struct Passwords {
     pool: PasswordPool,
+    /// Hashes and verifications started, by `op` (`hash`, `verify`), when counted.
+    work: Option<prometheus::IntCounterVec>,
     /// A real argon2id hash of a random password, verified against when the email is unknown,
     /// so unknown-email and wrong-password logins take similar time.
     dummy_hash: String,
@@ -47,13 +49,27 @@ impl Passwords {
     pub fn new(threads: usize) -> Result<Self, PasswordError> {
         Ok(Passwords {
             pool: PasswordPool::new(threads).map_err(|e| PasswordError::Hash(e.to_string()))?,
+            work: None,
             dummy_hash: hash_password(&Uuid::new_v4().to_string())
                 .map_err(|e| PasswordError::Hash(e.to_string()))?,
         })
     }
 
+    /// Counts the work started in `work` (labels `hash`, `verify`).
+    pub fn counted(mut self, work: prometheus::IntCounterVec) -> Self {
+        self.work = Some(work);
+        self
+    }
+
+    fn count(&self, op: &str) {
+        if let Some(work) = &self.work {
+            work.with_label_values(&[op]).inc();
+        }
+    }
+
     /// The argon2id hash (PHC string) of `password`.
     pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
+        self.count("hash");
         self.pool
             .run(move || hash_password(&password))
             .await
@@ -68,6 +84,7 @@ impl Passwords {
         password: String,
         hash: Option<String>,
     ) -> Result<bool, PasswordError> {
+        self.count("verify");
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
         let matches = self

@@ -217,6 +217,22 @@ on_both_backends! {
         )
         .await;
         assert_eq!(status, 422);
+        // A well-formed token nobody issued is refused before any password is hashed for it.
+        let hashes = || metric(&a, "chat_gateway_password_work_total{op=\"hash\"}");
+        let before = hashes().await;
+        for _ in 0..5 {
+            let (status, body) = post(
+                &a,
+                "/api/v1/auth/password-reset/confirm",
+                json!({"token": "ab".repeat(32), "new_password": "new password"}),
+            )
+            .await;
+            assert_eq!(
+                (status, body["error"]["fields"]["token"].clone()),
+                (422, json!("token_invalid"))
+            );
+        }
+        assert_eq!(hashes().await, before, "no hash for an unknown token");
         assert_eq!(login(&a, &email, "old password").await, 200);
         hook_server.stop(false).await;
     }

@@ -54,6 +54,21 @@ impl Store {
     /// Uses the token (once, unexpired) and sets its user's password hash, in one transaction.
     /// Returns the user and the new token floor (Unix seconds), or `None` for a token that is
     /// unknown, used or expired.
+    /// Whether `token_hash` names an unused, unexpired reset token (looked up before any
+    /// password is hashed for it, so that strangers cannot make the node hash for nothing).
+    pub async fn reset_token_usable(&self, token_hash: &[u8]) -> Result<bool, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT 1 FROM password_resets
+                 WHERE token_hash = $1 AND used_at IS NULL AND expires_at > now()",
+                &[&token_hash],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
     pub async fn confirm_reset(
         &self,
         token_hash: &[u8],

@@ -93,9 +93,14 @@ pub async fn confirm(
         err.fields.insert("token", "token_invalid");
     }
     err.into_result()?;
+    let token_hash = hash_token(&body.token);
+    // Looked up first: a stranger's guess costs a query, not an argon2id hash. The update below
+    // still spends the token atomically (a concurrent confirm of the same token finds it used).
+    if !store.reset_token_usable(&token_hash).await? {
+        return Err(ApiError::invalid_field("token", "token_invalid"));
+    }
     let hash = passwords.hash(body.new_password).await?;
-    let Some((user_id, changed_at)) = store.confirm_reset(&hash_token(&body.token), &hash).await?
-    else {
+    let Some((user_id, changed_at)) = store.confirm_reset(&token_hash, &hash).await? else {
         return Err(ApiError::invalid_field("token", "token_invalid"));
     };
     tracing::info!(%user_id, "password reset");
