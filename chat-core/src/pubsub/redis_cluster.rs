@@ -37,6 +37,8 @@ const COMMAND_QUEUE: usize = 8192;
 const MAX_COMMAND_BATCH: usize = 512;
 /// How often the subscriptions are compared with what the subscriber wants.
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// How often the manager reads which master owns which slots (`CLUSTER NODES`).
+const OWNERS_EVERY: Duration = Duration::from_secs(2);
 
 /// Shard pub/sub for one node.
 pub struct RedisClusterPubSub {
@@ -213,9 +215,27 @@ impl Manager {
         }
         let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
         reconcile.tick().await;
+        let mut watch = tokio::time::interval(OWNERS_EVERY);
+        let mut owners = slot_owners(&mut conn).await;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                // A slot that changed master (a failover, a demotion, a migration) may have taken
+                // subscriptions with it without a push saying so: subscribe again and resync.
+                _ = watch.tick() => {
+                    let now = slot_owners(&mut conn).await;
+                    if now.is_some() && owners.is_some() && now != owners {
+                        tracing::warn!("redis cluster slots changed masters; subscribing again");
+                        self.count_error("pubsub");
+                        subscribed.clear();
+                        if !self.resubscribe_all(&mut conn, &mut subscribed, true).await {
+                            break;
+                        }
+                    }
+                    if now.is_some() {
+                        owners = now;
+                    }
+                }
                 _ = &mut reader => {
                     tracing::error!("shard pub/sub reader ended");
                     self.healthy.store(false, Ordering::Relaxed);
@@ -382,6 +402,27 @@ async fn set_subscribed(
         .await
         .into_iter()
         .collect()
+}
+
+/// Which master (by node id) owns which slot ranges, as one node sees it now, sorted; `None`
+/// when no node answers (during a failover).
+async fn slot_owners(conn: &mut ClusterConnection) -> Option<Vec<(String, String)>> {
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(conn)
+        .await
+        .ok()?;
+    let mut owners: Vec<(String, String)> = nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let live_master =
+                fields.len() > 8 && fields[2].contains("master") && !fields[2].contains("fail");
+            live_master.then(|| (fields[8..].join(" "), fields[0].to_string()))
+        })
+        .collect();
+    owners.sort();
+    Some(owners)
 }
 
 fn bulk(v: Option<&Value>) -> Option<&[u8]> {
