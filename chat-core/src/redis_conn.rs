@@ -144,20 +144,65 @@ pub struct ClusterHealth {
     pub slots_uncovered: i64,
 }
 
+/// One line of `CLUSTER NODES` as far as we use it.
+struct NodeLine<'a> {
+    id: &'a str,
+    master: bool,
+    /// Agreed failed (`fail`); a node only suspected (`fail?`) still counts as live.
+    failed: bool,
+    /// The master a replica follows.
+    master_id: &'a str,
+    /// Slot ranges (`0-5460`, single slots; migration markers `[..]` left out).
+    slots: Vec<&'a str>,
+}
+
+fn node_lines(nodes: &str) -> impl Iterator<Item = NodeLine<'_>> {
+    nodes.lines().filter_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 {
+            return None;
+        }
+        let flags: Vec<&str> = fields[2].split(',').collect();
+        Some(NodeLine {
+            id: fields[0],
+            master: flags.contains(&"master"),
+            failed: flags.contains(&"fail"),
+            master_id: fields[3],
+            slots: fields[8..]
+                .iter()
+                .copied()
+                .filter(|r| !r.starts_with('['))
+                .collect(),
+        })
+    })
+}
+
+/// Which live master (by node id) owns which slot ranges, sorted: compared over time, a change
+/// means a failover, a demotion or a migration.
+pub fn slot_owners(nodes: &str) -> Vec<(String, String)> {
+    let mut owners: Vec<(String, String)> = node_lines(nodes)
+        .filter(|n| n.master && !n.failed && !n.slots.is_empty())
+        .map(|n| (n.slots.join(" "), n.id.to_string()))
+        .collect();
+    owners.sort();
+    owners
+}
+
 impl ClusterHealth {
     /// Reads the text of `CLUSTER NODES`.
     pub fn parse(nodes: &str) -> Self {
-        let mut masters: Vec<(&str, i64)> = Vec::new();
+        let lines: Vec<NodeLine> = node_lines(nodes).filter(|n| !n.failed).collect();
         let mut replicas_of: std::collections::HashMap<&str, i64> = Default::default();
-        for line in nodes.lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 8 || fields[2].contains("fail") {
-                continue;
-            }
-            if fields[2].contains("master") {
-                let slots: i64 = fields[8..]
+        for n in lines.iter().filter(|n| !n.master) {
+            *replicas_of.entry(n.master_id).or_default() += 1;
+        }
+        let masters: Vec<(&str, i64)> = lines
+            .iter()
+            .filter(|n| n.master)
+            .map(|n| {
+                let slots = n
+                    .slots
                     .iter()
-                    .filter(|r| !r.starts_with('['))
                     .map(|r| match r.split_once('-') {
                         Some((a, b)) => match (a.parse::<i64>(), b.parse::<i64>()) {
                             (Ok(a), Ok(b)) => b - a + 1,
@@ -166,13 +211,10 @@ impl ClusterHealth {
                         None => i64::from(r.parse::<i64>().is_ok()),
                     })
                     .sum();
-                if slots > 0 {
-                    masters.push((fields[0], slots));
-                }
-            } else if fields[2].contains("slave") {
-                *replicas_of.entry(fields[3]).or_default() += 1;
-            }
-        }
+                (n.id, slots)
+            })
+            .filter(|(_, slots)| *slots > 0)
+            .collect();
         let covered: i64 = masters.iter().map(|(_, n)| n).sum();
         ClusterHealth {
             masters: masters.len() as i64,
@@ -392,6 +434,7 @@ b 127.0.0.1:7101@17101 master - 0 0 2 connected 5461-10922
 c 127.0.0.1:7102@17102 master,fail - 0 0 3 connected 10923-16383
 d 127.0.0.1:7103@17103 slave a 0 0 1 connected
 e 127.0.0.1:7104@17104 slave,fail b 0 0 2 connected
+f 127.0.0.1:7105@17105 slave,fail? a 0 0 1 connected
 ";
         assert_eq!(
             ClusterHealth::parse(nodes),
@@ -400,6 +443,14 @@ e 127.0.0.1:7104@17104 slave,fail b 0 0 2 connected
                 masters_without_replica: 1,
                 slots_uncovered: 5461,
             }
+        );
+        assert_eq!(
+            slot_owners(nodes),
+            vec![
+                ("0-5460".to_string(), "a".to_string()),
+                ("5461-10922".to_string(), "b".to_string())
+            ],
+            "a suspected node (fail?) still owns its slots; a failed one does not"
         );
     }
 }

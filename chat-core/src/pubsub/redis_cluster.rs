@@ -26,7 +26,7 @@ use super::{Envelope, PubSub, Publication, Subscriber, Topic};
 use crate::backend::BackendError;
 use crate::backoff::Backoff;
 use crate::keys::KeySchema;
-use crate::redis_conn::{Commands, RedisTarget, COMMAND_TIMEOUT};
+use crate::redis_conn::{slot_owners, Commands, RedisTarget, COMMAND_TIMEOUT};
 
 /// Pushed frames waiting for the reader, at most; beyond, they are dropped and the node
 /// resyncs its connections (as after a lost connection).
@@ -216,14 +216,14 @@ impl Manager {
         let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
         reconcile.tick().await;
         let mut watch = tokio::time::interval(OWNERS_EVERY);
-        let mut owners = slot_owners(&mut conn).await;
+        let mut owners = read_slot_owners(&mut conn).await;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 // A slot that changed master (a failover, a demotion, a migration) may have taken
                 // subscriptions with it without a push saying so: subscribe again and resync.
                 _ = watch.tick() => {
-                    let now = slot_owners(&mut conn).await;
+                    let now = read_slot_owners(&mut conn).await;
                     if now.is_some() && owners.is_some() && now != owners {
                         tracing::warn!("redis cluster slots changed masters; subscribing again");
                         self.count_error("pubsub");
@@ -404,25 +404,14 @@ async fn set_subscribed(
         .collect()
 }
 
-/// Which master (by node id) owns which slot ranges, as one node sees it now, sorted; `None`
-/// when no node answers (during a failover).
-async fn slot_owners(conn: &mut ClusterConnection) -> Option<Vec<(String, String)>> {
+/// [`slot_owners`] as one node sees them now; `None` when no node answers (during a failover).
+async fn read_slot_owners(conn: &mut ClusterConnection) -> Option<Vec<(String, String)>> {
     let nodes: String = redis::cmd("CLUSTER")
         .arg("NODES")
         .query_async(conn)
         .await
         .ok()?;
-    let mut owners: Vec<(String, String)> = nodes
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let live_master =
-                fields.len() > 8 && fields[2].contains("master") && !fields[2].contains("fail");
-            live_master.then(|| (fields[8..].join(" "), fields[0].to_string()))
-        })
-        .collect();
-    owners.sort();
-    Some(owners)
+    Some(slot_owners(&nodes))
 }
 
 fn bulk(v: Option<&Value>) -> Option<&[u8]> {
