@@ -226,8 +226,15 @@ impl KeySchema {
     /// A shared counter's key; it expires with its window.
     pub fn counter(&self, key: &CounterKey) -> String {
         match key {
-            CounterKey::LoginEmail(email) => format!("{}:limit:login:email:{email}", self.prefix),
-            CounterKey::LoginIp(ip) => format!("{}:limit:login:ip:{ip}", self.prefix),
+            CounterKey::LoginFailedEmail(email) => {
+                format!("{}:limit:login-failed:email:{email}", self.prefix)
+            }
+            CounterKey::LoginFailedEmailIp(email, ip) => {
+                format!("{}:limit:login-failed:email-ip:{ip}:{email}", self.prefix)
+            }
+            CounterKey::LoginFailedIp(ip) => format!("{}:limit:login-failed:ip:{ip}", self.prefix),
+            CounterKey::RegisterIp(ip) => format!("{}:limit:register:ip:{ip}", self.prefix),
+            CounterKey::RegisterAll => format!("{}:limit:register:all", self.prefix),
         }
     }
 

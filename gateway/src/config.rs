@@ -102,13 +102,24 @@ pub struct GatewayConfig {
     pub gateway_handshakes_per_ip_per_sec: u32,
     /// Connections one user may hold on one node.
     pub gateway_max_connections_per_user: usize,
-    /// Login attempts per email, and per client IP, in one window, across all nodes.
-    pub gateway_login_attempts_per_email: u32,
-    pub gateway_login_attempts_per_ip: u32,
+    /// Failed logins for one email from one client IP, in one window across all nodes, before
+    /// that IP is refused for that email.
+    pub gateway_login_failures_per_email_ip: u32,
+    /// Failed logins from one client IP, any email, before the IP is refused.
+    pub gateway_login_failures_per_ip: u32,
+    /// Failed logins for one email, from anywhere, after which its attempts are slowed (up to
+    /// 3 s each), never refused.
+    pub gateway_login_slow_after_failures: u32,
     pub gateway_login_window_secs: u64,
-    /// Take the client IP from the first `X-Forwarded-For` entry (only behind a proxy that sets
-    /// it; otherwise clients could forge it).
-    pub gateway_trust_forwarded_for: bool,
+    /// Registrations per client IP, and on the whole deployment, in one window.
+    pub gateway_registrations_per_ip: u32,
+    pub gateway_registrations_total: u32,
+    pub gateway_registration_window_secs: u64,
+    /// Comma-separated CIDRs (or addresses) of the proxies in front of the gateway whose
+    /// `X-Forwarded-For` is believed: the client is the rightmost entry not in this list.
+    pub gateway_trusted_proxies: String,
+    /// Replaced by `gateway_trusted_proxies`; setting it to true is refused with that advice.
+    pub gateway_trust_forwarded_for: Option<bool>,
     /// Password hashes computed at once (argon2id, 19 MiB each); 0 means one per worker thread.
     pub gateway_password_hash_concurrency: usize,
     /// How long a password reset token stays usable.
@@ -175,10 +186,15 @@ impl Default for GatewayConfig {
             gateway_send_dedup_window_secs: chat_core::log::DEFAULT_DEDUP_WINDOW_MS / 1000,
             gateway_handshakes_per_ip_per_sec: 20,
             gateway_max_connections_per_user: 10,
-            gateway_login_attempts_per_email: 10,
-            gateway_login_attempts_per_ip: 100,
+            gateway_login_failures_per_email_ip: 10,
+            gateway_login_failures_per_ip: 100,
+            gateway_login_slow_after_failures: 20,
             gateway_login_window_secs: 900,
-            gateway_trust_forwarded_for: false,
+            gateway_registrations_per_ip: 20,
+            gateway_registrations_total: 10_000,
+            gateway_registration_window_secs: 3600,
+            gateway_trusted_proxies: String::new(),
+            gateway_trust_forwarded_for: None,
             gateway_password_hash_concurrency: 0,
             password_reset_ttl_secs: 1800,
             password_reset_webhook_url: None,
@@ -201,6 +217,8 @@ pub struct Validated {
     pub node_id: String,
     pub jwt_secret: String,
     pub allowed_origins: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: crate::client_ip::TrustedProxies,
     /// True when the dev secret is in use (logged as a warning at start).
     pub insecure_dev_secret: bool,
     /// Native TLS on the public port, when configured (checked to load).
@@ -317,16 +335,28 @@ impl GatewayConfig {
                 self.gateway_max_connections_per_user,
             ),
             (
-                "gateway_login_attempts_per_email",
-                self.gateway_login_attempts_per_email as usize,
+                "gateway_login_failures_per_email_ip",
+                self.gateway_login_failures_per_email_ip as usize,
             ),
             (
-                "gateway_login_attempts_per_ip",
-                self.gateway_login_attempts_per_ip as usize,
+                "gateway_login_failures_per_ip",
+                self.gateway_login_failures_per_ip as usize,
             ),
             (
                 "gateway_login_window_secs",
                 self.gateway_login_window_secs as usize,
+            ),
+            (
+                "gateway_registrations_per_ip",
+                self.gateway_registrations_per_ip as usize,
+            ),
+            (
+                "gateway_registrations_total",
+                self.gateway_registrations_total as usize,
+            ),
+            (
+                "gateway_registration_window_secs",
+                self.gateway_registration_window_secs as usize,
             ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
@@ -402,6 +432,15 @@ impl GatewayConfig {
                 ))
             }
         };
+        if self.gateway_trust_forwarded_for == Some(true) {
+            return Err(SettingsError::invalid(
+                "gateway_trust_forwarded_for",
+                "is replaced by gateway_trusted_proxies (the CIDRs of your proxies)",
+            ));
+        }
+        let trusted_proxies =
+            crate::client_ip::TrustedProxies::parse(&self.gateway_trusted_proxies)
+                .map_err(|e| SettingsError::invalid("gateway_trusted_proxies", e))?;
         let otel_endpoint =
             settings::check_tracing(self.otel_endpoint.as_deref(), self.otel_sampling_ratio)?;
         let external_jwt = self.external_jwt()?;
@@ -429,6 +468,7 @@ impl GatewayConfig {
             node_id,
             jwt_secret,
             allowed_origins,
+            trusted_proxies,
             insecure_dev_secret,
             tls,
             tracing,

@@ -17,7 +17,8 @@
 //!   - [`history`]: a seq range merged from the log's tail and Postgres;
 //!   - [`directory`]: who exists, who may use a conversation;
 //!   - [`authn`]: who is calling (token, token floor, external users);
-//!   - [`limits`]: login attempts, handshakes per IP, the client IP;
+//!   - [`limits`]: failed logins, registrations, handshakes per IP;
+//!   - [`client_ip`]: who a request comes from, behind trusted proxies;
 //!   - [`passwords`]: password rules and argon2id on dedicated threads;
 //!   - [`notifier`]: where password reset tokens go;
 //!   - [`hub`]: local connections by user, room and watch, bounded outbound queues.
@@ -31,6 +32,7 @@
 pub mod api_error;
 pub mod auth;
 pub mod authn;
+pub mod client_ip;
 pub mod config;
 pub mod delivery;
 pub mod directory;

@@ -240,6 +240,8 @@ impl Metrics {
             "handshakes_per_ip",
             "connections_per_user",
             "login",
+            "login_slowed",
+            "register",
         ] {
             self.rate_limited.with_label_values(&[limit]);
         }

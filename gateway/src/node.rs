@@ -38,7 +38,7 @@ use crate::directory::Directory;
 use crate::history::History;
 use crate::http::HttpSettings;
 use crate::hub::Hub;
-use crate::limits::{HandshakeLimiter, LoginLimiter};
+use crate::limits::{HandshakeLimiter, LoginLimiter, LoginLimits, RegistrationLimiter};
 use crate::metrics::Metrics;
 use crate::notifier::Notifier;
 use crate::passwords::Passwords;
@@ -272,6 +272,7 @@ struct Node {
     directory: Arc<Directory>,
     authenticator: Arc<Authenticator>,
     login_limiter: Arc<LoginLimiter>,
+    registration_limiter: Arc<RegistrationLimiter>,
     presence: Arc<Presence>,
     history: Arc<History>,
     pubsub: Arc<dyn PubSub>,
@@ -291,6 +292,7 @@ impl Node {
             .app_data(web::Data::from(self.directory.clone()))
             .app_data(web::Data::from(self.authenticator.clone()))
             .app_data(web::Data::from(self.login_limiter.clone()))
+            .app_data(web::Data::from(self.registration_limiter.clone()))
             .app_data(web::Data::from(self.presence.clone()))
             .app_data(web::Data::from(self.history.clone()))
             .app_data(web::Data::from(self.pubsub.clone()))
@@ -425,7 +427,7 @@ pub async fn run(
         settings: Arc::new(WsSettings {
             node_id: config.node_id.clone(),
             allowed_origins: config.allowed_origins.clone(),
-            trust_forwarded_for: cfg.gateway_trust_forwarded_for,
+            trusted_proxies: config.trusted_proxies.clone(),
             heartbeat: Duration::from_secs(cfg.gateway_heartbeat_secs),
             client_timeout: Duration::from_secs(cfg.gateway_client_timeout_secs),
             max_frame_bytes: cfg.gateway_max_frame_bytes,
@@ -462,9 +464,18 @@ pub async fn run(
         authenticator,
         login_limiter: Arc::new(LoginLimiter::new(
             backend.counters.clone(),
-            cfg.gateway_login_attempts_per_email,
-            cfg.gateway_login_attempts_per_ip,
-            Duration::from_secs(cfg.gateway_login_window_secs),
+            LoginLimits {
+                per_email_ip: cfg.gateway_login_failures_per_email_ip,
+                per_ip: cfg.gateway_login_failures_per_ip,
+                slow_per_email: cfg.gateway_login_slow_after_failures,
+                window: Duration::from_secs(cfg.gateway_login_window_secs),
+            },
+        )),
+        registration_limiter: Arc::new(RegistrationLimiter::new(
+            backend.counters.clone(),
+            cfg.gateway_registrations_per_ip,
+            cfg.gateway_registrations_total,
+            Duration::from_secs(cfg.gateway_registration_window_secs),
         )),
         presence: presence.clone(),
         history,
@@ -474,7 +485,7 @@ pub async fn run(
             cfg.dev_mode,
         )?),
         http: Arc::new(HttpSettings {
-            trust_forwarded_for: cfg.gateway_trust_forwarded_for,
+            trusted_proxies: config.trusted_proxies.clone(),
             max_room_members: cfg.gateway_max_room_members,
             max_rooms_per_user: cfg.gateway_max_rooms_per_user,
             reset_ttl_secs: cfg.password_reset_ttl_secs,

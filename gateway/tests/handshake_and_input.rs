@@ -472,14 +472,42 @@ on_both_backends! {
     }
 }
 
+/// POSTs JSON as if from `client` behind a proxy at 127.0.0.1: the client, then whatever
+/// `forged` entries the client wrote itself, in `X-Forwarded-For` as a proxy appends them.
+async fn post_from(
+    addr: std::net::SocketAddr,
+    path: &str,
+    forged: &str,
+    client: &str,
+    body: Value,
+) -> (u16, Value) {
+    let chain = if forged.is_empty() {
+        client.to_string()
+    } else {
+        format!("{forged}, {client}")
+    };
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .header("X-Forwarded-For", chain)
+        .json(&body)
+        .send()
+        .await
+        .expect("http");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
 on_both_backends! {
-    /// Logins beyond the per-email limit get 429 `rate_limited` (also with the right password)
-    /// across nodes; handshakes beyond the per-IP rate and connections beyond the per-user limit
-    /// get 429 before any upgrade.
+    /// Failed logins refuse the guessing IP for that email across nodes (whatever it forges to
+    /// the left in `X-Forwarded-For`), never the owner from elsewhere; without trusted proxies the
+    /// header is ignored; registrations are limited per IP; handshakes beyond the per-IP rate and
+    /// connections beyond the per-user limit get 429 before any upgrade.
     async fn login_handshake_and_per_user_limits(backend) {
         let cluster = Cluster::on(backend).await;
         let limited = |node_id: &str| gateway::config::GatewayConfig {
-            gateway_login_attempts_per_email: 3,
+            gateway_login_failures_per_email_ip: 3,
+            gateway_registrations_per_ip: 2,
+            gateway_trusted_proxies: "127.0.0.1/32".into(),
             gateway_handshakes_per_ip_per_sec: 2,
             gateway_max_connections_per_user: 1,
             ..cluster.config(node_id)
@@ -487,10 +515,13 @@ on_both_backends! {
         let (a, b) = cluster
             .start_pair(limited("node-a"), limited("node-b"))
             .await;
+        let (guesser, owner) = ("203.0.113.5", "198.51.100.7");
         let email = format!("guess-{}@example.test", Uuid::new_v4().simple());
-        let (status, body) = post(
-            &a,
+        let (status, body) = post_from(
+            a.http,
             "/api/v1/auth/register",
+            "",
+            owner,
             json!({"name": "Gus", "email": email, "password": "right password"}),
         )
         .await;
@@ -502,22 +533,66 @@ on_both_backends! {
                 .expect("id"),
             token: body["token"].as_str().expect("token").to_string(),
         };
-        async fn login(node: &NodeHandle, email: &str, password: &str) -> (u16, Value) {
-            post(
-                node,
-                "/api/v1/auth/login",
-                json!({"email": email.to_uppercase(), "password": password}),
-            )
-            .await
-        }
-        assert_eq!(login(&a, &email, "wrong 1").await.0, 401);
-        assert_eq!(login(&b, &email, "wrong 2").await.0, 401);
-        assert_eq!(login(&a, &email, "right password").await.0, 200);
-        let (status, body) = login(&b, &email, "right password").await;
+        let login = |node: &NodeHandle, forged: &'static str, from: &'static str, password: &'static str| {
+            let (http, email) = (node.http, email.clone());
+            async move {
+                post_from(
+                    http,
+                    "/api/v1/auth/login",
+                    forged,
+                    from,
+                    json!({"email": email.to_uppercase(), "password": password}),
+                )
+                .await
+            }
+        };
+        assert_eq!(login(&a, "", guesser, "wrong 1").await.0, 401);
+        assert_eq!(login(&b, "", guesser, "wrong 2").await.0, 401);
+        assert_eq!(login(&a, "", owner, "right password").await.0, 200, "right ones never count");
+        assert_eq!(login(&a, "", guesser, "wrong 3").await.0, 401);
+        let (status, body) = login(&b, "", guesser, "right password").await;
         assert_eq!(
             (status, body["error"]["code"].clone()),
-            (429, json!("rate_limited"))
+            (429, json!("rate_limited")),
+            "three failures from this IP for this email, across nodes"
         );
+        let (status, _) = login(&a, owner, guesser, "right password").await;
+        assert_eq!(status, 429, "forging the owner's IP to the left changes nothing");
+        assert_eq!(login(&b, "", owner, "right password").await.0, 200, "the owner is not locked out");
+
+        // Registrations: two per IP.
+        let register_from = |from: &'static str| {
+            let http = a.http;
+            async move {
+                let email = format!("reg-{}@example.test", Uuid::new_v4().simple());
+                post_from(
+                    http,
+                    "/api/v1/auth/register",
+                    "",
+                    from,
+                    json!({"name": "Reg", "email": email, "password": "a password"}),
+                )
+                .await
+            }
+        };
+        assert_eq!(register_from(guesser).await.0, 201);
+        assert_eq!(register_from(guesser).await.0, 201);
+        let (status, body) = register_from(guesser).await;
+        assert_eq!((status, body["error"]["code"].clone()), (429, json!("rate_limited")));
+        assert_eq!(register_from("192.0.2.44").await.0, 201, "another IP may register");
+
+        // Without trusted proxies the header is ignored: every request is 127.0.0.1's, which
+        // has failed nothing, so the guesser's header does not make it refused. (A second
+        // deployment of the memory backend cannot share its counters, so Redis only.)
+        if matches!(backend, Backend::Redis) {
+        let plain = cluster
+            .start_with(gateway::config::GatewayConfig {
+                gateway_login_failures_per_email_ip: 3,
+                ..cluster.config("node-plain")
+            })
+            .await;
+        assert_eq!(login(&plain, "", guesser, "right password").await.0, 200, "header not believed");
+        }
 
         let url = format!("ws://{}/ws", a.http);
         let auth = [("Authorization", format!("Bearer {}", user.token))];

@@ -43,8 +43,10 @@ stack_env=(CHAT_REDIS_URL=redis://127.0.0.1:6379 CHAT_DATABASE_URL="$STACK_DB_UR
   # Load generators send far faster per connection than a person; measure the gateway, not the
   # per-connection send limit (50/s by default).
   CHAT_GATEWAY_SEND_RATE_PER_SEC=1000000
-  # Load generators open thousands of connections from a few loopback addresses.
-  CHAT_GATEWAY_HANDSHAKES_PER_IP_PER_SEC=1000000)
+  # Load generators open thousands of connections, and register thousands of users, from a few
+  # loopback addresses.
+  CHAT_GATEWAY_HANDSHAKES_PER_IP_PER_SEC=1000000
+  CHAT_GATEWAY_REGISTRATIONS_PER_IP=1000000 CHAT_GATEWAY_REGISTRATIONS_TOTAL=1000000)
 
 stack_gateway() { # name port admin-port
   env "${stack_env[@]}" CHAT_GATEWAY_NODE_ID="$1" CHAT_GATEWAY_LISTEN="127.0.0.1:$2" \

@@ -42,6 +42,18 @@ impl Counters for MemoryCounters {
         windows.insert(key.clone(), (count, ends));
         Ok(count)
     }
+
+    async fn peek(&self, keys: &[CounterKey]) -> Result<Vec<u64>, BackendError> {
+        let now = Instant::now();
+        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(keys
+            .iter()
+            .map(|key| match windows.peek(key) {
+                Some(&(count, ends)) if ends > now => count,
+                _ => 0,
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -52,8 +64,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn windows_count_and_restart() {
         let counters = MemoryCounters::default();
-        let key = CounterKey::login_email("A@Example.com");
-        let other = CounterKey::login_email("b@example.com");
+        let key = CounterKey::login_failed_email("A@Example.com");
+        let other = CounterKey::login_failed_email("b@example.com");
         let window = Duration::from_secs(60);
         for expected in 1..=3 {
             assert_eq!(counters.count(&key, window).await.ok(), Some(expected));
@@ -61,13 +73,22 @@ mod tests {
         assert_eq!(counters.count(&other, window).await.ok(), Some(1));
         assert_eq!(
             counters
-                .count(&CounterKey::login_email("a@example.com"), window)
+                .count(&CounterKey::login_failed_email("a@example.com"), window)
                 .await
                 .ok(),
             Some(4),
             "emails count whatever their case"
         );
+        assert_eq!(
+            counters.peek(&[key.clone(), other.clone()]).await.ok(),
+            Some(vec![4, 1]),
+            "peeking does not count"
+        );
         tokio::time::advance(window).await;
+        assert_eq!(
+            counters.peek(std::slice::from_ref(&key)).await.ok(),
+            Some(vec![0])
+        );
         assert_eq!(counters.count(&key, window).await.ok(), Some(1));
     }
 }

@@ -1,5 +1,5 @@
-//! Shared counters: events counted in fixed windows that every node sees (login attempts per
-//! email and per client IP), so a limit holds however many nodes a client spreads over.
+//! Shared counters: events counted in fixed windows that every node sees (failed logins,
+//! registrations), so a limit holds however many nodes a client spreads over.
 //!
 //! Implementations: [`redis`] (one `INCR` per count), [`memory`] (one process).
 
@@ -16,16 +16,27 @@ use crate::backend::BackendError;
 /// What is counted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CounterKey {
-    /// Login attempts for an email (lowercased).
-    LoginEmail(String),
-    /// Login attempts from a client IP.
-    LoginIp(IpAddr),
+    /// Failed logins for an email (lowercased), from any IP.
+    LoginFailedEmail(String),
+    /// Failed logins for an email (lowercased) from one client IP.
+    LoginFailedEmailIp(String, IpAddr),
+    /// Failed logins from a client IP, for any email.
+    LoginFailedIp(IpAddr),
+    /// Registrations from a client IP.
+    RegisterIp(IpAddr),
+    /// Registrations on the whole deployment.
+    RegisterAll,
 }
 
 impl CounterKey {
-    /// Login attempts for `email`, whatever its case.
-    pub fn login_email(email: &str) -> Self {
-        CounterKey::LoginEmail(email.to_lowercase())
+    /// Failed logins for `email`, whatever its case.
+    pub fn login_failed_email(email: &str) -> Self {
+        CounterKey::LoginFailedEmail(email.to_lowercase())
+    }
+
+    /// Failed logins for `email`, whatever its case, from `ip`.
+    pub fn login_failed_email_ip(email: &str, ip: IpAddr) -> Self {
+        CounterKey::LoginFailedEmailIp(email.to_lowercase(), ip)
     }
 }
 
@@ -35,4 +46,8 @@ pub trait Counters: Send + Sync {
     /// Counts one event against `key` in the current window of length `window` (which starts
     /// at the window's first event) and returns the count so far, this event included.
     async fn count(&self, key: &CounterKey, window: Duration) -> Result<u64, BackendError>;
+
+    /// The counts of `keys` in their current windows (0 for a key not counted), without
+    /// counting.
+    async fn peek(&self, keys: &[CounterKey]) -> Result<Vec<u64>, BackendError>;
 }

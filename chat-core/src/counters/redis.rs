@@ -1,4 +1,4 @@
-//! Shared counters on Redis: `INCR` and `PEXPIRE NX` in one pipeline per count.
+//! Shared counters on Redis: `INCR` and `PEXPIRE NX` in one pipeline per count, `GET`s to peek.
 
 use std::time::Duration;
 
@@ -35,5 +35,15 @@ impl Counters for RedisCounters {
             .ignore();
         let (count,): (u64,) = self.redis.query("command", &pipe).await?;
         Ok(count)
+    }
+
+    async fn peek(&self, keys: &[CounterKey]) -> Result<Vec<u64>, BackendError> {
+        // One GET each, pipelined (the keys may live in different slots of a cluster).
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("GET").arg(self.keys.counter(key));
+        }
+        let counts: Vec<Option<u64>> = self.redis.query("command", &pipe).await?;
+        Ok(counts.into_iter().map(Option::unwrap_or_default).collect())
     }
 }

@@ -12,7 +12,7 @@ use crate::api_error::ApiError;
 use crate::auth::Auth;
 use crate::directory::Directory;
 use crate::fields::{avatar_url_is_valid, email_is_valid, name_problem, MAX_EMAIL_BYTES};
-use crate::limits::{client_ip, LoginLimiter};
+use crate::limits::{LoginGate, LoginLimiter, RegistrationLimiter};
 use crate::metrics::Metrics;
 use crate::passwords::{password_problem, Passwords, MAX_PASSWORD_BYTES};
 
@@ -55,15 +55,28 @@ fn validate_registration(req: &RegisterRequest) -> Result<(), ApiError> {
 }
 
 /// `POST /api/v1/auth/register`
+#[allow(clippy::too_many_arguments)]
 pub async fn register(
     store: web::Data<Store>,
     passwords: web::Data<Passwords>,
     auth: web::Data<Auth>,
     directory: web::Data<Directory>,
+    limiter: web::Data<RegistrationLimiter>,
+    metrics: web::Data<Metrics>,
+    settings: web::Data<HttpSettings>,
+    http: HttpRequest,
     body: web::Json<RegisterRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let req = body.into_inner();
     validate_registration(&req)?;
+    // Counted before the password is hashed: the hash is the work being limited.
+    if !limiter
+        .allow(settings.trusted_proxies.client_ip(&http))
+        .await
+    {
+        metrics.rate_limited.with_label_values(&["register"]).inc();
+        return Err(too_many("too many registrations; wait and try again"));
+    }
     let hash = passwords.hash(req.password).await?;
     let user = User {
         id: Uuid::now_v7(),
@@ -101,15 +114,20 @@ pub async fn login(
     if req.password.len() > MAX_PASSWORD_BYTES || email.len() > MAX_EMAIL_BYTES {
         return Err(invalid_credentials());
     }
-    // Counted before the password is checked: guessing costs an attempt whether it is right.
-    let ip = client_ip(&http, settings.trust_forwarded_for);
-    if !limiter.allow(&email, ip).await {
-        metrics.rate_limited.with_label_values(&["login"]).inc();
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
-            "too many login attempts; wait and try again",
-        ));
+    let ip = settings.trusted_proxies.client_ip(&http);
+    match limiter.check(&email, ip).await {
+        LoginGate::Refused => {
+            metrics.rate_limited.with_label_values(&["login"]).inc();
+            return Err(too_many("too many failed logins; wait and try again"));
+        }
+        LoginGate::Proceed(delay) if !delay.is_zero() => {
+            metrics
+                .rate_limited
+                .with_label_values(&["login_slowed"])
+                .inc();
+            tokio::time::sleep(delay).await;
+        }
+        LoginGate::Proceed(_) => {}
     }
     let (user, hash) = match store.credentials(&email).await? {
         Some((user, hash)) => (Some(user), Some(hash)),
@@ -121,8 +139,19 @@ pub async fn login(
             let token = auth.issue(user.id).map_err(|_| ApiError::internal())?;
             Ok(HttpResponse::Ok().json(AuthResponse { user, token }))
         }
-        _ => Err(invalid_credentials()),
+        _ => {
+            limiter.failed(&email, ip).await;
+            Err(invalid_credentials())
+        }
     }
+}
+
+fn too_many(message: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::RateLimited,
+        message,
+    )
 }
 
 fn invalid_credentials() -> ApiError {

@@ -28,8 +28,8 @@ const MAX_ROOM_JSON_BODY_BYTES: usize = 64 * 1024;
 /// Settings the handlers read.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
-    /// Take the client IP from `X-Forwarded-For` (a proxy in front sets it).
-    pub trust_forwarded_for: bool,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: crate::client_ip::TrustedProxies,
     /// Most members a room may have.
     pub max_room_members: usize,
     /// Most rooms a user may be a member of.

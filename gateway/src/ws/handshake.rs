@@ -20,7 +20,6 @@ use super::Services;
 use crate::api_error::ApiError;
 use crate::authn::TokenFrom;
 use crate::hub::LocalConn;
-use crate::limits::client_ip;
 
 /// `GET /ws`.
 pub async fn handshake(
@@ -60,7 +59,7 @@ async fn accept(
             "origin not allowed",
         ));
     }
-    if let Some(ip) = client_ip(req, settings.trust_forwarded_for) {
+    if let Some(ip) = settings.trusted_proxies.client_ip(req) {
         if !ws.handshakes.allow(ip) {
             return Err(limited(
                 ws,

@@ -44,8 +44,8 @@ pub struct WsSettings {
     pub node_id: String,
     /// Origins allowed to open WebSockets; empty allows any.
     pub allowed_origins: Vec<String>,
-    /// Take the client IP from `X-Forwarded-For` (a proxy in front sets it).
-    pub trust_forwarded_for: bool,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: crate::client_ip::TrustedProxies,
     pub heartbeat: Duration,
     pub client_timeout: Duration,
     /// Largest frame or reassembled message a client may send.

@@ -98,6 +98,8 @@ impl Cluster {
             // Tests blast hundreds of sends from one connection; the limit has its own test.
             gateway_send_rate_per_sec: 100_000,
             gateway_handshakes_per_ip_per_sec: 100_000,
+            gateway_registrations_per_ip: 1_000_000,
+            gateway_registrations_total: 1_000_000,
             ..GatewayConfig::default()
         }
     }
@@ -504,6 +506,7 @@ impl Cluster {
             .env("CHAT_GATEWAY_WORKERS", "1")
             .env("CHAT_GATEWAY_SEND_RATE_PER_SEC", "100000")
             .env("CHAT_GATEWAY_HANDSHAKES_PER_IP_PER_SEC", "100000")
+            .env("CHAT_GATEWAY_REGISTRATIONS_PER_IP", "1000000")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         for (key, value) in settings {
