@@ -20,6 +20,10 @@ struct Claims {
     sub: Uuid,
     iat: u64,
     exp: u64,
+    /// The user's token version when issued (a password change increments it); absent in
+    /// tokens of 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tv: Option<i64>,
 }
 
 /// Claims of an external identity provider's token (issuer, audience and expiry are checked by
@@ -42,6 +46,8 @@ pub struct Identity {
     pub iat: u64,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// The user's token version when issued; `None` for external and 0.2 tokens.
+    pub version: Option<i64>,
     /// Set when an external identity provider issued the token.
     pub external: Option<ExternalProfile>,
 }
@@ -176,6 +182,7 @@ impl ExternalProvider {
                         user_id: external_user_id(&self.issuer, &claims.sub),
                         iat: claims.iat.unwrap_or(0),
                         exp: claims.exp,
+                        version: None,
                         external: Some(ExternalProfile { name: claims.name }),
                     });
                 }
@@ -226,13 +233,18 @@ impl Auth {
         self
     }
 
-    /// A new token for `user_id`.
-    pub fn issue(&self, user_id: Uuid) -> Result<String, jsonwebtoken::errors::Error> {
+    /// A new token for `user_id`, at the user's current token `version`.
+    pub fn issue(
+        &self,
+        user_id: Uuid,
+        version: i64,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
         let now = unix_now();
         let claims = Claims {
             sub: user_id,
             iat: now,
             exp: now + self.ttl_secs,
+            tv: Some(version),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
     }
@@ -249,6 +261,7 @@ impl Auth {
                         user_id: data.claims.sub,
                         iat: data.claims.iat,
                         exp: data.claims.exp,
+                        version: data.claims.tv,
                         external: None,
                     }),
                     Err(e) => Err(token_error(&e)),
@@ -283,7 +296,7 @@ mod tests {
     fn tokens_are_pinned_to_secret_and_algorithm() {
         let a = auth();
         let user = Uuid::now_v7();
-        let token = a.issue(user).expect("issue");
+        let token = a.issue(user, 0).expect("issue");
         assert_eq!(a.verify(&token).expect("verify").user_id, user);
 
         let other = Auth::new(&"o".repeat(32), 60);
@@ -294,6 +307,7 @@ mod tests {
             sub: user,
             iat: now,
             exp: now + 60,
+            tv: None,
         };
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
@@ -314,6 +328,7 @@ mod tests {
             sub: Uuid::now_v7(),
             iat: now - 120,
             exp: now - 60,
+            tv: None,
         };
         let token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

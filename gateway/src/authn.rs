@@ -84,9 +84,9 @@ impl Authenticator {
         }
         match self.store.token_floor(identity.user_id).await? {
             None => Err(ApiError::unauthorized("the token's user no longer exists")),
-            Some(Some(changed)) if (identity.iat as i64) < changed => Err(ApiError::unauthorized(
-                "the token predates a password change; log in again",
-            )),
+            Some(floor) if !floor.admits(identity.iat, identity.version) => Err(
+                ApiError::unauthorized("the token predates a password change; log in again"),
+            ),
             Some(_) => Ok(identity),
         }
     }

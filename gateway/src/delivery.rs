@@ -1,7 +1,8 @@
 //! The node's [`Subscriber`]: every envelope the backend receives is pushed in here, routed by
 //! its type to the hub's local connections, and a membership event first updates the hub's
 //! room index and the subscriptions it needs. After a pub/sub loss it tells every local
-//! connection to resync and reloads room memberships from Postgres.
+//! connection to resync, re-checks its users' tokens (a revocation may have been missed) and
+//! reloads room memberships from Postgres.
 
 use std::sync::Arc;
 
@@ -25,6 +26,28 @@ pub struct Delivery {
 impl Delivery {
     pub fn new(hub: Arc<Hub>, store: Store) -> Self {
         Delivery { hub, store }
+    }
+
+    /// Hands every local user whose password ever changed a revocation at their current token
+    /// floor, as if its publish had arrived: connections holding older tokens close with 4101.
+    /// Returns how many users were re-checked.
+    async fn recheck_tokens(&self) -> Result<usize, chat_core::store::StoreError> {
+        let mut checked = 0;
+        for users in self.hub.local_users().chunks(RELOAD_BATCH) {
+            checked += users.len();
+            for (user, floor) in self.store.changed_token_floors(users).await? {
+                let revoked = Outbound::Envelope(Envelope::Revoked {
+                    before: floor
+                        .changed_at
+                        .and_then(|t| u64::try_from(t).ok())
+                        .unwrap_or(0),
+                    version: Some(floor.version),
+                });
+                self.hub
+                    .deliver(Topic::User(user), Uuid::nil(), None, &Arc::new(revoked));
+            }
+        }
+        Ok(checked)
     }
 
     /// Reloads every local user's rooms from Postgres into the hub; returns the room topics to
@@ -121,6 +144,12 @@ impl Subscriber for Delivery {
     async fn missed(&self) -> Interest {
         let told = self.hub.broadcast(&Arc::new(Outbound::Resync));
         tracing::warn!(connections = told, "connections told to resync");
+        match self.recheck_tokens().await {
+            Ok(users) => tracing::info!(users, "tokens re-checked after pub/sub loss"),
+            Err(e) => {
+                tracing::warn!(error = %e, "tokens not re-checked after pub/sub loss; a revoked session may stay open until it reconnects")
+            }
+        }
         // Membership events may have been missed too: rebuild the room index.
         match self.reload_rooms().await {
             Ok(interest) => {

@@ -76,7 +76,7 @@ async fn wss_with_a_test_certificate_and_reload() {
     .await;
     let alice = User {
         id: alice,
-        token: test_auth().issue(alice).expect("token"),
+        token: test_auth().issue(alice, 0).expect("token"),
     };
 
     let hello = connect_wss(node.http, &alice, &first).await.expect("wss");

@@ -42,10 +42,13 @@ pub enum Envelope {
         frame: ServerFrame,
         json: ByteString,
     },
-    /// The user's tokens issued before `before` (Unix seconds) are revoked: connections holding
-    /// one close with 4101.
+    /// The user's password changed: tokens older than the change are revoked and connections
+    /// holding one close with 4101. Tokens carrying a version below `version` are older; those
+    /// without one (0.2's) if issued in or before the second `before` (Unix seconds). `version`
+    /// is `None` from 0.2 nodes during a rolling upgrade.
     Revoked {
         before: u64,
+        version: Option<i64>,
     },
 }
 
@@ -116,7 +119,14 @@ impl Envelope {
                 out
             }
             Envelope::Event { origin, json, .. } => format!("e {origin}\n{json}").into_bytes(),
-            Envelope::Revoked { before } => format!("r {before}").into_bytes(),
+            Envelope::Revoked {
+                before,
+                version: Some(version),
+            } => format!("r {before} {version}").into_bytes(),
+            Envelope::Revoked {
+                before,
+                version: None,
+            } => format!("r {before}").into_bytes(),
         }
     }
 
@@ -144,12 +154,17 @@ impl Envelope {
                 let origin = parse_uuid(fields.next().ok_or(EnvelopeError::Header)?)?;
                 event_from_json(origin, utf8(body)?)
             }
-            (Some("r"), None) => Ok(Envelope::Revoked {
-                before: fields
+            (Some("r"), None) => {
+                let before = fields
                     .next()
                     .and_then(|b| b.parse().ok())
-                    .ok_or(EnvelopeError::Header)?,
-            }),
+                    .ok_or(EnvelopeError::Header)?;
+                let version = match fields.next() {
+                    Some(v) => Some(v.parse().map_err(|_| EnvelopeError::Header)?),
+                    None => None,
+                };
+                Ok(Envelope::Revoked { before, version })
+            }
             (Some(legacy), Some(body)) => decode_legacy(parse_uuid(legacy)?, fields.next(), body),
             _ => Err(EnvelopeError::Header),
         }
@@ -254,6 +269,7 @@ fn decode_legacy(
                 .get("before")
                 .and_then(|b| b.as_u64())
                 .ok_or(EnvelopeError::Frame)?,
+            version: None,
         }),
         _ => event_from_json(origin, json),
     }
@@ -333,6 +349,11 @@ mod tests {
             ),
             Envelope::Revoked {
                 before: 1_700_000_000,
+                version: Some(3),
+            },
+            Envelope::Revoked {
+                before: 1_700_000_000,
+                version: None,
             },
         ];
         for envelope in envelopes {
@@ -416,7 +437,10 @@ mod tests {
             Envelope::decode(
                 format!("{}\n{{\"type\":\"revoked\",\"before\":12}}", Uuid::nil()).as_bytes()
             ),
-            Ok(Envelope::Revoked { before: 12 })
+            Ok(Envelope::Revoked {
+                before: 12,
+                version: None
+            })
         );
         let typing = ServerFrame::Typing {
             conversation_id: conversation,

@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "log_epochs",
         include_str!("../../migrations/0004_log_epochs.sql"),
     ),
+    (
+        5,
+        "token_version",
+        include_str!("../../migrations/0005_token_version.sql"),
+    ),
 ];
 
 /// Arbitrary constant key for the migration advisory lock.

@@ -22,7 +22,7 @@ use tokio_postgres::NoTls;
 
 pub use conversations::{ConversationRow, Member, Membership};
 pub use rooms::{RoomRefusal, RoomView};
-pub use users::{User, UserListRow};
+pub use users::{Credentials, TokenFloor, User, UserListRow};
 
 /// A database problem at start-up.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, TokenFloor};
 
 /// Who a reset link goes to.
 #[derive(Debug, Clone)]
@@ -69,11 +69,13 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// Spends a usable token and sets the password; returns the user and their token floor
+    /// after the change (its version incremented), or `None` for an unusable token.
     pub async fn confirm_reset(
         &self,
         token_hash: &[u8],
         password_hash: &str,
-    ) -> Result<Option<(Uuid, i64)>, StoreError> {
+    ) -> Result<Option<(Uuid, TokenFloor)>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // Single use: the token is marked used in the same statement that finds it.
@@ -89,15 +91,21 @@ impl Store {
             return Ok(None);
         };
         let user_id: Uuid = row.get(0);
-        let changed_at: i64 = tx
+        let row = tx
             .query_one(
-                "UPDATE users SET password_hash = $2, password_changed_at = now() WHERE id = $1
-                 RETURNING floor(extract(epoch FROM password_changed_at))::int8",
+                "UPDATE users
+                 SET password_hash = $2, password_changed_at = now(),
+                     token_version = token_version + 1
+                 WHERE id = $1
+                 RETURNING floor(extract(epoch FROM password_changed_at))::int8, token_version",
                 &[&user_id, &password_hash],
             )
-            .await?
-            .get(0);
+            .await?;
+        let floor = TokenFloor {
+            changed_at: row.get(0),
+            version: row.get(1),
+        };
         tx.commit().await?;
-        Ok(Some((user_id, changed_at)))
+        Ok(Some((user_id, floor)))
     }
 }

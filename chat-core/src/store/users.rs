@@ -29,6 +29,39 @@ impl User {
     }
 }
 
+/// Which of a user's tokens are still good after password changes: the version a change set,
+/// and the Unix second of the last change (for tokens that carry no version).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenFloor {
+    /// When the password last changed, Unix seconds; `None` when it never did.
+    pub changed_at: Option<i64>,
+    /// Incremented by every password change.
+    pub version: i64,
+}
+
+impl TokenFloor {
+    /// Whether a token issued at `iat` (Unix seconds) with `version` (`None`: a token of 0.2 or
+    /// of an external provider) is still good. A versioned token is good unless a change came
+    /// after it; one without a version only if issued in a later second than the last change
+    /// (never in the same second: it may have come before the change).
+    pub fn admits(&self, iat: u64, version: Option<i64>) -> bool {
+        match (version, self.changed_at) {
+            (Some(v), _) => v >= self.version,
+            (None, None) => true,
+            (None, Some(changed)) => i64::try_from(iat).unwrap_or(i64::MAX) > changed,
+        }
+    }
+}
+
+/// A user's login record.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub user: User,
+    pub password_hash: String,
+    /// The version tokens issued now carry.
+    pub token_version: i64,
+}
+
 /// One row of the users list.
 #[derive(Debug, Clone)]
 pub struct UserListRow {
@@ -59,18 +92,22 @@ impl Store {
         Ok(inserted == 1)
     }
 
-    /// The user with `email` (case-insensitively) and their password hash.
-    pub async fn credentials(&self, email: &str) -> Result<Option<(User, String)>, StoreError> {
+    /// The user with `email` (case-insensitively), their password hash and token version.
+    pub async fn credentials(&self, email: &str) -> Result<Option<Credentials>, StoreError> {
         let row = self
             .client()
             .await?
             .query_opt(
-                "SELECT id, name, email, avatar_url, password_hash FROM users
+                "SELECT id, name, email, avatar_url, password_hash, token_version FROM users
                  WHERE lower(email) = lower($1)",
                 &[&email],
             )
             .await?;
-        Ok(row.map(|row| (User::from_row(&row), row.get(4))))
+        Ok(row.map(|row| Credentials {
+            user: User::from_row(&row),
+            password_hash: row.get(4),
+            token_version: row.get(5),
+        }))
     }
 
     /// The user with `id`.
@@ -119,19 +156,50 @@ impl Store {
         Ok(User::from_row(&row))
     }
 
-    /// The token floor of a user: `None` when the user does not exist, `Some(None)` when their
-    /// password never changed, `Some(Some(t))` when tokens issued before Unix second `t` are void.
-    pub async fn token_floor(&self, id: Uuid) -> Result<Option<Option<i64>>, StoreError> {
+    /// The token floor of a user; `None` when the user does not exist.
+    pub async fn token_floor(&self, id: Uuid) -> Result<Option<TokenFloor>, StoreError> {
         let client = self.client().await?;
         // Every request and handshake runs this: prepared once per pooled connection, it is one
         // round trip instead of two (parse, then execute).
         let statement = client
             .prepare_cached(
-                "SELECT floor(extract(epoch FROM password_changed_at))::int8 FROM users WHERE id = $1",
+                "SELECT floor(extract(epoch FROM password_changed_at))::int8, token_version
+                 FROM users WHERE id = $1",
             )
             .await?;
         let row = client.query_opt(&statement, &[&id]).await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| TokenFloor {
+            changed_at: r.get(0),
+            version: r.get(1),
+        }))
+    }
+
+    /// The token floors of those of `ids` whose password ever changed (the others' tokens are
+    /// all good): what a node re-checks its connections against after it may have missed a
+    /// revocation.
+    pub async fn changed_token_floors(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, TokenFloor)>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, floor(extract(epoch FROM password_changed_at))::int8, token_version
+                 FROM users WHERE id = ANY($1) AND password_changed_at IS NOT NULL",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let floor = TokenFloor {
+                    changed_at: r.get(1),
+                    version: r.get(2),
+                };
+                (r.get(0), floor)
+            })
+            .collect())
     }
 
     /// Creates the user of an external identity unless it exists: `password_hash` is not a PHC
@@ -210,5 +278,44 @@ impl Store {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A versioned token is good until a change increments the version, whatever the second; a
+    /// token without one only if issued in a later second than the change.
+    #[test]
+    fn token_floors_compare_versions_not_seconds() {
+        let never = TokenFloor {
+            changed_at: None,
+            version: 0,
+        };
+        assert!(never.admits(100, Some(0)));
+        assert!(never.admits(100, None));
+        let changed = TokenFloor {
+            changed_at: Some(100),
+            version: 1,
+        };
+        assert!(
+            !changed.admits(100, Some(0)),
+            "same second, issued before the change"
+        );
+        assert!(
+            !changed.admits(200, Some(0)),
+            "a later second does not help an old version"
+        );
+        assert!(
+            changed.admits(100, Some(1)),
+            "same second, issued after the change"
+        );
+        assert!(
+            !changed.admits(100, None),
+            "unversioned, same second: may be older"
+        );
+        assert!(!changed.admits(99, None));
+        assert!(changed.admits(101, None));
     }
 }

@@ -92,7 +92,7 @@ pub async fn register(
         ));
     }
     directory.remember_user(user.id);
-    let token = auth.issue(user.id).map_err(|_| ApiError::internal())?;
+    let token = auth.issue(user.id, 0).map_err(|_| ApiError::internal())?;
     tracing::info!(user_id = %user.id, "user registered");
     Ok(HttpResponse::Created().json(AuthResponse { user, token }))
 }
@@ -129,15 +129,18 @@ pub async fn login(
         }
         LoginGate::Proceed(_) => {}
     }
-    let (user, hash) = match store.credentials(&email).await? {
-        Some((user, hash)) => (Some(user), Some(hash)),
-        None => (None, None),
-    };
+    let credentials = store.credentials(&email).await?;
+    let hash = credentials.as_ref().map(|c| c.password_hash.clone());
     let matches = passwords.verify(req.password, hash).await?;
-    match user {
-        Some(user) if matches => {
-            let token = auth.issue(user.id).map_err(|_| ApiError::internal())?;
-            Ok(HttpResponse::Ok().json(AuthResponse { user, token }))
+    match credentials {
+        Some(c) if matches => {
+            let token = auth
+                .issue(c.user.id, c.token_version)
+                .map_err(|_| ApiError::internal())?;
+            Ok(HttpResponse::Ok().json(AuthResponse {
+                user: c.user,
+                token,
+            }))
         }
         _ => {
             limiter.failed(&email, ip).await;

@@ -100,20 +100,25 @@ pub async fn confirm(
         return Err(ApiError::invalid_field("token", "token_invalid"));
     }
     let hash = passwords.hash(body.new_password).await?;
-    let Some((user_id, changed_at)) = store.confirm_reset(&token_hash, &hash).await? else {
+    let Some((user_id, floor)) = store.confirm_reset(&token_hash, &hash).await? else {
         return Err(ApiError::invalid_field("token", "token_invalid"));
     };
     tracing::info!(%user_id, "password reset");
     // Open connections with older tokens close on every node; new requests with them are
-    // refused by the authenticator whatever happens to this publish.
+    // refused by the authenticator whatever happens to this publish. A node that misses it
+    // (its pub/sub connection was down) re-checks its users' floors when it reconnects.
     let revoked = Publication {
         topics: vec![Topic::User(user_id)],
         envelope: Envelope::Revoked {
-            before: u64::try_from(changed_at).unwrap_or(0),
+            before: floor
+                .changed_at
+                .and_then(|t| u64::try_from(t).ok())
+                .unwrap_or(0),
+            version: Some(floor.version),
         },
     };
     if let Err(e) = pubsub.publish(vec![revoked]).await {
-        tracing::warn!(%user_id, error = %e, "revocation not published; connections stay until their tokens expire or they reconnect");
+        tracing::warn!(%user_id, error = %e, "revocation not published; nodes re-check at their next pub/sub reconnect, and new requests are refused");
     }
     Ok(HttpResponse::NoContent().finish())
 }

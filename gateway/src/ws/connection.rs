@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix_ws::{CloseReason, Session};
 use chat_core::protocol::{CloseCode, ErrorCode, PresenceStatus, ServerFrame};
 use chat_core::pubsub::Envelope;
+use chat_core::store::TokenFloor;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +44,7 @@ pub struct Connection {
     peer: Peer,
     token_iat: u64,
     token_exp: u64,
+    token_version: Option<i64>,
     registration: Registration,
     /// Held until the connection ends: its place in the node's capacity.
     _slot: Slot,
@@ -59,6 +61,7 @@ impl Connection {
             },
             token_iat: identity.iat,
             token_exp: identity.exp,
+            token_version: identity.version,
             registration,
             _slot: slot,
             state,
@@ -173,8 +176,17 @@ impl Connection {
                 };
                 out.frame(&resync).await
             }
-            Outbound::Envelope(Envelope::Revoked { before }) => {
-                return (self.token_iat < *before).then_some(End::Close(CloseCode::TokenRevoked));
+            Outbound::Envelope(Envelope::Revoked { before, version }) => {
+                let revoked = match version {
+                    Some(version) => !TokenFloor {
+                        changed_at: Some(i64::try_from(*before).unwrap_or(i64::MAX)),
+                        version: *version,
+                    }
+                    .admits(self.token_iat, self.token_version),
+                    // From a 0.2 node: only the second is known.
+                    None => self.token_iat < *before,
+                };
+                return revoked.then_some(End::Close(CloseCode::TokenRevoked));
             }
             Outbound::Envelope(Envelope::Message(m)) => {
                 if !self.state.ledger.admit(m.conversation, m.seq) {

@@ -354,7 +354,7 @@ pub async fn quick_user(db: &tokio_postgres::Client, auth: &gateway::auth::Auth)
     let id = chat_core::testing::insert_user(db, "member").await;
     User {
         id,
-        token: auth.issue(id).expect("token"),
+        token: auth.issue(id, 0).expect("token"),
     }
 }
 
