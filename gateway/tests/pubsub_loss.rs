@@ -158,6 +158,48 @@ async fn killed_pubsub_connection_resyncs_clients_without_gaps() {
     );
 }
 
+/// A pub/sub connection killed again and again for two seconds does not become a resync storm:
+/// an idle connection gets one `resync` per gap that ended, at most one per two seconds (here 1
+/// to 3, where it used to get one per reconnect, hundreds), and the node counts every reconnect.
+#[actix_web::test]
+async fn a_flapping_pubsub_connection_sends_few_resyncs() {
+    let redis = OwnRedis::start().await;
+    let (_cluster, _a, b, _alice, bob) = two_nodes_on(&redis).await;
+    let (mut bob_ws, _) = connect(&b, &bob).await;
+    let mut admin = redis::Client::open(redis.url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin");
+    let started = tokio::time::Instant::now();
+    let mut killed = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        killed += redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "pubsub"])
+            .query_async::<i64>(&mut admin)
+            .await
+            .expect("client kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut resyncs = 0;
+    while let Some(frame) = recv_within(&mut bob_ws, Duration::from_secs(3)).await {
+        if frame["type"] == "resync" {
+            resyncs += 1;
+        }
+    }
+    let reconnects = metric(&b, "chat_gateway_pubsub_reconnects_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        killed >= 5 && reconnects >= 5.0,
+        "the link flapped (killed {killed}, reconnects {reconnects}), else this proves nothing"
+    );
+    assert!(
+        (1..=3).contains(&resyncs),
+        "{resyncs} resync frames for {reconnects} reconnects"
+    );
+}
+
 /// Membership changes a node never heard of (here written straight to Postgres, as if their
 /// events were published while its pub/sub connection was down) take effect once it reconnects.
 #[actix_web::test]

@@ -1,6 +1,6 @@
 //! One connection's loop, and only that: one `select!` over the client's frames, the queued
-//! deliveries, the heartbeat tick, token expiry, the slow-consumer kick and shutdown; then the
-//! close. What a client frame does is in [`super::frames`].
+//! deliveries, the heartbeat tick, token expiry, the slow-consumer kick, a coalesced `resync`
+//! and shutdown; then the close. What a client frame does is in [`super::frames`].
 
 use std::time::Duration;
 
@@ -19,6 +19,42 @@ use super::reader::{FrameReader, Inbound, InboundError};
 use super::Services;
 use crate::auth::Identity;
 use crate::hub::{Outbound, Queued};
+
+/// A `resync` is written this long (at random, up to) after the gap that asks for it ended, so
+/// a node's connections do not all sync at the same instant, and gaps ending meanwhile share it.
+const RESYNC_JITTER: Duration = Duration::from_millis(500);
+/// At most one `resync` per connection in this long: a pub/sub connection that flaps does not
+/// make its clients sync every conversation again and again. A gap ending sooner gets its
+/// `resync` when the interval is over.
+const MIN_RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+
+/// When a connection's next `resync` may be written.
+#[derive(Default)]
+struct ResyncSchedule {
+    /// When the pending one is due; `None` when none is pending.
+    due: Option<Instant>,
+    /// When the last one was written.
+    last: Option<Instant>,
+}
+
+impl ResyncSchedule {
+    /// A gap ended: a `resync` is due after some jitter, not within the interval of the last
+    /// one, and not again if one is pending already.
+    fn gap_ended(&mut self) {
+        if self.due.is_some() {
+            return;
+        }
+        let jitter = RESYNC_JITTER.mul_f64(rand::random::<f64>());
+        let earliest = self.last.map(|t| t + MIN_RESYNC_INTERVAL);
+        let due = Instant::now() + jitter;
+        self.due = Some(earliest.map_or(due, |e| e.max(due)));
+    }
+
+    fn written(&mut self) {
+        self.due = None;
+        self.last = Some(Instant::now());
+    }
+}
 
 /// How the loop ended: close with a code, or the peer is already gone.
 enum End {
@@ -92,6 +128,7 @@ impl Connection {
         let expiry = tokio::time::sleep(Duration::from_secs(until_expiry));
         tokio::pin!(expiry);
         let shutdown = self.ws.shutdown.clone();
+        let mut resync = ResyncSchedule::default();
         if end.is_none() && self.registration.first_here {
             self.join_presence().await;
         }
@@ -102,9 +139,16 @@ impl Connection {
                 _ = kick.cancelled() => Some(End::Close(CloseCode::SlowConsumer)),
                 _ = &mut expiry => Some(End::Close(CloseCode::TokenExpired)),
                 item = outbound.recv() => match item {
-                    Some(item) => self.deliver(&mut out, &item).await,
+                    Some(item) => self.deliver(&mut out, &item, &mut resync).await,
                     None => Some(End::Close(CloseCode::InternalError)),
                 },
+                _ = sleep_until_some(resync.due) => {
+                    resync.written();
+                    let frame = ServerFrame::Resync {
+                        reason: "pubsub_reconnected".into(),
+                    };
+                    out.frame(&frame).await.err().map(End::from_live_write)
+                }
                 _ = ticker.tick() => {
                     if last_heard.elapsed() > settings.client_timeout {
                         Some(End::Close(CloseCode::HeartbeatTimeout))
@@ -164,17 +208,22 @@ impl Connection {
         }
     }
 
-    /// Writes one queued delivery, unless this connection has it already.
-    async fn deliver(&mut self, out: &mut Outbox, item: &Queued) -> Option<End> {
+    /// Writes one queued delivery, unless this connection has it already; a gap schedules a
+    /// `resync`.
+    async fn deliver(
+        &mut self,
+        out: &mut Outbox,
+        item: &Queued,
+        resync: &mut ResyncSchedule,
+    ) -> Option<End> {
         let metrics = &self.ws.metrics;
         let written = match &**item {
             Outbound::Resync => {
-                // Live delivery had a gap: a sync must no longer stop below the first live seq.
+                // Live delivery had a gap: a sync must no longer stop below the first live seq
+                // (from now on, though the frame may wait).
                 self.state.ledger.forget();
-                let resync = ServerFrame::Resync {
-                    reason: "pubsub_reconnected".into(),
-                };
-                out.frame(&resync).await
+                resync.gap_ended();
+                return None;
             }
             Outbound::Envelope(Envelope::Revoked { before, version }) => {
                 let revoked = match version {
@@ -260,5 +309,41 @@ impl Connection {
             Inbound::Close(reason) => return Some(End::ClientClosed(reason)),
         };
         written.err().map(|_| End::Gone)
+    }
+}
+
+/// Sleeps until `at`; never wakes when it is `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gaps ending close together share one `resync`, due within the jitter; a gap soon after a
+    /// written one waits for the interval.
+    #[tokio::test(start_paused = true)]
+    async fn resyncs_are_coalesced_and_spaced() {
+        let mut schedule = ResyncSchedule::default();
+        let start = Instant::now();
+        schedule.gap_ended();
+        let first = schedule.due.expect("due");
+        assert!(first <= start + RESYNC_JITTER);
+        for _ in 0..100 {
+            schedule.gap_ended();
+        }
+        assert_eq!(schedule.due, Some(first), "later gaps join the pending one");
+        tokio::time::advance(first - start).await;
+        schedule.written();
+        schedule.gap_ended();
+        let second = schedule.due.expect("due");
+        assert!(
+            second >= first + MIN_RESYNC_INTERVAL,
+            "spaced by the interval"
+        );
     }
 }
