@@ -236,6 +236,7 @@ impl Metrics {
         }
         for limit in [
             "send",
+            "frames",
             "connections",
             "handshakes_per_ip",
             "connections_per_user",

@@ -435,6 +435,7 @@ pub async fn run(
             max_connections_per_user: cfg.gateway_max_connections_per_user,
             max_rooms_per_user: cfg.gateway_max_rooms_per_user,
             send_rate_per_sec: cfg.gateway_send_rate_per_sec,
+            frame_budget_per_sec: cfg.gateway_frame_budget_per_sec,
             max_body_bytes: cfg.gateway_max_body_bytes,
             max_watched_users: cfg.gateway_max_watched_users,
         }),

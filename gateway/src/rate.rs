@@ -27,12 +27,17 @@ impl TokenBucket {
     /// Takes one token; false when none is left. Returns the tokens refilled since the last
     /// call as well (the abuse meter drains by them).
     pub fn take(&mut self) -> (bool, f64) {
+        self.take_n(1.0)
+    }
+
+    /// Takes `n` tokens at once, or none when fewer are left.
+    pub fn take_n(&mut self, n: f64) -> (bool, f64) {
         let now = Instant::now();
         let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(self.burst);
         self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             (true, refill)
         } else {
             (false, refill)
@@ -40,39 +45,47 @@ impl TokenBucket {
     }
 }
 
-/// A connection is closed with 4029 once its refused sends, draining at the send rate per
-/// second, exceed this many seconds' worth of the rate (sending at over twice the limit for
+/// A connection is closed with 4029 once its refused work, draining at the limit's rate per
+/// second, exceeds this many seconds' worth of the rate (sending at over twice the limit for
 /// about ten seconds, or one flood of twelve seconds' worth).
 pub const ABUSE_FACTOR: f64 = 10.0;
 
-/// A connection's send limit: a bucket refilled at `rate` per second, up to twice that, and a
-/// level of refused sends that drains at the same rate; past [`ABUSE_FACTOR`] × `rate` refused
-/// sends the connection is abusive.
+/// One of a connection's limits: a bucket refilled at `rate` units per second, up to `burst`,
+/// and a level of refused units that drains at the same rate; past [`ABUSE_FACTOR`] × `rate`
+/// refused units the connection is abusive. Sends cost one unit each; other frames cost what
+/// they make the node do (see `ws::frames::cost`).
 #[derive(Debug, Clone, Copy)]
-pub struct SendLimiter {
+pub struct Limiter {
     bucket: TokenBucket,
     rate: f64,
     refused: f64,
     abusive: bool,
 }
 
-impl SendLimiter {
-    pub fn new(rate: u32) -> Self {
+impl Limiter {
+    /// `rate` units per second, in bursts of `burst`.
+    pub fn new(rate: u32, burst: u32) -> Self {
         let rate = f64::from(rate);
-        SendLimiter {
-            bucket: TokenBucket::new(rate, rate * 2.0),
+        Limiter {
+            bucket: TokenBucket::new(rate, f64::from(burst)),
             rate,
             refused: 0.0,
             abusive: false,
         }
     }
 
-    /// Whether one more send is allowed now.
+    /// Whether one more unit of work is allowed now.
     pub fn allow(&mut self) -> bool {
-        let (allowed, refill) = self.bucket.take();
+        self.allow_n(1)
+    }
+
+    /// Whether work costing `cost` units is allowed now.
+    pub fn allow_n(&mut self, cost: u32) -> bool {
+        let cost = f64::from(cost);
+        let (allowed, refill) = self.bucket.take_n(cost);
         self.refused = (self.refused - refill).max(0.0);
         if !allowed {
-            self.refused += 1.0;
+            self.refused += cost;
             self.abusive |= self.refused > ABUSE_FACTOR * self.rate;
         }
         allowed
@@ -105,7 +118,7 @@ mod tests {
     /// three times the limit is, after about ten seconds.
     #[tokio::test(start_paused = true)]
     async fn abuse_needs_sustained_refusals() {
-        let mut polite = SendLimiter::new(10);
+        let mut polite = Limiter::new(10, 20);
         for _ in 0..30 {
             polite.allow();
         }
@@ -115,7 +128,7 @@ mod tests {
         }
         assert!(!polite.abusive());
 
-        let mut flood = SendLimiter::new(10);
+        let mut flood = Limiter::new(10, 20);
         let mut seconds = 0;
         while !flood.abusive() && seconds < 60 {
             for _ in 0..30 {
@@ -126,5 +139,22 @@ mod tests {
         }
         assert!(flood.abusive(), "three times the rate for a minute");
         assert!((5..=12).contains(&seconds), "abusive after {seconds} s");
+    }
+
+    /// Costly work drains the bucket by its cost: a burst's worth at once, then nothing until
+    /// it refills; refused costly work makes a connection abusive sooner.
+    #[tokio::test(start_paused = true)]
+    async fn work_costs_its_weight() {
+        let mut limiter = Limiter::new(100, 1000);
+        assert!((0..10).all(|_| limiter.allow_n(100)), "ten syncs of 100");
+        assert!(!limiter.allow_n(100));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(limiter.allow_n(100), "a second later: 100 units");
+        let mut refused = 0;
+        while !limiter.abusive() {
+            assert!(!limiter.allow_n(100));
+            refused += 1;
+        }
+        assert_eq!(refused, 11, "ten seconds' worth refused, then abusive");
     }
 }

@@ -442,3 +442,128 @@ fn url_escape(s: &str) -> String {
         })
         .collect()
 }
+
+/// Makes one frame of a flood.
+type FrameMaker = Box<dyn Fn() -> String>;
+
+/// One flood frame of each kind a client can send, each aimed at what costs the node most.
+fn flood_frames() -> Vec<(&'static str, FrameMaker)> {
+    let random_ids = |n: usize| (0..n).map(|_| Uuid::new_v4()).collect::<Vec<_>>();
+    vec![
+        (
+            "sync",
+            Box::new(move || {
+                let points: Vec<Value> = random_ids(100)
+                    .into_iter()
+                    .map(|c| json!({"conversation_id": c, "after_seq": 0}))
+                    .collect();
+                json!({"type": "sync", "conversations": points}).to_string()
+            }),
+        ),
+        (
+            "read",
+            Box::new(|| {
+                json!({"type": "read", "conversation_id": Uuid::new_v4(), "seq": 1}).to_string()
+            }),
+        ),
+        (
+            "typing",
+            Box::new(|| json!({"type": "typing", "conversation_id": Uuid::new_v4()}).to_string()),
+        ),
+        (
+            "presence.watch",
+            Box::new(move || {
+                json!({"type": "presence.watch", "user_ids": random_ids(300)}).to_string()
+            }),
+        ),
+        (
+            "presence.unwatch",
+            Box::new(|| {
+                json!({"type": "presence.unwatch", "user_ids": [Uuid::new_v4()]}).to_string()
+            }),
+        ),
+        (
+            "invalid",
+            Box::new(|| "{\"type\": \"nonsense\"".to_string()),
+        ),
+    ]
+}
+
+on_both_backends! {
+    /// A flood of each client frame type from one user is answered `rate_limited` and then
+    /// closed with 4029, while another user's `GET /users/me` keeps answering 200, each within
+    /// 1 s (a debug build on 2 cores; it answers in a few ms when idle).
+    async fn a_flood_of_any_frame_type_is_limited_and_harms_nobody_else(backend) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+
+        let cluster = Cluster::on(backend).await;
+        let node = cluster
+            .start_with(gateway::config::GatewayConfig {
+                gateway_frame_budget_per_sec: 20,
+                ..cluster.config("node-a")
+            })
+            .await;
+        let mallory = register(&node, "mallory").await;
+        let alice = register(&node, "alice").await;
+        for (kind, frame) in flood_frames() {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let watcher = {
+                let (http, token, stop) = (node.http, alice.token.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let url = format!("http://{http}/api/v1/users/me");
+                    let mut slowest = Duration::ZERO;
+                    while !stop.is_cancelled() {
+                        let started = tokio::time::Instant::now();
+                        let (status, _) = get(&url, Some(&token)).await;
+                        assert_eq!(status, 200);
+                        slowest = slowest.max(started.elapsed());
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    slowest
+                })
+            };
+            let (mut ws, _) = connect(&node, &mallory).await;
+            let (mut limited, mut code, mut sent) = (0, None, 0);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            'flood: while tokio::time::Instant::now() < deadline {
+                for _ in 0..20 {
+                    if ws.send(Message::text(frame())).await.is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(5), ws.next()).await {
+                    match msg {
+                        Ok(Message::Text(text)) => {
+                            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                            if v["code"] == "rate_limited" {
+                                limited += 1;
+                            }
+                        }
+                        Ok(Message::Close(f)) => {
+                            code = f.map(|f| u16::from(f.code));
+                            break 'flood;
+                        }
+                        Ok(_) => {}
+                        Err(_) => break 'flood,
+                    }
+                }
+            }
+            stop.cancel();
+            let slowest = watcher.await.expect("watcher");
+            assert!(limited >= 1, "{kind}: answered rate_limited first ({sent} sent, close {code:?})");
+            assert_eq!(code, Some(4029), "{kind}: closed as abusive after {sent} frames");
+            assert!(
+                slowest < Duration::from_secs(1),
+                "{kind}: another user's /users/me took {slowest:?}"
+            );
+        }
+        assert!(
+            metric(&node, "chat_gateway_rate_limited_total{limit=\"frames\"}")
+                .await
+                .unwrap_or(0.0)
+                >= 6.0
+        );
+    }
+}

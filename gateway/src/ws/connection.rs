@@ -89,7 +89,10 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(ws: Services, identity: Identity, registration: Registration, slot: Slot) -> Self {
-        let state = ConnState::new(ws.settings.send_rate_per_sec);
+        let state = ConnState::new(
+            ws.settings.send_rate_per_sec,
+            ws.settings.frame_budget_per_sec,
+        );
         Connection {
             peer: Peer {
                 user_id: identity.user_id,
@@ -286,7 +289,7 @@ impl Connection {
             Inbound::Text(text) => {
                 let written =
                     frames::on_text(&self.ws, self.peer, &mut self.state, out, &text).await;
-                if self.state.send_limiter.abusive() {
+                if self.state.abusive() {
                     return Some(End::Close(CloseCode::RateLimited));
                 }
                 written

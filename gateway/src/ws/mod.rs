@@ -57,6 +57,8 @@ pub struct WsSettings {
     pub max_rooms_per_user: usize,
     /// Sustained `send` frames per second per connection.
     pub send_rate_per_sec: u32,
+    /// Units of work per second per connection for every other frame (`ws::frames::cost`).
+    pub frame_budget_per_sec: u32,
     pub max_body_bytes: usize,
     pub max_watched_users: usize,
 }

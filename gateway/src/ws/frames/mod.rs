@@ -22,7 +22,7 @@ use super::ledger::{PresenceSeen, SyncLedger, TypingThrottle};
 use super::outbox::{Outbox, WriteError};
 use super::Services;
 use crate::directory::Directory;
-use crate::rate::SendLimiter;
+use crate::rate::Limiter;
 
 /// Who a connection is.
 #[derive(Debug, Clone, Copy)]
@@ -36,17 +36,52 @@ pub struct ConnState {
     pub ledger: SyncLedger,
     pub presence_seen: PresenceSeen,
     pub typing: TypingThrottle,
-    pub send_limiter: SendLimiter,
+    /// `send` frames: one unit each, bursts of twice the rate.
+    pub send_limiter: Limiter,
+    /// Every other frame, weighted by [`cost`].
+    pub frame_budget: Limiter,
 }
 
+/// A connection's frame budget holds this many seconds' worth of its rate: enough for a client
+/// with 1,000 conversations to sync them all at connect (ten `sync` frames of 100).
+pub const FRAME_BURST_SECS: u32 = 10;
+
 impl ConnState {
-    pub fn new(send_rate_per_sec: u32) -> Self {
+    pub fn new(send_rate_per_sec: u32, frame_budget_per_sec: u32) -> Self {
         ConnState {
             ledger: SyncLedger::default(),
             presence_seen: PresenceSeen::default(),
             typing: TypingThrottle::default(),
-            send_limiter: SendLimiter::new(send_rate_per_sec),
+            send_limiter: Limiter::new(send_rate_per_sec, send_rate_per_sec.saturating_mul(2)),
+            frame_budget: Limiter::new(
+                frame_budget_per_sec,
+                frame_budget_per_sec.saturating_mul(FRAME_BURST_SECS),
+            ),
         }
+    }
+
+    /// Whether the client kept going far above a limit after being told `rate_limited`.
+    pub fn abusive(&self) -> bool {
+        self.send_limiter.abusive() || self.frame_budget.abusive()
+    }
+}
+
+/// What a frame costs from the frame budget, in units of about one backend lookup: a `sync`
+/// one per conversation it names (a membership check, a read of the log or Postgres each), a
+/// `presence.watch` one per ten users (subscriptions and a presence read), anything else one.
+/// `send` has its own limit and costs nothing here.
+pub fn cost(frame: &ClientFrame) -> u32 {
+    match frame {
+        ClientFrame::Send { .. } => 0,
+        ClientFrame::Sync { conversations, .. } => {
+            u32::try_from(conversations.as_ref().map_or(1, Vec::len).max(1)).unwrap_or(u32::MAX)
+        }
+        ClientFrame::PresenceWatch { user_ids } => {
+            u32::try_from(user_ids.len().div_ceil(10).max(1)).unwrap_or(u32::MAX)
+        }
+        ClientFrame::Read { .. }
+        | ClientFrame::Typing { .. }
+        | ClientFrame::PresenceUnwatch { .. } => 1,
     }
 }
 
@@ -66,9 +101,16 @@ pub async fn on_text(
         Ok(frame) => frame,
         Err(rejection) => {
             ws.metrics.frames_in.with_label_values(&["invalid"]).inc();
+            // Answering costs a little too: a client flooding garbage is limited like any.
+            if !state.frame_budget.allow() {
+                return refuse_over_budget(ws, out).await;
+            }
             return out.frame(&rejection.into_frame()).await;
         }
     };
+    if !state.frame_budget.allow_n(cost(&frame)) {
+        return refuse_over_budget(ws, out).await;
+    }
     let count_in = |kind: &str| ws.metrics.frames_in.with_label_values(&[kind]).inc();
     match frame {
         ClientFrame::Send {
@@ -171,6 +213,16 @@ pub async fn on_text(
             Ok(())
         }
     }
+}
+
+/// The answer to a frame over the connection's frame budget.
+async fn refuse_over_budget(ws: &Services, out: &mut Outbox) -> Result<(), WriteError> {
+    ws.metrics.rate_limited.with_label_values(&["frames"]).inc();
+    let message = format!(
+        "more than {} units of work per second (a sync costs one per conversation); slow down",
+        ws.settings.frame_budget_per_sec
+    );
+    reply_error(out, ErrorCode::RateLimited, message).await
 }
 
 /// An error frame without a client id.

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{membership, Peer, Refusal};
 use crate::directory::Directory;
 use crate::metrics::Metrics;
-use crate::rate::SendLimiter;
+use crate::rate::Limiter;
 use crate::ws::outbox::{Outbox, WriteError};
 
 /// What the frame asks for.
@@ -37,7 +37,7 @@ pub async fn handle(
     peer: Peer,
     target: Target,
     limits: Limits,
-    limiter: &mut SendLimiter,
+    limiter: &mut Limiter,
     log: &dyn MessageLog,
     directory: &Directory,
     metrics: &Metrics,
