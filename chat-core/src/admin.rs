@@ -1,5 +1,6 @@
 //! The internal HTTP server both binaries run on their own port: `/healthz` (alive),
-//! `/readyz` (serving, dependencies reachable, health flags up) and `/metrics` (Prometheus text).
+//! `/readyz` (serving, dependencies reachable, health flags up; dependencies the process can do
+//! without for a while are reported as degraded, not failed) and `/metrics` (Prometheus text).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -47,26 +48,52 @@ pub trait Probe: Send + Sync {
     async fn ready(&self) -> bool;
 }
 
-/// What `/readyz` checks: the lifecycle, then every probe (run concurrently).
+/// What `/readyz` checks: the lifecycle, then every probe (run concurrently). A failing probe
+/// in `probes` makes the process not ready; one in `degraded` is only reported (in the body and
+/// the degraded gauge): the process still does its main work without it, and taking every
+/// replica out of the load balancer at once would make things worse.
 #[derive(Clone)]
 pub struct Readiness {
     pub lifecycle: Lifecycle,
     pub probes: Vec<Arc<dyn Probe>>,
+    pub degraded: Vec<Arc<dyn Probe>>,
+}
+
+/// What `/readyz` found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// Names of the failing checks, in the probes' order; empty when ready.
+    pub failing: Vec<&'static str>,
+    /// Every degraded-only probe, with whether it fails.
+    pub degraded: Vec<(&'static str, bool)>,
 }
 
 impl Readiness {
     /// Names of the failing checks, in the probes' order; empty when ready.
     pub async fn failing(&self) -> Vec<&'static str> {
-        let mut failing: Vec<&'static str> = self.lifecycle.failing().into_iter().collect();
-        let results = futures_util::future::join_all(
-            self.probes
-                .iter()
-                .map(|p| async move { (p.name(), p.ready().await) }),
-        )
-        .await;
-        failing.extend(results.into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n));
-        failing
+        self.check().await.failing
     }
+
+    /// Every check, the degraded-only ones too.
+    pub async fn check(&self) -> Checked {
+        let mut failing: Vec<&'static str> = self.lifecycle.failing().into_iter().collect();
+        let (results, degraded) = tokio::join!(run_all(&self.probes), run_all(&self.degraded));
+        failing.extend(results.into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n));
+        Checked {
+            failing,
+            degraded: degraded.into_iter().map(|(n, ok)| (n, !ok)).collect(),
+        }
+    }
+}
+
+/// Runs `probes` concurrently: each one's name and whether it is ready.
+async fn run_all(probes: &[Arc<dyn Probe>]) -> Vec<(&'static str, bool)> {
+    futures_util::future::join_all(
+        probes
+            .iter()
+            .map(|p| async move { (p.name(), p.ready().await) }),
+    )
+    .await
 }
 
 struct AdminState {
@@ -74,6 +101,22 @@ struct AdminState {
     readiness: Readiness,
     /// 1 when `/readyz` would answer 200; evaluated on every probe and every scrape.
     ready: prometheus::IntGauge,
+    /// 1 per degraded-only probe that fails (label `check`).
+    degraded: prometheus::IntGaugeVec,
+}
+
+impl AdminState {
+    /// Runs every check and updates the gauges.
+    async fn check(&self) -> Checked {
+        let checked = self.readiness.check().await;
+        self.ready.set(i64::from(checked.failing.is_empty()));
+        for (name, failing) in &checked.degraded {
+            self.degraded
+                .with_label_values(&[name])
+                .set(i64::from(*failing));
+        }
+        checked
+    }
 }
 
 async fn healthz() -> HttpResponse {
@@ -81,19 +124,30 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
-    let failing = state.readiness.failing().await;
-    state.ready.set(i64::from(failing.is_empty()));
-    if failing.is_empty() {
-        HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
+    let checked = state.check().await;
+    let degraded: Vec<&str> = checked
+        .degraded
+        .iter()
+        .filter(|(_, failing)| *failing)
+        .map(|(n, _)| *n)
+        .collect();
+    let mut body = if checked.failing.is_empty() {
+        serde_json::json!({"status": "ready"})
     } else {
-        HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({"status": "not_ready", "failing": failing}))
+        serde_json::json!({"status": "not_ready", "failing": checked.failing})
+    };
+    if !degraded.is_empty() {
+        body["degraded"] = serde_json::json!(degraded);
+    }
+    if checked.failing.is_empty() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
     }
 }
 
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
-    let ready = state.readiness.failing().await.is_empty();
-    state.ready.set(i64::from(ready));
+    state.check().await;
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&state.registry.gather(), &mut buf) {
         Ok(()) => HttpResponse::Ok()
@@ -103,23 +157,47 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
     }
 }
 
+/// The names of the gauges the admin server registers.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminMetrics {
+    /// 1 while `/readyz` answers 200.
+    pub ready: &'static str,
+    /// Per `check`, 1 while a degraded-only probe fails.
+    pub degraded: &'static str,
+}
+
 /// Starts the admin server on `listener` (one worker thread; it serves probes and scrapes only).
-/// Registers `ready_metric` (a gauge, 1 while ready) in `registry`.
+/// Registers the gauges `names` names in `registry`.
 pub fn serve(
     listener: std::net::TcpListener,
     registry: prometheus::Registry,
     readiness: Readiness,
-    ready_metric: &str,
+    names: AdminMetrics,
 ) -> std::io::Result<actix_web::dev::Server> {
-    let ready = prometheus::IntGauge::new(ready_metric, "1 when /readyz answers 200, else 0")
+    let ready = prometheus::IntGauge::new(names.ready, "1 when /readyz answers 200, else 0")
         .map_err(std::io::Error::other)?;
+    let degraded = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            names.degraded,
+            "1 while a dependency the process works without for a while is failing (check)",
+        ),
+        &["check"],
+    )
+    .map_err(std::io::Error::other)?;
+    for probe in &readiness.degraded {
+        degraded.with_label_values(&[probe.name()]).set(0);
+    }
     registry
         .register(Box::new(ready.clone()))
+        .map_err(std::io::Error::other)?;
+    registry
+        .register(Box::new(degraded.clone()))
         .map_err(std::io::Error::other)?;
     let state = web::Data::new(AdminState {
         registry,
         readiness,
         ready,
+        degraded,
     });
     Ok(HttpServer::new(move || {
         App::new()

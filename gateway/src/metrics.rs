@@ -5,9 +5,13 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
-/// The readiness gauge (1 while `/readyz` answers 200), registered by the admin server, which
-/// evaluates readiness on every probe and scrape.
-pub const READY_METRIC: &str = "chat_gateway_ready";
+/// The readiness gauges the admin server registers and evaluates on every probe and scrape:
+/// 1 while `/readyz` answers 200, and per `check` 1 while Postgres (which a gateway on Redis
+/// works without for a while) fails.
+pub const ADMIN_METRICS: chat_core::admin::AdminMetrics = chat_core::admin::AdminMetrics {
+    ready: "chat_gateway_ready",
+    degraded: "chat_gateway_degraded",
+};
 
 /// The gateway's metrics.
 #[derive(Clone)]

@@ -336,8 +336,18 @@ pub async fn run(
     let lock = Arc::new(LockProbe::default());
     let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(PubSubProbe(backend.pubsub.clone()))];
     probes.extend(backend.probes.iter().cloned());
-    probes.push(Arc::new(store.clone()));
-    probes.push(lock.clone());
+    let postgres: Vec<Arc<dyn Probe>> = vec![Arc::new(store.clone()), lock.clone()];
+    // On Redis, open connections and sends keep working without Postgres (logins, handshakes
+    // and history answer 503): a Postgres blip degrades every node alike, and failing readiness
+    // would only take them all out of the load balancer. In one-process mode Postgres is where
+    // messages go, so it is required.
+    let degraded = match cfg.backend {
+        BackendKind::Redis => postgres,
+        BackendKind::Memory => {
+            probes.extend(postgres);
+            Vec::new()
+        }
+    };
     // Readiness (failing with "starting") and metrics are served while we wait for the database.
     let admin_server = admin::serve(
         listeners.internal,
@@ -345,8 +355,9 @@ pub async fn run(
         Readiness {
             lifecycle: lifecycle.clone(),
             probes,
+            degraded,
         },
-        crate::metrics::READY_METRIC,
+        crate::metrics::ADMIN_METRICS,
     )?;
     let admin = Admin {
         handle: admin_server.handle(),

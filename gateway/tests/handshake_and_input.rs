@@ -318,8 +318,15 @@ on_both_backends! {
             .iter()
             .filter_map(|v| v.as_str())
             .collect();
+        // On Redis Postgres is reported as degraded (the node could serve open connections
+        // without it), in one-process mode as failing; either way it is named.
+        let degraded: Vec<&str> = body["degraded"]
+            .as_array()
+            .map(|d| d.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
         assert!(
-            failing.contains(&"starting") && failing.contains(&"postgres"),
+            failing.contains(&"starting")
+                && (failing.contains(&"postgres") || degraded.contains(&"postgres")),
             "{body}"
         );
         node.shutdown.cancel();
@@ -616,7 +623,8 @@ on_both_backends! {
 }
 
 /// Postgres unreachable: token checks and history answer 503 JSON, sending to a known recipient
-/// keeps working through Redis on an open connection, and everything comes back with Postgres.
+/// keeps working through Redis on an open connection, the node stays ready but reports itself
+/// degraded, and everything comes back with Postgres.
 #[actix_web::test]
 async fn postgres_outage_answers_503_and_sending_continues() {
     let cluster = Cluster::new().await;
@@ -662,6 +670,22 @@ async fn postgres_outage_answers_503_and_sending_continues() {
     })
     .await;
     assert_eq!(frames.last().expect("delivered")["seq"], 2);
+    // Degraded, not unready: every node is alike, and the load balancer keeps them all.
+    let readyz = format!("http://{}/readyz", node.internal);
+    let (status, body) = get(&readyz, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ready");
+    assert!(
+        body["degraded"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|c| c == "postgres")),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&node, "chat_gateway_degraded{check=\"postgres\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(metric(&node, "chat_gateway_ready").await, Some(1.0));
 
     proxy.restore();
     let back = chat_core::testing::eventually(Duration::from_secs(10), || {
@@ -670,6 +694,15 @@ async fn postgres_outage_answers_503_and_sending_continues() {
     })
     .await;
     assert!(back, "requests work again once Postgres is back");
+    let healed = chat_core::testing::eventually(Duration::from_secs(10), || {
+        let readyz = readyz.clone();
+        async move {
+            let (status, body) = get(&readyz, None).await;
+            status == 200 && body.get("degraded").is_none()
+        }
+    })
+    .await;
+    assert!(healed, "no longer degraded once Postgres is back");
     let (status, page) = get(&history, Some(&alice.token)).await;
     assert_eq!(status, 200);
     assert_eq!(page["last_seq"], 2);

@@ -85,8 +85,9 @@ pub async fn run(
                 Arc::new(Commands::open(&config.redis_target, None)?),
                 Arc::new(store.clone()),
             ],
+            degraded: Vec::new(),
         },
-        metrics::READY_METRIC,
+        metrics::ADMIN_METRICS,
     )?;
     let admin_handle = admin_server.handle();
     let admin_task = actix_web::rt::spawn(admin_server);

@@ -4,9 +4,13 @@ use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
-/// The readiness gauge (1 while `/readyz` answers 200), registered by the admin server, which
-/// evaluates readiness on every probe and scrape.
-pub const READY_METRIC: &str = "chat_worker_ready";
+/// The readiness gauges the admin server registers and evaluates on every probe and scrape: 1
+/// while `/readyz` answers 200, and a degraded gauge that stays empty (no worker check is
+/// degraded-only: without Redis or Postgres a worker does nothing).
+pub const ADMIN_METRICS: chat_core::admin::AdminMetrics = chat_core::admin::AdminMetrics {
+    ready: "chat_worker_ready",
+    degraded: "chat_worker_degraded",
+};
 
 #[derive(Clone)]
 pub struct Metrics {
