@@ -105,6 +105,10 @@ export class Api {
   me() {
     return this.request('GET', '/users/me');
   }
+  /** `{ticket, expires_in}`: opens one WebSocket within about 30 s, so the token stays out of URLs. */
+  wsTicket() {
+    return this.request('POST', '/ws/ticket');
+  }
   /** `{name?, avatar_url?}`: a field left out stays as it is; `avatar_url: null` removes it. */
   updateMe(changes) {
     return this.request('PATCH', '/users/me', { body: changes });
@@ -161,7 +165,7 @@ export class Api {
  *   has stopped.
  */
 export class ChatClient extends EventTarget {
-  constructor({ base, token, userId = null, backoff = DEFAULT_BACKOFF, WebSocketImpl = globalThis.WebSocket, random = Math.random }) {
+  constructor({ base, token, userId = null, backoff = DEFAULT_BACKOFF, WebSocketImpl = globalThis.WebSocket, random = Math.random, ticket = null }) {
     super();
     this.base = base;
     this.token = token;
@@ -173,6 +177,9 @@ export class ChatClient extends EventTarget {
     this.WebSocketImpl = WebSocketImpl;
     this.random = random;
     this.api = new Api(base, token);
+    // Where each connection's single-use ticket comes from (tests pass their own).
+    this._ticket = ticket || (async () => (await this.api.wsTicket()).ticket);
+    this._opening = false;
     this._ws = null;
     this._stopped = false;
     this._retryTimer = null;
@@ -207,7 +214,7 @@ export class ChatClient extends EventTarget {
 
   /** Skips the rest of a backoff delay ("Retry now"). */
   reconnectNow() {
-    if (this._stopped || this._ws) return;
+    if (this._stopped || this._ws || this._opening) return;
     clearTimeout(this._retryTimer);
     this._open();
   }
@@ -216,24 +223,41 @@ export class ChatClient extends EventTarget {
     return this.state === 'online';
   }
 
-  _wsUrl() {
+  _wsUrl(ticket) {
     const url = new URL(`${this.base}/ws`);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
-    url.searchParams.set('access_token', this.token);
+    // A single-use ticket, never the token: URLs end up in proxy and ingress logs.
+    url.searchParams.set('ticket', ticket);
     return url.href;
   }
 
-  _open() {
-    if (this._stopped) return;
+  async _open() {
+    if (this._stopped || this._opening) return;
     const exp = tokenExpiry(this.token);
     if (exp !== null && exp <= Date.now()) {
       this._unauthorized('token_expired');
       return;
     }
     this._setState(this.attempt === 0 ? 'connecting' : 'reconnecting');
+    this._opening = true;
+    let ticket;
+    try {
+      ticket = await this._ticket();
+    } catch (e) {
+      this._opening = false;
+      if (this._stopped) return;
+      if (e instanceof ApiError && e.status === 401) {
+        this._unauthorized('token_refused');
+        return;
+      }
+      this._scheduleReconnect(1006);
+      return;
+    }
+    this._opening = false;
+    if (this._stopped || this._ws) return;
     let ws;
     try {
-      ws = new this.WebSocketImpl(this._wsUrl());
+      ws = new this.WebSocketImpl(this._wsUrl(ticket));
     } catch {
       this._scheduleReconnect(1006);
       return;

@@ -235,6 +235,7 @@ impl KeySchema {
             CounterKey::LoginFailedIp(ip) => format!("{}:limit:login-failed:ip:{ip}", self.prefix),
             CounterKey::RegisterIp(ip) => format!("{}:limit:register:ip:{ip}", self.prefix),
             CounterKey::RegisterAll => format!("{}:limit:register:all", self.prefix),
+            CounterKey::WsTicket(id) => format!("{}:ticket:{id}", self.prefix),
         }
     }
 

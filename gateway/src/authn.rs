@@ -1,11 +1,13 @@
-//! Who is calling: a bearer token verified, its user checked to exist and the token checked
-//! not to predate the user's last password change (in Postgres, so a reset refuses old tokens
-//! on every node at once), and a user of an external identity provider created on first use.
-//! The HTTP layer's `Authenticated` extractor and the WebSocket handshake both use it.
+//! Who is calling: a bearer token (or, at `/ws`, a single-use ticket standing for one) verified,
+//! its user checked to exist and the token checked not to predate the user's last password
+//! change (in Postgres, so a reset refuses old tokens on every node at once), and a user of an
+//! external identity provider created on first use. The HTTP layer's `Authenticated` extractor
+//! and the WebSocket handshake both use it.
 
 use std::sync::Arc;
 
 use actix_web::{web, HttpRequest};
+use chat_core::counters::{CounterKey, Counters};
 use chat_core::store::Store;
 use serde::Deserialize;
 
@@ -13,6 +15,7 @@ use crate::api_error::ApiError;
 use crate::auth::{Auth, Identity};
 use crate::directory::Directory;
 use crate::fields::name_problem;
+use crate::ticket::{Tickets, TICKET_TTL_SECS};
 
 /// The password hash of users from an external identity provider: not a PHC string, so no
 /// password ever verifies against it.
@@ -23,22 +26,33 @@ const EXTERNAL_PASSWORD_HASH: &str = "!external";
 pub enum TokenFrom {
     /// `Authorization: Bearer` only (the HTTP API).
     Header,
-    /// The header, or the `access_token` query parameter (browsers' WebSockets cannot set
-    /// headers).
+    /// The header, a `ticket` query parameter (see [`Authenticator::ticket`]), or the
+    /// `access_token` query parameter (browsers' WebSockets cannot set headers).
     HeaderOrQuery,
 }
 
 /// Authenticates requests.
 pub struct Authenticator {
     auth: Arc<Auth>,
+    tickets: Tickets,
+    /// Where spent ticket ids are counted, across nodes.
+    counters: Arc<dyn Counters>,
     store: Store,
     directory: Arc<Directory>,
 }
 
 impl Authenticator {
-    pub fn new(auth: Arc<Auth>, store: Store, directory: Arc<Directory>) -> Self {
+    pub fn new(
+        auth: Arc<Auth>,
+        tickets: Tickets,
+        counters: Arc<dyn Counters>,
+        store: Store,
+        directory: Arc<Directory>,
+    ) -> Self {
         Authenticator {
             auth,
+            tickets,
+            counters,
             store,
             directory,
         }
@@ -50,9 +64,39 @@ impl Authenticator {
         req: &HttpRequest,
         from: TokenFrom,
     ) -> Result<Identity, ApiError> {
-        let token =
-            bearer(req, from).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-        self.identify(&token).await
+        match credential(req, from) {
+            Some(Credential::Token(token)) => self.identify(&token).await,
+            Some(Credential::Ticket(ticket)) => self.redeem(&ticket).await,
+            None => Err(ApiError::unauthorized("missing bearer token")),
+        }
+    }
+
+    /// A single-use ticket standing for the caller's token at `/ws?ticket=` for about 30 s,
+    /// and its lifetime in seconds.
+    pub fn ticket(&self, caller: &Identity) -> Result<(String, u64), ApiError> {
+        let ticket = self
+            .tickets
+            .issue(caller)
+            .map_err(|_| ApiError::internal())?;
+        Ok((ticket, TICKET_TTL_SECS))
+    }
+
+    /// The identity a ticket stands for, spending it: a second handshake with it, on any
+    /// node, is refused. Refused too when the shared counters cannot say whether it was spent.
+    async fn redeem(&self, ticket: &str) -> Result<Identity, ApiError> {
+        let (identity, id) = self
+            .tickets
+            .verify(ticket)
+            .map_err(|e| ApiError::unauthorized(format!("ticket: {e}")))?;
+        let window = std::time::Duration::from_secs(2 * TICKET_TTL_SECS);
+        match self.counters.count(&CounterKey::WsTicket(id), window).await {
+            Ok(1) => self.admit(identity).await,
+            Ok(_) => Err(ApiError::unauthorized("the ticket was used already")),
+            Err(e) => {
+                tracing::warn!(error = %e, "ticket not checked: counters unavailable");
+                Err(ApiError::unavailable("tickets"))
+            }
+        }
     }
 
     /// The identity a token proves.
@@ -61,6 +105,12 @@ impl Authenticator {
             .auth
             .verify(token)
             .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        self.admit(identity).await
+    }
+
+    /// A verified identity, once its user exists (an external one is created) and its token
+    /// predates no password change.
+    async fn admit(&self, identity: Identity) -> Result<Identity, ApiError> {
         if let Some(profile) = &identity.external {
             // Created once; after that the directory knows the user and no write is needed.
             if !self.directory.knows_user(identity.user_id) {
@@ -95,10 +145,18 @@ impl Authenticator {
 #[derive(Deserialize)]
 struct TokenQuery {
     access_token: Option<String>,
+    ticket: Option<String>,
 }
 
-/// The token a request carries.
-fn bearer(req: &HttpRequest, from: TokenFrom) -> Option<String> {
+/// What proves a caller.
+enum Credential {
+    Token(String),
+    Ticket(String),
+}
+
+/// The credential a request carries: the header first, then a ticket, then a token in the
+/// query (where allowed).
+fn credential(req: &HttpRequest, from: TokenFrom) -> Option<Credential> {
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
@@ -110,11 +168,15 @@ fn bearer(req: &HttpRequest, from: TokenFrom) -> Option<String> {
         .map(str::trim)
         .map(str::to_string);
     match (header, from) {
-        (Some(t), _) => Some(t),
+        (Some(t), _) => Some(Credential::Token(t)),
         (None, TokenFrom::HeaderOrQuery) => {
-            web::Query::<TokenQuery>::from_query(req.query_string())
-                .ok()
-                .and_then(|q| q.into_inner().access_token)
+            let query = web::Query::<TokenQuery>::from_query(req.query_string())
+                .ok()?
+                .into_inner();
+            match (query.ticket, query.access_token) {
+                (Some(ticket), _) => Some(Credential::Ticket(ticket)),
+                (None, token) => token.map(Credential::Token),
+            }
         }
         (None, TokenFrom::Header) => None,
     }

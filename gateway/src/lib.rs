@@ -22,7 +22,7 @@
 //!   - [`passwords`]: password rules and argon2id on dedicated threads;
 //!   - [`notifier`]: where password reset tokens go;
 //!   - [`hub`]: local connections by user, room and watch, bounded outbound queues.
-//! - Leaves: [`auth`] (JWTs), [`rate`] (token buckets on Tokio time), [`fields`] (field rules),
+//! - Leaves: [`auth`] (JWTs), [`ticket`] (single-use WebSocket tickets), [`rate`] (token buckets on Tokio time), [`fields`] (field rules),
 //!   [`api_error`] (JSON errors), [`metrics`], [`config`], [`tls`].
 //!
 //! The backends (message log, pub/sub, presence, counters) and the SQL store are in
@@ -47,6 +47,7 @@ pub mod notifier;
 pub mod passwords;
 pub mod presence;
 pub mod rate;
+pub mod ticket;
 pub mod tls;
 pub mod web_client;
 pub mod ws;

@@ -414,6 +414,8 @@ pub async fn run(
     ));
     let authenticator = Arc::new(Authenticator::new(
         auth.clone(),
+        crate::ticket::Tickets::new(&config.jwt_secret),
+        backend.counters.clone(),
         store.clone(),
         directory.clone(),
     ));

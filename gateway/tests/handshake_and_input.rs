@@ -707,3 +707,47 @@ async fn postgres_outage_answers_503_and_sending_continues() {
     assert_eq!(status, 200);
     assert_eq!(page["last_seq"], 2);
 }
+
+on_both_backends! {
+    /// `POST /ws/ticket` gives an authenticated caller a ticket that opens one WebSocket as them,
+    /// on any node, once; it is not a bearer token, and a token is not a ticket.
+    async fn websocket_tickets_open_one_connection_and_nothing_else(backend) {
+        let cluster = Cluster::on(backend).await;
+        let (a, b) = cluster
+            .start_pair(cluster.config("node-a"), cluster.config("node-b"))
+            .await;
+        let user = register(&a, "tina").await;
+        let ticket_url = format!("http://{}/api/v1/ws/ticket", a.http);
+        let client = reqwest::Client::new();
+        let status = client.post(&ticket_url).send().await.expect("http").status();
+        assert_eq!(status.as_u16(), 401, "tickets are for authenticated callers");
+        let resp = client
+            .post(&ticket_url)
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(
+            resp.headers().get("cache-control").and_then(|v| v.to_str().ok()),
+            Some("no-store")
+        );
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["expires_in"], 30);
+        let ticket = body["ticket"].as_str().expect("ticket").to_string();
+
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?ticket={ticket}", b.http))
+            .await
+            .expect("a ticket opens a connection on another node");
+        let hello = recv(&mut ws).await.expect("hello");
+        assert_eq!(hello["user_id"], user.id.to_string());
+        let (status, body) = refused(&format!("ws://{}/ws?ticket={ticket}", a.http), &[]).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")), "single use");
+        let (status, _) = refused(&format!("ws://{}/ws?ticket={}", a.http, user.token), &[]).await;
+        assert_eq!(status, 401, "a token is not a ticket");
+        let (status, _) = refused(&format!("ws://{}/ws?ticket=nonsense", a.http), &[]).await;
+        assert_eq!(status, 401);
+        let (status, _) = get(&format!("http://{}/api/v1/users/me", a.http), Some(&ticket)).await;
+        assert_eq!(status, 401, "a ticket is not a bearer token");
+    }
+}

@@ -47,13 +47,18 @@ function msg(seq, conversationId = CONV, from = PEER) {
 
 let clients = [];
 function newClient(options = {}) {
-  const client = new ChatClient({ base: 'http://127.0.0.1:9', token: 'x.e30.y', WebSocketImpl: FakeSocket, random: () => 0.5, ...options });
+  const client = new ChatClient({ base: 'http://127.0.0.1:9', token: 'x.e30.y', WebSocketImpl: FakeSocket, random: () => 0.5, ticket: async () => 'tkt', ...options });
   const events = { message: [], state: [], unauthorized: [], 'server-error': [], conversation: [] };
   for (const type of Object.keys(events)) client.addEventListener(type, (e) => events[type].push(e.detail));
   clients.push(client);
   return { client, events };
 }
 const lastSocket = () => FakeSocket.all[FakeSocket.all.length - 1];
+/** Connects and lets the ticket arrive, so the socket exists. */
+async function connected(client) {
+  client.connect();
+  await sleep(0);
+}
 const seqs = (events) => events.message.map((d) => d.message.seq);
 
 beforeEach(() => {
@@ -65,14 +70,14 @@ afterEach(() => {
 });
 
 describe('delivery bookkeeping', () => {
-  test('after hello, one sync names every held conversation with its last_seq, and watches are sent again', () => {
+  test('after hello, one sync names every held conversation with its last_seq, and watches are sent again', async () => {
     const { client } = newClient();
     client.track(CONV, 7);
     client.track(OTHER, 0);
     client.watch([PEER]);
-    client.connect();
+    await connected(client);
     const ws = lastSocket();
-    assert.match(ws.url, /^ws:\/\/127\.0\.0\.1:9\/ws\?access_token=x\.e30\.y$/);
+    assert.match(ws.url, /^ws:\/\/127\.0\.0\.1:9\/ws\?ticket=tkt$/, 'a ticket, never the token, in the URL');
     assert.equal(ws.sent.length, 0, 'nothing is sent before hello');
     ws.hello();
     assert.equal(client.state, 'online');
@@ -80,10 +85,10 @@ describe('delivery bookkeeping', () => {
     assert.deepEqual(ws.frames('presence.watch'), [{ type: 'presence.watch', user_ids: [PEER] }]);
   });
 
-  test('a message is taken once per (conversation_id, seq), whatever the order it comes in', () => {
+  test('a message is taken once per (conversation_id, seq), whatever the order it comes in', async () => {
     const { client, events } = newClient();
     client.track(CONV, 2);
-    client.connect();
+    await connected(client);
     const ws = lastSocket();
     ws.hello();
     ws.recv({ type: 'synced', conversation_id: CONV, last_seq: 2, complete: true });
@@ -95,7 +100,7 @@ describe('delivery bookkeeping', () => {
   test('a gap is held and synced from last_seq; the sync fills it without duplicates', async () => {
     const { client, events } = newClient();
     client.track(CONV, 1);
-    client.connect();
+    await connected(client);
     const ws = lastSocket();
     ws.hello();
     ws.recv({ type: 'synced', conversation_id: CONV, last_seq: 1, complete: true });
@@ -113,7 +118,7 @@ describe('delivery bookkeeping', () => {
   test('a gap closed by a frame still queued needs no sync (an ack can overtake a message)', async () => {
     const { client, events } = newClient();
     client.track(CONV, 0);
-    client.connect();
+    await connected(client);
     const ws = lastSocket();
     ws.hello();
     ws.recv({ type: 'synced', conversation_id: CONV, last_seq: 0, complete: true });
@@ -129,19 +134,19 @@ describe('delivery bookkeeping', () => {
     assert.equal(client.lastSeq(CONV), 2);
   });
 
-  test('synced with complete false asks again from its last_seq', () => {
+  test('synced with complete false asks again from its last_seq', async () => {
     const { client } = newClient();
     client.track(CONV, 0);
-    client.connect();
+    await connected(client);
     const ws = lastSocket();
     ws.hello();
     ws.recv({ type: 'synced', conversation_id: CONV, last_seq: 500, complete: false });
     assert.deepEqual(ws.frames('sync').at(-1), { type: 'sync', conversations: [{ conversation_id: CONV, after_seq: 500 }] });
   });
 
-  test('a conversation seen for the first time is announced and held from that message on', () => {
+  test('a conversation seen for the first time is announced and held from that message on', async () => {
     const { client, events } = newClient();
-    client.connect();
+    await connected(client);
     lastSocket().hello();
     lastSocket().recv(msg(12, OTHER));
     assert.deepEqual(events.conversation.map((d) => d.conversationId), [OTHER]);
@@ -155,11 +160,11 @@ describe('delivery bookkeeping', () => {
     assert.equal(client.lastSeq(CONV), 3);
   });
 
-  test('a sync refused with forbidden stops tracking that conversation', () => {
+  test('a sync refused with forbidden stops tracking that conversation', async () => {
     const { client, events } = newClient();
     client.track(CONV, 0);
     client.track(OTHER, 0);
-    client.connect();
+    await connected(client);
     const ws = lastSocket();
     ws.hello();
     ws.recv({ type: 'error', code: 'forbidden', message: 'not a member' });
@@ -169,9 +174,9 @@ describe('delivery bookkeeping', () => {
     assert.equal(events['server-error'][0].conversation_id, CONV);
   });
 
-  test('added to a room: it is synced from the start', () => {
+  test('added to a room: it is synced from the start', async () => {
     const { client } = newClient();
-    client.connect();
+    await connected(client);
     const ws = lastSocket();
     ws.hello();
     ws.recv({ type: 'membership', conversation_id: CONV, user_id: ME, change: 'added', by: PEER });
@@ -183,12 +188,13 @@ describe('connection', () => {
   test('a send is refused while offline; one in flight when the connection drops is sent again, same id, after hello', async () => {
     const { client } = newClient();
     await assert.rejects(client.send({ to: PEER, body: 'x' }), { code: 'offline' });
-    client.connect();
+    await connected(client);
     lastSocket().hello();
     const pending = client.send({ to: PEER, body: 'x' });
     const [first] = lastSocket().frames('send');
     lastSocket().drop(1006);
     client.reconnectNow();
+    await sleep(0);
     const ws = lastSocket();
     ws.hello();
     assert.deepEqual(ws.frames('send'), [first], 'the same frame, with the same id');
@@ -198,7 +204,7 @@ describe('connection', () => {
 
   test('unavailable on a send is retried with the same id', async () => {
     const { client } = newClient();
-    client.connect();
+    await connected(client);
     const ws = lastSocket();
     ws.hello();
     const pending = client.send({ conversationId: CONV, body: 'x' });
@@ -212,17 +218,17 @@ describe('connection', () => {
 
   test('other errors on a send fail it, in words the page can show', async () => {
     const { client } = newClient();
-    client.connect();
+    await connected(client);
     lastSocket().hello();
     const pending = client.send({ to: PEER, body: 'x' });
     lastSocket().recv({ type: 'error', id: lastSocket().frames('send')[0].id, code: 'not_found', message: 'no such recipient' });
     await assert.rejects(pending, { code: 'not_found' });
   });
 
-  test('resync: every held conversation is synced again on the same connection', () => {
+  test('resync: every held conversation is synced again on the same connection', async () => {
     const { client } = newClient();
     client.track(CONV, 4);
-    client.connect();
+    await connected(client);
     const ws = lastSocket();
     ws.hello();
     ws.recv({ type: 'synced', conversation_id: CONV, last_seq: 6, complete: true });
@@ -233,7 +239,7 @@ describe('connection', () => {
 
   test('reconnects with exponential backoff and jitter, capped at 30 s', async () => {
     const { client, events } = newClient({ random: () => 0.99 });
-    client.connect();
+    await connected(client);
     lastSocket().hello();
     lastSocket().drop(4000);
     const delays = () => events.state.filter((s) => s.state === 'reconnecting' && s.retryInMs).map((s) => s.retryInMs);
@@ -241,6 +247,7 @@ describe('connection', () => {
     // Let the attempts run against sockets that fail at once, as a stopped node does.
     for (let i = 0; i < 8; i += 1) {
       client.reconnectNow();
+      await sleep(0);
       lastSocket().hello(); // (so the check for a refused token is skipped)
       lastSocket().drop(1011);
     }
@@ -249,9 +256,9 @@ describe('connection', () => {
     assert.equal(seen.at(-1), Math.round(30000 * 1.49));
   });
 
-  test('1001 (node draining) reconnects after a short delay', () => {
+  test('1001 (node draining) reconnects after a short delay', async () => {
     const { client, events } = newClient();
-    client.connect();
+    await connected(client);
     lastSocket().hello();
     client.attempt = 6;
     lastSocket().drop(1001);
@@ -260,7 +267,7 @@ describe('connection', () => {
 
   test('4100 asks for a new login and does not reconnect', async () => {
     const { client, events } = newClient();
-    client.connect();
+    await connected(client);
     lastSocket().hello();
     lastSocket().drop(4100);
     await sleep(10);
@@ -271,7 +278,7 @@ describe('connection', () => {
 
   test('4101 (password reset: token revoked) asks for a new login and does not reconnect', async () => {
     const { client, events } = newClient();
-    client.connect();
+    await connected(client);
     lastSocket().hello();
     lastSocket().drop(4101);
     await sleep(10);
@@ -280,12 +287,45 @@ describe('connection', () => {
     assert.equal(FakeSocket.all.length, 1);
   });
 
+  test('every connection asks for a fresh ticket; a ticket refused with 401 stops and asks for a login, one that cannot be fetched is retried', async () => {
+    let asked = 0;
+    const { client } = newClient({ ticket: async () => `t${++asked}` });
+    await connected(client);
+    assert.match(lastSocket().url, /\?ticket=t1$/);
+    lastSocket().hello();
+    lastSocket().drop(1006);
+    client.reconnectNow();
+    await sleep(0);
+    assert.match(lastSocket().url, /\?ticket=t2$/, 'tickets are single use');
+
+    const refused = newClient({
+      ticket: async () => {
+        const { ApiError } = await import('../chat-client.js');
+        throw new ApiError(401, 'unauthorized', 'no');
+      },
+    });
+    await connected(refused.client);
+    await sleep(0);
+    assert.deepEqual(refused.events.unauthorized, [{ reason: 'token_refused' }]);
+    assert.equal(FakeSocket.all.length, 2, 'no socket without a ticket');
+
+    const offline = newClient({
+      ticket: async () => {
+        throw new TypeError('fetch failed');
+      },
+    });
+    await connected(offline.client);
+    await sleep(0);
+    assert.equal(offline.client.state, 'reconnecting');
+    assert.deepEqual(offline.events.unauthorized, []);
+  });
+
   test('a handshake that fails while the token is refused (401) stops and asks for a login', async () => {
     const realFetch = globalThis.fetch;
     globalThis.fetch = async () => new Response(JSON.stringify({ error: { code: 'unauthorized', message: 'no' } }), { status: 401 });
     try {
       const { client, events } = newClient();
-      client.connect();
+      await connected(client);
       lastSocket().drop(1006);
       await sleep(10);
       assert.deepEqual(events.unauthorized, [{ reason: 'token_refused' }]);
@@ -295,10 +335,10 @@ describe('connection', () => {
     }
   });
 
-  test('an expired token is not even tried', () => {
+  test('an expired token is not even tried', async () => {
     const past = Buffer.from(JSON.stringify({ exp: 1 })).toString('base64url');
     const { client, events } = newClient({ token: `x.${past}.y` });
-    client.connect();
+    await connected(client);
     assert.equal(FakeSocket.all.length, 0);
     assert.deepEqual(events.unauthorized, [{ reason: 'token_expired' }]);
   });

@@ -26,6 +26,8 @@ pub enum CounterKey {
     RegisterIp(IpAddr),
     /// Registrations on the whole deployment.
     RegisterAll,
+    /// Handshakes with one WebSocket ticket (its id): the first one spends it.
+    WsTicket(uuid::Uuid),
 }
 
 impl CounterKey {

@@ -1,4 +1,5 @@
-//! Accounts: register, log in, who am I, and changing one's name and picture.
+//! Accounts: register, log in, who am I, changing one's name and picture, and the ticket a
+//! browser opens its WebSocket with.
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -163,6 +164,18 @@ fn invalid_credentials() -> ApiError {
         ErrorCode::InvalidCredentials,
         "email or password is wrong",
     )
+}
+
+/// `POST /api/v1/ws/ticket`: a single-use ticket for `/ws?ticket=`, so a browser never puts its
+/// token in a URL (where proxies and ingress logs keep it).
+pub async fn ws_ticket(
+    authenticator: web::Data<crate::authn::Authenticator>,
+    Authenticated(caller): Authenticated,
+) -> Result<HttpResponse, ApiError> {
+    let (ticket, expires_in) = authenticator.ticket(&caller)?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(serde_json::json!({"ticket": ticket, "expires_in": expires_in})))
 }
 
 /// `GET /api/v1/users/me`

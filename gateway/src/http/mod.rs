@@ -57,6 +57,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
             .route("/auth/login", web::post().to(accounts::login))
             .route("/users/me", web::get().to(accounts::me))
             .route("/users/me", web::patch().to(accounts::update_me))
+            .route("/ws/ticket", web::post().to(accounts::ws_ticket))
             .route(
                 "/auth/password-reset/request",
                 web::post().to(password_reset::request),
