@@ -92,12 +92,79 @@ where
     }
 }
 
-/// A TCP proxy in front of a server (Postgres) that a test can cut and restore: cutting drops
-/// every open link and refuses new ones.
+/// A TCP proxy in front of a server (Postgres, Redis) that a test can cut and restore (cutting
+/// drops every open link and refuses new ones), or freeze: links stay open and forward nothing
+/// (a half-open connection, as a dead peer or a stalled middlebox leaves it). Freezing can be
+/// limited to Redis pub/sub links: those whose client sent `SUBSCRIBE`.
 pub struct Proxy {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    rule: Arc<FreezeRule>,
+    links: Arc<Mutex<Vec<Link>>>,
+}
+
+/// Which links freeze.
+#[derive(Default)]
+struct FreezeRule {
+    /// Only links that subscribed (else every link).
+    pubsub_only: AtomicBool,
+    /// Links opened (or, with `pubsub_only`, subscribing) from now on freeze too.
+    new_too: AtomicBool,
+}
+
+#[derive(Default)]
+struct LinkState {
+    frozen: AtomicBool,
+    /// The client sent `SUBSCRIBE` (or `SSUBSCRIBE`) on it.
+    subscribed: AtomicBool,
+}
+
+struct Link {
+    task: tokio::task::JoinHandle<()>,
+    state: Arc<LinkState>,
+}
+
+async fn wait_thawed(state: &LinkState) {
+    while state.frozen.load(Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Copies `from` into `to` until either ends, forwarding nothing while the link is frozen.
+/// `client` is whether `from` is the client side (what it sends is watched for subscribing).
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    state: Arc<LinkState>,
+    rule: Arc<FreezeRule>,
+    client: bool,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        wait_thawed(&state).await;
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if client
+            && buf[..n]
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+        {
+            state.subscribed.store(true, Ordering::SeqCst);
+            if rule.pubsub_only.load(Ordering::SeqCst) && rule.new_too.load(Ordering::SeqCst) {
+                state.frozen.store(true, Ordering::SeqCst);
+            }
+        }
+        wait_thawed(&state).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -107,33 +174,69 @@ impl Proxy {
             .expect("bind proxy");
         let addr = listener.local_addr().expect("addr");
         let open = Arc::new(AtomicBool::new(true));
-        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (open2, links2) = (open.clone(), links.clone());
+        let rule: Arc<FreezeRule> = Arc::default();
+        let links: Arc<Mutex<Vec<Link>>> = Arc::default();
+        let (open2, rule2, links2) = (open.clone(), rule.clone(), links.clone());
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if !open2.load(Ordering::SeqCst) {
                     continue; // dropped: connection refused in effect
                 }
-                let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                let state: Arc<LinkState> = Arc::default();
+                let all_new = rule2.new_too.load(Ordering::SeqCst)
+                    && !rule2.pubsub_only.load(Ordering::SeqCst);
+                state.frozen.store(all_new, Ordering::SeqCst);
+                let (link_state, link_rule) = (state.clone(), rule2.clone());
+                let task = tokio::spawn(async move {
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
+                        let (ri, wi) = inbound.into_split();
+                        let (ro, wo) = outbound.into_split();
+                        tokio::select! {
+                            _ = pump(ri, wo, link_state.clone(), link_rule.clone(), true) => {}
+                            _ = pump(ro, wi, link_state, link_rule, false) => {}
+                        }
                     }
                 });
-                links2.lock().expect("lock").push(link);
+                links2.lock().expect("lock").push(Link { task, state });
             }
         });
-        Proxy { addr, open, links }
+        Proxy {
+            addr,
+            open,
+            rule,
+            links,
+        }
     }
 
     pub fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
         for link in self.links.lock().expect("lock").drain(..) {
-            link.abort();
+            link.task.abort();
         }
     }
 
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Freezes every open link (with `pubsub_only`, every one that subscribed); with `new_too`,
+    /// links opened (or subscribing) from now on freeze as well.
+    pub fn freeze(&self, pubsub_only: bool, new_too: bool) {
+        self.rule.pubsub_only.store(pubsub_only, Ordering::SeqCst);
+        self.rule.new_too.store(new_too, Ordering::SeqCst);
+        for link in self.links.lock().expect("lock").iter() {
+            if !pubsub_only || link.state.subscribed.load(Ordering::SeqCst) {
+                link.state.frozen.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Lets every link forward again; new ones are not frozen.
+    pub fn thaw(&self) {
+        self.rule.new_too.store(false, Ordering::SeqCst);
+        for link in self.links.lock().expect("lock").iter() {
+            link.state.frozen.store(false, Ordering::SeqCst);
+        }
     }
 }
 

@@ -71,6 +71,11 @@ pub struct GatewayConfig {
     pub gateway_pg_pool_size: usize,
     /// Upper bound on the time a subscription may take during a handshake.
     pub gateway_subscribe_timeout_ms: u64,
+    /// How often the node sends its delivery canary through Redis pub/sub to itself.
+    pub gateway_delivery_canary_interval_ms: u64,
+    /// How long a published canary may take to come back before the pub/sub connection is
+    /// taken as dead (reconnected, connections resynced).
+    pub gateway_delivery_canary_timeout_ms: u64,
     /// How long SIGTERM waits for connections to close before exiting.
     pub gateway_shutdown_grace_secs: u64,
     /// Recent messages kept per conversation in Redis (the tail history and sync read before
@@ -175,6 +180,8 @@ impl Default for GatewayConfig {
             gateway_outbound_queue: 256,
             gateway_pg_pool_size: 16,
             gateway_subscribe_timeout_ms: 3000,
+            gateway_delivery_canary_interval_ms: 2000,
+            gateway_delivery_canary_timeout_ms: 5000,
             gateway_shutdown_grace_secs: 20,
             gateway_history_tail_len: chat_core::log::DEFAULT_TAIL_LEN,
             gateway_history_tail_ttl_secs: chat_core::log::DEFAULT_TAIL_TTL_MS / 1000,
@@ -294,6 +301,14 @@ impl GatewayConfig {
             (
                 "gateway_subscribe_timeout_ms",
                 self.gateway_subscribe_timeout_ms as usize,
+            ),
+            (
+                "gateway_delivery_canary_interval_ms",
+                self.gateway_delivery_canary_interval_ms as usize,
+            ),
+            (
+                "gateway_delivery_canary_timeout_ms",
+                self.gateway_delivery_canary_timeout_ms as usize,
             ),
             (
                 "gateway_history_tail_len",

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub cluster_masters_without_replica: IntGauge,
     pub cluster_slots_uncovered: IntGauge,
     pub pubsub_reconnects: IntCounter,
+    pub canary_round_trip: Histogram,
+    pub canary_lost: IntCounter,
     pub outbound_dropped: IntCounter,
     pub history_incomplete: IntCounter,
     pub sends_repeated: IntCounter,
@@ -160,6 +162,14 @@ impl Metrics {
                 "chat_gateway_pubsub_reconnects_total",
                 "Times the pub/sub connection was re-established",
             )?,
+            canary_round_trip: histogram(
+                "chat_gateway_delivery_canary_round_trip_seconds",
+                "Publish to arrival of the node's delivery canary through Redis pub/sub",
+            )?,
+            canary_lost: counter(
+                "chat_gateway_delivery_canary_lost_total",
+                "Delivery canaries published and not received back in time (each reconnects pub/sub)",
+            )?,
             outbound_dropped: counter(
                 "chat_gateway_outbound_queue_overflows_total",
                 "Connections whose outbound queue overflowed (closed as slow consumers)",
@@ -223,6 +233,14 @@ impl Metrics {
             subscriptions: self.pubsub_subscriptions.clone(),
             reconnects: self.pubsub_reconnects.clone(),
             log_events: self.log_events.clone(),
+        }
+    }
+
+    /// What the delivery canary counts.
+    pub fn canary(&self) -> chat_core::pubsub::canary::CanaryMetrics {
+        chat_core::pubsub::canary::CanaryMetrics {
+            round_trip: self.canary_round_trip.clone(),
+            lost: self.canary_lost.clone(),
         }
     }
 

@@ -18,6 +18,7 @@ use chat_core::log::{MessageLog, Retention};
 use chat_core::presence::memory::MemoryPresence;
 use chat_core::presence::redis::RedisPresence;
 use chat_core::presence::PresenceStore;
+use chat_core::pubsub::canary::{Canary, CanarySettings};
 use chat_core::pubsub::memory::MemoryPubSub;
 use chat_core::pubsub::redis::RedisPubSub;
 use chat_core::pubsub::redis_cluster::RedisClusterPubSub;
@@ -76,11 +77,20 @@ impl Backend {
         let subscribe_timeout = Duration::from_millis(cfg.gateway_subscribe_timeout_ms);
         let (pubsub, manager): (Arc<dyn PubSub>, _) = match target {
             RedisTarget::Single(_) => {
+                let canary = Canary::new(
+                    keys.prefix(),
+                    CanarySettings {
+                        every: Duration::from_millis(cfg.gateway_delivery_canary_interval_ms),
+                        timeout: Duration::from_millis(cfg.gateway_delivery_canary_timeout_ms),
+                    },
+                    Some(metrics.canary()),
+                );
                 let (pubsub, manager) = RedisPubSub::start(
                     redis.clone(),
                     keys.clone(),
                     delivery,
                     subscribe_timeout,
+                    canary,
                     stop.clone(),
                 );
                 (Arc::new(pubsub), manager)

@@ -361,3 +361,103 @@ async fn redis_restart_from_its_aof_answers_unavailable_then_rebases_the_seq() {
     );
     let _ = std::fs::remove_dir_all(&aof);
 }
+
+/// A half-open pub/sub connection (a proxy that stops forwarding it without closing it): the
+/// node's delivery canary does not come back, so within a few seconds the node connects again,
+/// its connection gets `resync` and recovers the message sent into the silence by sync. While
+/// new pub/sub links freeze too, readiness fails with `pubsub`; it recovers once they forward.
+#[actix_web::test]
+async fn a_half_open_pubsub_connection_is_found_by_the_canary() {
+    let redis = OwnRedis::start().await;
+    let target = redis
+        .url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/');
+    let proxy = chat_core::testing::Proxy::start(target.parse().expect("redis addr")).await;
+    let cluster = Cluster::new().await;
+    let a = cluster
+        .start_with(gateway::config::GatewayConfig {
+            redis_url: redis.url.clone(),
+            redis_cluster_urls: String::new(),
+            ..cluster.config("node-a")
+        })
+        .await;
+    let b = cluster
+        .start_with(gateway::config::GatewayConfig {
+            redis_url: format!("redis://{}", proxy.addr),
+            redis_cluster_urls: String::new(),
+            gateway_delivery_canary_interval_ms: 300,
+            gateway_delivery_canary_timeout_ms: 1000,
+            ..cluster.config("node-b")
+        })
+        .await;
+    let alice = register(&a, "alice").await;
+    let bob = register(&b, "bob").await;
+    let (mut alice_ws, _) = connect(&a, &alice).await;
+    let (mut bob_ws, _) = connect(&b, &bob).await;
+    send_json(&mut alice_ws, send_frame("1", bob.id, "before")).await;
+    recv_until(&mut alice_ws, |f| f["type"] == "ack").await;
+    let live = recv_until(&mut bob_ws, |f| f["type"] == "message").await;
+    assert_eq!(live.last().expect("live")["body"], "before");
+
+    proxy.freeze(true, false);
+    send_json(&mut alice_ws, send_frame("2", bob.id, "in the silence")).await;
+    let ack = recv_until(&mut alice_ws, |f| f["type"] == "ack").await;
+    let conversation = ack.last().expect("ack")["conversation_id"].clone();
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < deadline
+        && !frames.iter().any(|f: &Value| f["type"] == "resync")
+    {
+        if let Some(f) = recv_within(&mut bob_ws, Duration::from_millis(200)).await {
+            frames.push(f);
+        }
+    }
+    assert!(
+        !frames.iter().any(|f| f["body"] == "in the silence"),
+        "the frozen link delivered nothing: {frames:?}"
+    );
+    assert!(
+        frames.iter().any(|f| f["type"] == "resync"),
+        "the canary found the dead link and the node told Bob to resync: {frames:?}"
+    );
+    let synced = sync_all(&mut bob_ws, &conversation, 1).await;
+    assert_eq!(
+        synced,
+        vec![2],
+        "the message sent into the silence, by sync"
+    );
+    assert!(
+        metric(&b, "chat_gateway_delivery_canary_lost_total")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(
+        metric(&b, "chat_gateway_delivery_canary_round_trip_seconds_count")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // Every pub/sub link freezes, new ones too: the node cannot deliver and says so.
+    proxy.freeze(true, true);
+    let readyz = format!("http://{}/readyz", b.internal);
+    let unready = chat_core::testing::eventually(Duration::from_secs(15), || {
+        let readyz = readyz.clone();
+        async move {
+            let (status, body) = get(&readyz, None).await;
+            status == 503
+                && body["failing"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|c| c == "pubsub"))
+        }
+    })
+    .await;
+    assert!(
+        unready,
+        "readiness fails with pubsub while no link delivers"
+    );
+    proxy.thaw();
+    assert!(wait_ready(&b).await, "ready again once links forward");
+}

@@ -5,6 +5,7 @@
 //! Implementations: [`redis`] (one pub/sub connection per node), [`redis_cluster`] (shard
 //! channels on a Redis Cluster, one connection per master), [`memory`] (one process).
 
+pub mod canary;
 pub mod envelope;
 pub mod memory;
 pub mod redis;

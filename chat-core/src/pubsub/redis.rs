@@ -2,7 +2,8 @@
 //! manager task owns the connection and the set of subscribed channels and reconciles it with
 //! what the subscriber wants; a reader task decodes each payload once into an [`Envelope`] and
 //! pushes it into the subscriber. Publishing pipelines `PUBLISH` on the shared command
-//! connection.
+//! connection. A [`Canary`] proves the connection delivers; when it stops, the manager connects
+//! again.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use super::canary::{Canary, Verdict};
 use super::{Envelope, Interest, PubSub, Publication, Subscriber, Topic};
 use crate::backend::BackendError;
 use crate::backoff::Backoff;
@@ -28,6 +30,8 @@ const COMMAND_QUEUE: usize = 8192;
 /// How often the subscriptions are compared with what the subscriber wants, catching releases
 /// that could not be queued.
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// Longest wait for a new pub/sub connection: a black-holed link must not hang the manager.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) enum Command {
     /// Make sure the topics are subscribed; answer when they are (if anyone waits).
@@ -166,6 +170,7 @@ impl RedisPubSub {
         keys: KeySchema,
         subscriber: Arc<dyn Subscriber>,
         subscribe_timeout: Duration,
+        canary: Canary,
         shutdown: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
@@ -177,6 +182,7 @@ impl RedisPubSub {
             redis: commands.clone(),
             keys: keys.clone(),
             subscriber,
+            canary,
             shutdown,
             background: JoinSet::new(),
         };
@@ -232,8 +238,10 @@ struct Manager {
     redis: Commands,
     keys: KeySchema,
     subscriber: Arc<dyn Subscriber>,
+    canary: Canary,
     shutdown: CancellationToken,
-    /// Work the manager started and joins before it ends (reloads after a loss).
+    /// Work the manager started and joins before it ends (reloads after a loss, canary
+    /// publishes); finished ones are reaped at every canary tick.
     background: JoinSet<()>,
 }
 
@@ -247,13 +255,21 @@ impl Manager {
     async fn serve(&mut self) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut connected_before = false;
+        // After a lost canary, a new connection is healthy only once a canary came back on it
+        // (the token it must see is at least this one).
+        let mut prove_from: Option<u64> = None;
         let Some(client) = self.redis.client().cloned() else {
             tracing::error!("classic pub/sub needs one Redis instance, not a cluster");
             return;
         };
         loop {
             let pubsub = tokio::select! {
-                r = client.get_async_pubsub() => r,
+                r = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()) => {
+                    r.unwrap_or_else(|_| Err(redis::RedisError::from((
+                        redis::ErrorKind::IoError,
+                        "pub/sub connect timed out",
+                    ))))
+                }
                 _ = self.shutdown.cancelled() => return,
             };
             let (sink, stream) = match pubsub {
@@ -270,7 +286,20 @@ impl Manager {
             // Every topic needed here must be subscribed again on the new connection.
             let mut subscribed = HashSet::new();
             let wanted = self.subscriber.topics();
-            if let Err(e) = self.set_subscribed(&sink, &wanted, true).await {
+            let canary_channel = self.canary.channel().to_string();
+            let resubscribed = async {
+                sink.clone().subscribe(canary_channel).await?;
+                self.set_subscribed(&sink, &wanted, true).await
+            };
+            let resubscribed = tokio::time::timeout(CONNECT_TIMEOUT, resubscribed)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from((
+                        redis::ErrorKind::IoError,
+                        "re-subscribe timed out",
+                    )))
+                });
+            if let Err(e) = resubscribed {
                 tracing::warn!(error = %e, "re-subscribe failed");
                 if self.sleep(backoff.next_delay()).await {
                     return;
@@ -297,7 +326,7 @@ impl Manager {
                 });
             }
             connected_before = true;
-            self.healthy.store(true, Ordering::Relaxed);
+            self.healthy.store(prove_from.is_none(), Ordering::Relaxed);
             backoff.reset();
 
             let mut reader = tokio::spawn(read(
@@ -305,9 +334,11 @@ impl Manager {
                 self.keys.clone(),
                 self.subscriber.clone(),
                 self.own_commands.clone(),
+                self.canary.clone(),
             ));
             let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
             reconcile.tick().await;
+            let mut canary_tick = tokio::time::interval(self.canary.every());
             let lost = loop {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => {
@@ -316,6 +347,28 @@ impl Manager {
                         return;
                     }
                     _ = &mut reader => break true,
+                    _ = canary_tick.tick() => {
+                        while self.background.try_join_next().is_some() {}
+                        if let Some(from) = prove_from {
+                            if self.canary.returned_since(from) {
+                                prove_from = None;
+                                self.healthy.store(true, Ordering::Relaxed);
+                            }
+                        }
+                        match self.canary.tick() {
+                            Verdict::Lost => {
+                                tracing::warn!(
+                                    "delivery canary did not come back; reconnecting pub/sub"
+                                );
+                                prove_from = Some(self.canary.last_token() + 1);
+                                reader.abort();
+                                let _ = (&mut reader).await;
+                                break true;
+                            }
+                            Verdict::Fine(Some(token)) => self.publish_canary(token),
+                            Verdict::Fine(None) => {}
+                        }
+                    }
                     _ = reconcile.tick() => {
                         let change = Plan::reconciliation(&subscribed, self.subscriber.as_ref());
                         if let Err(e) = self.reconcile(&sink, &mut subscribed, change).await {
@@ -358,6 +411,21 @@ impl Manager {
 
     fn count_error(&self, op: &str) {
         self.redis.count_error(op);
+    }
+
+    /// Publishes canary `token` beside the manager (it never waits on Redis).
+    fn publish_canary(&mut self, token: u64) {
+        let (redis, canary) = (self.redis.clone(), self.canary.clone());
+        self.background.spawn(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("PUBLISH")
+                .arg(canary.channel())
+                .arg(token.to_string())
+                .ignore();
+            if redis.query::<()>("command", &pipe).await.is_ok() {
+                canary.published(token);
+            }
+        });
     }
 
     fn set_gauge(&self, subscribed: &HashSet<Topic>) {
@@ -425,8 +493,13 @@ async fn read(
     keys: KeySchema,
     subscriber: Arc<dyn Subscriber>,
     commands: mpsc::Sender<Command>,
+    canary: Canary,
 ) {
     while let Some(msg) = stream.next().await {
+        if msg.get_channel_name() == canary.channel() {
+            canary.arrived(msg.get_payload_bytes());
+            continue;
+        }
         let Some(topic) = keys.parse_channel(msg.get_channel_name()) else {
             continue;
         };
