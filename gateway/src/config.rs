@@ -68,6 +68,11 @@ pub struct GatewayConfig {
     pub gateway_max_body_bytes: usize,
     pub gateway_max_frame_bytes: usize,
     pub gateway_outbound_queue: usize,
+    /// Bytes one connection's outbound queue may hold before it is closed as a slow consumer.
+    pub gateway_outbound_queue_bytes: usize,
+    /// Bytes all outbound queues of the node may hold together; the connection whose frame
+    /// would pass it is closed as a slow consumer.
+    pub gateway_outbound_node_bytes: usize,
     pub gateway_pg_pool_size: usize,
     /// Upper bound on the time a subscription may take during a handshake.
     pub gateway_subscribe_timeout_ms: u64,
@@ -178,6 +183,8 @@ impl Default for GatewayConfig {
             gateway_max_body_bytes: 4096,
             gateway_max_frame_bytes: 16 * 1024,
             gateway_outbound_queue: 256,
+            gateway_outbound_queue_bytes: 256 * 1024,
+            gateway_outbound_node_bytes: 256 * 1024 * 1024,
             gateway_pg_pool_size: 16,
             gateway_subscribe_timeout_ms: 3000,
             gateway_delivery_canary_interval_ms: 2000,
@@ -297,6 +304,14 @@ impl GatewayConfig {
             ),
             ("gateway_max_body_bytes", self.gateway_max_body_bytes),
             ("gateway_outbound_queue", self.gateway_outbound_queue),
+            (
+                "gateway_outbound_queue_bytes",
+                self.gateway_outbound_queue_bytes,
+            ),
+            (
+                "gateway_outbound_node_bytes",
+                self.gateway_outbound_node_bytes,
+            ),
             ("gateway_pg_pool_size", self.gateway_pg_pool_size),
             (
                 "gateway_subscribe_timeout_ms",

@@ -1,8 +1,10 @@
 //! The node's local connection registry: which users have connections here, the rooms and
-//! presence watches of those users, and the bounded outbound queue of each connection. Delivery
-//! hands the same [`Outbound`] (one allocation, its frame bytes shared) to every local recipient.
+//! presence watches of those users, and the outbound queue of each connection, bounded in frames
+//! and in bytes (per connection and on the node). Delivery hands the same [`Outbound`] (one
+//! allocation, its frame bytes shared) to every local recipient.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chat_core::pubsub::{Envelope, Topic};
@@ -21,8 +23,58 @@ pub enum Outbound {
     Resync,
 }
 
+impl Outbound {
+    /// The bytes it puts on the wire, as its queue counts them (a frame shared by many
+    /// connections counts once in each).
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Outbound::Envelope(Envelope::Message(m)) => m.frame.len(),
+            Outbound::Envelope(Envelope::Event { json, .. }) => json.len(),
+            Outbound::Envelope(Envelope::Revoked { .. }) | Outbound::Resync => 64,
+        }
+    }
+}
+
 /// One queued item, shared by every local recipient.
 pub type Queued = Arc<Outbound>;
+
+/// How many bytes the outbound queues may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueBytes {
+    /// In one connection's queue.
+    pub per_connection: usize,
+    /// In all the queues of this node together.
+    pub node: usize,
+}
+
+/// The bytes in one connection's queue, and in the node's queues: added by the hub as it
+/// queues, taken off by the connection as it dequeues.
+#[derive(Clone)]
+pub struct QueueMeter {
+    conn: Arc<AtomicUsize>,
+    node: prometheus::IntGauge,
+}
+
+impl QueueMeter {
+    /// Counts `n` bytes in, unless that would pass a bound.
+    fn add(&self, n: usize, bounds: QueueBytes) -> bool {
+        let conn = self.conn.fetch_add(n, Ordering::Relaxed) + n;
+        let n64 = i64::try_from(n).unwrap_or(i64::MAX);
+        self.node.add(n64);
+        let node = usize::try_from(self.node.get()).unwrap_or(0);
+        if conn > bounds.per_connection || node > bounds.node {
+            self.taken(n);
+            return false;
+        }
+        true
+    }
+
+    /// `n` bytes left the queue.
+    pub fn taken(&self, n: usize) {
+        self.conn.fetch_sub(n, Ordering::Relaxed);
+        self.node.sub(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
 
 /// One local connection as the hub sees it.
 pub struct LocalConn {
@@ -31,6 +83,8 @@ pub struct LocalConn {
     pub outbound: mpsc::Sender<Queued>,
     /// Cancelled to make the session close itself as a slow consumer.
     pub kick: CancellationToken,
+    /// The bytes in `outbound` (from [`Hub::meter`]).
+    pub meter: QueueMeter,
 }
 
 /// What the hub guards with its one lock.
@@ -80,13 +134,23 @@ impl State {
 pub struct Hub {
     state: Mutex<State>,
     metrics: Metrics,
+    bytes: QueueBytes,
 }
 
 impl Hub {
-    pub fn new(metrics: Metrics) -> Self {
+    pub fn new(metrics: Metrics, bytes: QueueBytes) -> Self {
         Hub {
             state: Mutex::new(State::default()),
             metrics,
+            bytes,
+        }
+    }
+
+    /// The meter of a new connection's queue.
+    pub fn meter(&self) -> QueueMeter {
+        QueueMeter {
+            conn: Arc::default(),
+            node: self.metrics.outbound_queued_bytes.clone(),
         }
     }
 
@@ -318,20 +382,31 @@ impl Hub {
             return 0;
         };
         let mut queued = 0;
+        let size = frame.wire_len();
         for conn in conns.iter().filter(|c| pick(c.conn_id)) {
+            if !conn.meter.add(size, self.bytes) {
+                self.kick(conn);
+                continue;
+            }
             match conn.outbound.try_send(frame.clone()) {
                 Ok(()) => queued += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    if !conn.kick.is_cancelled() {
-                        self.metrics.outbound_dropped.inc();
-                        conn.kick.cancel();
-                    }
+                    conn.meter.taken(size);
+                    self.kick(conn);
                 }
                 // The session is ending and will unregister itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => conn.meter.taken(size),
             }
         }
         queued
+    }
+
+    /// A connection whose queue is full (in frames or bytes) is a slow consumer: it closes.
+    fn kick(&self, conn: &LocalConn) {
+        if !conn.kick.is_cancelled() {
+            self.metrics.outbound_dropped.inc();
+            conn.kick.cancel();
+        }
     }
 }
 
@@ -339,23 +414,97 @@ impl Hub {
 mod tests {
     use super::*;
 
+    /// Bounds no test but the byte test reaches.
+    const ROOMY: QueueBytes = QueueBytes {
+        per_connection: 1 << 30,
+        node: 1 << 40,
+    };
+
+    fn test_hub() -> Hub {
+        Hub::new(Metrics::new().expect("metrics"), ROOMY)
+    }
+
     fn conn(queue: usize) -> (LocalConn, mpsc::Receiver<Queued>) {
+        conn_metered(queue, test_hub().meter())
+    }
+
+    fn conn_metered(queue: usize, meter: QueueMeter) -> (LocalConn, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(queue);
         (
             LocalConn {
                 conn_id: Uuid::new_v4(),
                 outbound: tx,
                 kick: CancellationToken::new(),
+                meter,
             },
             rx,
         )
+    }
+
+    fn message_of(bytes: usize) -> Queued {
+        Arc::new(Outbound::Envelope(Envelope::Message(
+            chat_core::pubsub::MessageEnvelope {
+                origin: Uuid::nil(),
+                conversation: Uuid::nil(),
+                seq: 1,
+                ts: 0,
+                trace_parent: None,
+                frame: "x".repeat(bytes).into(),
+            },
+        )))
+    }
+
+    /// A connection whose queued bytes would pass its bound is kicked though its frame queue
+    /// has room; taking frames off makes room again; the node's bound holds over connections.
+    #[test]
+    fn queues_are_bounded_in_bytes_per_connection_and_per_node() {
+        let hub = Hub::new(
+            Metrics::new().expect("metrics"),
+            QueueBytes {
+                per_connection: 10_000,
+                node: 15_000,
+            },
+        );
+        let (alice, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let (a, mut rx_a) = conn_metered(100, hub.meter());
+        let (b, _rx_b) = conn_metered(100, hub.meter());
+        let (a_meter, a_kick, b_kick) = (a.meter.clone(), a.kick.clone(), b.kick.clone());
+        hub.register(alice, a, 10);
+        hub.register(bob, b, 10);
+        let frame = message_of(4_000);
+        assert_eq!(
+            hub.deliver(Topic::User(alice), Uuid::nil(), None, &frame),
+            1
+        );
+        assert_eq!(
+            hub.deliver(Topic::User(alice), Uuid::nil(), None, &frame),
+            1
+        );
+        assert_eq!(
+            hub.deliver(Topic::User(alice), Uuid::nil(), None, &frame),
+            0,
+            "a third 4,000-byte frame passes 10,000 bytes"
+        );
+        assert!(a_kick.is_cancelled());
+        let taken = rx_a.try_recv().expect("queued");
+        a_meter.taken(taken.wire_len());
+        assert_eq!(hub.metrics.outbound_queued_bytes.get(), 4_000);
+        assert_eq!(hub.deliver(Topic::User(bob), Uuid::nil(), None, &frame), 1);
+        assert_eq!(hub.deliver(Topic::User(bob), Uuid::nil(), None, &frame), 1);
+        assert_eq!(
+            hub.deliver(Topic::User(bob), Uuid::nil(), None, &frame),
+            0,
+            "the node's 15,000 bytes are full before Bob's own 10,000"
+        );
+        assert!(b_kick.is_cancelled());
+        assert_eq!(hub.metrics.outbound_queued_bytes.get(), 12_000);
     }
 
     /// Delivery skips the origin connection, reaches the others, and a full queue kicks its
     /// connection without affecting the rest.
     #[test]
     fn deliver_skips_origin_and_kicks_slow_consumers() {
-        let hub = Hub::new(Metrics::new().expect("metrics"));
+        let hub = test_hub();
         let user = Uuid::now_v7();
         let (a, mut rx_a) = conn(4);
         let (b, mut rx_b) = conn(1);
@@ -384,7 +533,7 @@ mod tests {
     /// A user stays local until their last connection leaves.
     #[test]
     fn last_unregister_reports_true() {
-        let hub = Hub::new(Metrics::new().expect("metrics"));
+        let hub = test_hub();
         let user = Uuid::now_v7();
         let (a, _ra) = conn(1);
         let (b, _rb) = conn(1);
@@ -407,7 +556,7 @@ mod tests {
     /// member leaving releases the room.
     #[test]
     fn rooms_deliver_to_local_members_until_they_leave() {
-        let hub = Hub::new(Metrics::new().expect("metrics"));
+        let hub = test_hub();
         let (alice, bob, room) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let (a, mut rx_a) = conn(8);
         let (b, mut rx_b) = conn(8);
@@ -444,7 +593,7 @@ mod tests {
     /// released when the connection goes.
     #[test]
     fn presence_watches_follow_connections() {
-        let hub = Hub::new(Metrics::new().expect("metrics"));
+        let hub = test_hub();
         let (alice, watched) = (Uuid::now_v7(), Uuid::now_v7());
         let (a1, mut rx1) = conn(8);
         let (a2, mut rx2) = conn(8);

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub canary_round_trip: Histogram,
     pub canary_lost: IntCounter,
     pub outbound_dropped: IntCounter,
+    pub outbound_queued_bytes: IntGauge,
     pub history_incomplete: IntCounter,
     pub sends_repeated: IntCounter,
     pub connections_limit: IntGauge,
@@ -172,7 +173,11 @@ impl Metrics {
             )?,
             outbound_dropped: counter(
                 "chat_gateway_outbound_queue_overflows_total",
-                "Connections whose outbound queue overflowed (closed as slow consumers)",
+                "Connections whose outbound queue overflowed in frames or bytes (closed as slow consumers)",
+            )?,
+            outbound_queued_bytes: gauge(
+                "chat_gateway_outbound_queued_bytes",
+                "Bytes waiting in the outbound queues of this node's connections (a frame shared by several counts in each)",
             )?,
             history_incomplete: counter(
                 "chat_gateway_history_incomplete_total",

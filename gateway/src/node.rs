@@ -38,7 +38,7 @@ use crate::delivery::Delivery;
 use crate::directory::Directory;
 use crate::history::History;
 use crate::http::HttpSettings;
-use crate::hub::Hub;
+use crate::hub::{Hub, QueueBytes};
 use crate::limits::{HandshakeLimiter, LoginLimiter, LoginLimits, RegistrationLimiter};
 use crate::metrics::Metrics;
 use crate::notifier::Notifier;
@@ -330,7 +330,13 @@ pub async fn run(
     let metrics = Metrics::new()?;
     let store = Store::connect(&cfg.database_url, cfg.gateway_pg_pool_size)?;
     let lifecycle = Lifecycle::default();
-    let hub = Arc::new(Hub::new(metrics.clone()));
+    let hub = Arc::new(Hub::new(
+        metrics.clone(),
+        QueueBytes {
+            per_connection: cfg.gateway_outbound_queue_bytes,
+            node: cfg.gateway_outbound_node_bytes,
+        },
+    ));
     let delivery = Arc::new(Delivery::new(hub.clone(), store.clone()));
     // The backend outlives the connections: it stops after they have drained.
     let backend_stop = CancellationToken::new();

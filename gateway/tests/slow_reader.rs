@@ -240,3 +240,66 @@ async fn a_stalled_reader_is_closed_with_4008_and_costs_bounded_memory() {
     );
     let _ = sender_ws.close(None).await;
 }
+
+/// A reader that stops reading is closed with 4008 once its queue holds more bytes than
+/// `gateway_outbound_queue_bytes` (64 KiB here), long before its 10,000 frames fill: the kick
+/// (`chat_gateway_outbound_queue_overflows_total`) comes within 3,000 messages of 4 KB (the
+/// socket buffers hold the first few MB), not from the write timeout or the frame bound, and the
+/// node's queued bytes go back to zero.
+#[actix_web::test]
+async fn a_reader_behind_by_more_bytes_than_its_queue_holds_is_closed() {
+    let cluster = Cluster::new().await;
+    let node = cluster
+        .start_with(gateway::config::GatewayConfig {
+            gateway_outbound_queue: 10_000,
+            gateway_outbound_queue_bytes: 64 * 1024,
+            gateway_send_rate_per_sec: 100_000,
+            ..cluster.config("node-a")
+        })
+        .await;
+    let (sender, stalled) = (
+        register(&node, "sender").await,
+        register(&node, "stalled").await,
+    );
+    let room = create_room(&node, &sender, &[stalled.id]).await;
+    let mut slow = connect_small_buffer(node.http, &stalled).await;
+    let (mut ws, _) = connect(&node, &sender).await;
+    let mut sent = 0;
+    let mut closed = None;
+    while sent < 3_000 && closed.is_none() {
+        send_to_room(&mut ws, room, 50, &format!("b{sent}")).await;
+        sent += 50;
+        if metric(&node, "chat_gateway_outbound_queue_overflows_total")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+        {
+            closed = Some(sent);
+        }
+    }
+    // The socket buffers of loopback take a few MB first (about 750 messages here).
+    let kicked_after = closed.expect("kicked for its bytes, long before its 10,000 frames");
+    println!("kicked after {kicked_after} messages of 4 KB");
+    // The stalled client finds the close behind what its buffers held.
+    let code = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(msg)) = slow.next().await {
+            if let Message::Close(frame) = msg {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    assert_eq!(code, Some(4008));
+    let drained = chat_core::testing::eventually(Duration::from_secs(10), || {
+        let node = &node;
+        async move { metric(node, "chat_gateway_outbound_queued_bytes").await == Some(0.0) }
+    })
+    .await;
+    assert!(
+        drained,
+        "the closed connection's queue left the node's count"
+    );
+}

@@ -18,7 +18,7 @@ use super::outbox::{Outbox, WriteError};
 use super::reader::{FrameReader, Inbound, InboundError};
 use super::Services;
 use crate::auth::Identity;
-use crate::hub::{Outbound, Queued};
+use crate::hub::{Outbound, QueueMeter, Queued};
 
 /// A `resync` is written this long (at random, up to) after the gap that asks for it ended, so
 /// a node's connections do not all sync at the same instant, and gaps ending meanwhile share it.
@@ -112,7 +112,7 @@ impl Connection {
         mut self,
         session: Session,
         mut reader: FrameReader,
-        mut outbound: mpsc::Receiver<Queued>,
+        (mut outbound, meter): (mpsc::Receiver<Queued>, QueueMeter),
         kick: CancellationToken,
     ) {
         let settings = self.ws.settings.clone();
@@ -142,7 +142,10 @@ impl Connection {
                 _ = kick.cancelled() => Some(End::Close(CloseCode::SlowConsumer)),
                 _ = &mut expiry => Some(End::Close(CloseCode::TokenExpired)),
                 item = outbound.recv() => match item {
-                    Some(item) => self.deliver(&mut out, &item, &mut resync).await,
+                    Some(item) => {
+                        meter.taken(item.wire_len());
+                        self.deliver(&mut out, &item, &mut resync).await
+                    }
                     None => Some(End::Close(CloseCode::InternalError)),
                 },
                 _ = sleep_until_some(resync.due) => {
@@ -166,6 +169,12 @@ impl Connection {
             };
         }
 
+        // What is still queued leaves the node's count with the connection; once closed, the
+        // hub can queue nothing more here.
+        outbound.close();
+        while let Ok(item) = outbound.try_recv() {
+            meter.taken(item.wire_len());
+        }
         if self.registration.release() {
             if let Err(e) = self.ws.presence.leave(self.peer.user_id).await {
                 tracing::warn!(error = %e, conn_id = %self.peer.conn_id, "presence leave failed");

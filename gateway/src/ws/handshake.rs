@@ -95,10 +95,12 @@ async fn accept(
     let conn_id = Uuid::new_v4();
     let (outbound_tx, outbound) = mpsc::channel(settings.outbound_queue);
     let kick = CancellationToken::new();
+    let meter = ws.hub.meter();
     let local = LocalConn {
         conn_id,
         outbound: outbound_tx,
         kick: kick.clone(),
+        meter: meter.clone(),
     };
     let Some(first_here) = ws
         .hub
@@ -121,10 +123,12 @@ async fn accept(
     }
     let connection = Connection::new(ws.clone(), identity, registration, slot);
     tracing::debug!(%conn_id, %user, "connection open");
-    actix_web::rt::spawn(
-        ws.tasks
-            .track_future(connection.run(session, reader, outbound, kick)),
-    );
+    actix_web::rt::spawn(ws.tasks.track_future(connection.run(
+        session,
+        reader,
+        (outbound, meter),
+        kick,
+    )));
     Ok(response)
 }
 
