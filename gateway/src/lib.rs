@@ -20,7 +20,7 @@
 //!   - [`limits`]: failed logins, registrations, handshakes per IP;
 //!   - [`client_ip`]: who a request comes from, behind trusted proxies;
 //!   - [`passwords`]: password rules and argon2id on dedicated threads;
-//!   - [`notifier`]: where password reset tokens go;
+//!   - [`notifier`]: password reset requests, queued and handled off the request path;
 //!   - [`hub`]: local connections by user, room and watch, bounded outbound queues.
 //! - Leaves: [`auth`] (JWTs), [`ticket`] (single-use WebSocket tickets), [`rate`] (token buckets on Tokio time), [`fields`] (field rules),
 //!   [`api_error`] (JSON errors), [`metrics`], [`config`], [`tls`].

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub sends_repeated: IntCounter,
     pub connections_limit: IntGauge,
     pub rate_limited: IntCounterVec,
+    pub reset_requests: IntCounterVec,
     pub presence_transitions: IntCounterVec,
     pub presence_heartbeat_duration: Histogram,
     pub send_latency: Histogram,
@@ -191,6 +192,11 @@ impl Metrics {
                 "chat_gateway_connections_limit",
                 "Most WebSocket connections this node accepts (gateway_max_connections)",
             )?,
+            reset_requests: counter_vec(
+                "chat_gateway_password_reset_requests_total",
+                "Password reset requests by outcome: queued for the reset worker, or dropped (queue full)",
+                &["outcome"],
+            )?,
             rate_limited: counter_vec(
                 "chat_gateway_rate_limited_total",
                 "Frames or handshakes refused by a limit, by limit",
@@ -272,6 +278,9 @@ impl Metrics {
             "register",
         ] {
             self.rate_limited.with_label_values(&[limit]);
+        }
+        for outcome in ["queued", "dropped"] {
+            self.reset_requests.with_label_values(&[outcome]);
         }
         for status in ["online", "offline"] {
             self.presence_transitions.with_label_values(&[status]);

@@ -41,7 +41,7 @@ use crate::http::HttpSettings;
 use crate::hub::{Hub, QueueBytes};
 use crate::limits::{HandshakeLimiter, LoginLimiter, LoginLimits, RegistrationLimiter};
 use crate::metrics::Metrics;
-use crate::notifier::Notifier;
+use crate::notifier::{reset_requests, Notifier, ResetRequests};
 use crate::passwords::Passwords;
 use crate::presence::Presence;
 use crate::ws::admission::Slots;
@@ -286,7 +286,7 @@ struct Node {
     presence: Arc<Presence>,
     history: Arc<History>,
     pubsub: Arc<dyn PubSub>,
-    notifier: Arc<Notifier>,
+    reset_requests: Arc<ResetRequests>,
     http: Arc<HttpSettings>,
     ws: Services,
     debug_echo: bool,
@@ -306,7 +306,7 @@ impl Node {
             .app_data(web::Data::from(self.presence.clone()))
             .app_data(web::Data::from(self.history.clone()))
             .app_data(web::Data::from(self.pubsub.clone()))
-            .app_data(web::Data::from(self.notifier.clone()))
+            .app_data(web::Data::from(self.reset_requests.clone()))
             .app_data(web::Data::from(self.http.clone()))
             .app_data(web::Data::new(self.ws.clone()))
             .configure(crate::http::extractors)
@@ -485,6 +485,13 @@ pub async fn run(
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     };
+    let (reset_requests, reset_worker) = reset_requests(
+        store.clone(),
+        Notifier::from_config(cfg.password_reset_webhook_url.as_deref(), cfg.dev_mode)?,
+        cfg.password_reset_ttl_secs,
+        metrics.reset_requests.clone(),
+    );
+    let reset_worker = actix_web::rt::spawn(reset_worker.run(shutdown.clone()));
     let node = Arc::new(Node {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -510,15 +517,11 @@ pub async fn run(
         presence: presence.clone(),
         history,
         pubsub: backend.pubsub.clone(),
-        notifier: Arc::new(Notifier::from_config(
-            cfg.password_reset_webhook_url.as_deref(),
-            cfg.dev_mode,
-        )?),
+        reset_requests: Arc::new(reset_requests),
         http: Arc::new(HttpSettings {
             trusted_proxies: config.trusted_proxies.clone(),
             max_room_members: cfg.gateway_max_room_members,
             max_rooms_per_user: cfg.gateway_max_rooms_per_user,
-            reset_ttl_secs: cfg.password_reset_ttl_secs,
         }),
         ws,
         debug_echo: cfg.gateway_debug_echo,
@@ -590,6 +593,7 @@ pub async fn run(
     server_handle.stop(true).await;
     let _ = server_task.await;
     let _ = heartbeats.await;
+    let _ = reset_worker.await;
     if let Some(watcher) = tls_watcher {
         let _ = watcher.await;
     }

@@ -20,6 +20,17 @@ fn webhook() -> (
     mpsc::UnboundedReceiver<Value>,
     actix_web::dev::ServerHandle,
 ) {
+    slow_webhook(Duration::ZERO)
+}
+
+/// [`webhook`], answering each call after `delay`.
+fn slow_webhook(
+    delay: Duration,
+) -> (
+    String,
+    mpsc::UnboundedReceiver<Value>,
+    actix_web::dev::ServerHandle,
+) {
     let (tx, rx) = mpsc::unbounded_channel::<Value>();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
@@ -30,6 +41,7 @@ fn webhook() -> (
             web::post().to(move |body: web::Json<Value>| {
                 let tx = tx.clone();
                 async move {
+                    tokio::time::sleep(delay).await;
                     let _ = tx.send(body.into_inner());
                     HttpResponse::NoContent().finish()
                 }
@@ -381,4 +393,58 @@ on_both_backends! {
         let (_, me) = call(Method::GET, &a, "/api/v1/users/me", &alice, None).await;
         assert_eq!(me["name"], "Alice Liddell");
     }
+}
+
+/// A reset request answers in the same time whether or not the email has an account, even when
+/// the webhook takes 800 ms: the lookup, the token and the call happen after the answer. The
+/// notice still arrives.
+#[actix_web::test]
+async fn reset_requests_take_the_same_time_for_known_and_unknown_emails() {
+    let (hook, mut notices, hook_server) = slow_webhook(Duration::from_millis(800));
+    let cluster = Cluster::new().await;
+    let node = cluster
+        .start_with(gateway::config::GatewayConfig {
+            password_reset_webhook_url: Some(hook),
+            ..cluster.config("node-a")
+        })
+        .await;
+    let (_, email) = register_with_password(&node, "a password").await;
+    let timed = |email: String| {
+        let node = &node;
+        async move {
+            let started = std::time::Instant::now();
+            let (status, _) = post(
+                node,
+                "/api/v1/auth/password-reset/request",
+                json!({"email": email}),
+            )
+            .await;
+            assert_eq!(status, 202);
+            started.elapsed()
+        }
+    };
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        known.push(timed(email.clone()).await);
+        unknown.push(timed(format!("nobody-{i}@example.test")).await);
+    }
+    known.sort();
+    unknown.sort();
+    let (k, u) = (known[5], unknown[5]);
+    let slowest = *known.last().expect("timed");
+    println!("median known {k:?}, unknown {u:?}, slowest known {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(400),
+        "a known email waited for the webhook: {known:?}"
+    );
+    assert!(
+        k.abs_diff(u) < Duration::from_millis(50),
+        "medians differ: known {k:?}, unknown {u:?}"
+    );
+    let notice = tokio::time::timeout(Duration::from_secs(10), notices.recv())
+        .await
+        .expect("a notice in time")
+        .expect("notice");
+    assert_eq!(notice["email"], email);
+    hook_server.stop(false).await;
 }

@@ -34,8 +34,6 @@ pub struct HttpSettings {
     pub max_room_members: usize,
     /// Most rooms a user may be a member of.
     pub max_rooms_per_user: usize,
-    /// How long a password reset token stays usable, seconds.
-    pub reset_ttl_secs: u64,
 }
 
 /// The body and query error handlers (JSON errors instead of actix's plain text).

@@ -6,16 +6,11 @@ use actix_web::{web, HttpResponse};
 use chat_core::pubsub::{Envelope, PubSub, Publication, Topic};
 use chat_core::store::Store;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
-use super::HttpSettings;
 use crate::api_error::ApiError;
 use crate::fields::MAX_EMAIL_BYTES;
-use crate::notifier::{Notifier, ResetNotice};
+use crate::notifier::{hash_token, ResetRequests, TOKEN_BYTES};
 use crate::passwords::{password_problem, Passwords};
-
-/// Reset tokens are 32 random bytes, sent as 64 hex characters.
-const TOKEN_BYTES: usize = 32;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,47 +28,18 @@ pub struct ResetConfirm {
     new_password: String,
 }
 
-fn hash_token(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
-
-fn new_token() -> String {
-    let bytes: [u8; TOKEN_BYTES] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `POST /api/v1/auth/password-reset/request` `{"email"}`: always 202, whether or not the
-/// email has an account, so the answer tells nobody which emails are registered.
+/// `POST /api/v1/auth/password-reset/request` `{"email"}`: always 202, in the same time
+/// whether or not the email has an account (the lookup, the token and the webhook happen on the
+/// reset worker), so the answer tells nobody which emails are registered.
 pub async fn request(
-    store: web::Data<Store>,
-    notifier: web::Data<Notifier>,
-    settings: web::Data<HttpSettings>,
+    requests: web::Data<ResetRequests>,
     body: web::Json<ResetRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let email = body.into_inner().email.trim().to_string();
-    let accepted = HttpResponse::Accepted().json(serde_json::json!({"status": "accepted"}));
-    if email.is_empty() || email.len() > MAX_EMAIL_BYTES {
-        return Ok(accepted);
+    if !email.is_empty() && email.len() <= MAX_EMAIL_BYTES {
+        requests.submit(email);
     }
-    let Some(target) = store.reset_target(&email).await? else {
-        return Ok(accepted);
-    };
-    let token = new_token();
-    let ttl = i64::try_from(settings.reset_ttl_secs).unwrap_or(i64::MAX);
-    let expires_at = store
-        .create_reset(&hash_token(&token), target.user_id, ttl)
-        .await?;
-    notifier
-        .notify(&ResetNotice {
-            kind: "password_reset",
-            user_id: target.user_id,
-            email: &target.email,
-            name: &target.name,
-            token: &token,
-            expires_at,
-        })
-        .await;
-    Ok(accepted)
+    Ok(HttpResponse::Accepted().json(serde_json::json!({"status": "accepted"})))
 }
 
 /// `POST /api/v1/auth/password-reset/confirm` `{"token","new_password"}`: sets the password once
