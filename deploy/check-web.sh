@@ -48,6 +48,8 @@ stack_init
 # Every gateway (the restarted one too: it inherits the test's environment) posts reset tokens to
 # the test's receiver, which listens on 127.0.0.1:$P_HOOK while the tests run.
 stack_env+=(CHAT_PASSWORD_RESET_WEBHOOK_URL="http://127.0.0.1:$P_HOOK/password-reset")
+# The avatar tests point pictures at https://127.0.0.1:1 (the browser test serves them).
+stack_env+=(CHAT_AVATAR_HOSTS="127.0.0.1:1")
 # The reconnect test's own nodes are its children; should the test die, stop them too.
 RESTART_PID_FILE="$LOGS/restart-gateway.pids"
 stop_all() {

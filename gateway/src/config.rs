@@ -61,6 +61,9 @@ pub struct GatewayConfig {
     pub gateway_node_id: Option<String>,
     /// Comma-separated Origins allowed to open WebSockets; empty allows any.
     pub gateway_allowed_origins: String,
+    /// Comma-separated hosts (with an optional `:port`) avatar URLs may point at; empty: no
+    /// avatars. The web client's CSP allows images from these hosts only.
+    pub avatar_hosts: String,
     /// HTTP worker threads; 0 means one per core.
     pub gateway_workers: usize,
     pub gateway_heartbeat_secs: u64,
@@ -177,6 +180,7 @@ impl Default for GatewayConfig {
             gateway_internal_listen: "0.0.0.0:9090".into(),
             gateway_node_id: None,
             gateway_allowed_origins: String::new(),
+            avatar_hosts: String::new(),
             gateway_workers: 0,
             gateway_heartbeat_secs: 15,
             gateway_client_timeout_secs: 45,
@@ -237,6 +241,8 @@ pub struct Validated {
     pub allowed_origins: Vec<String>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: crate::client_ip::TrustedProxies,
+    /// Hosts avatar URLs may point at.
+    pub avatar_hosts: Vec<String>,
     /// True when the dev secret is in use (logged as a warning at start).
     pub insecure_dev_secret: bool,
     /// Native TLS on the public port, when configured (checked to load).
@@ -479,6 +485,8 @@ impl GatewayConfig {
         let trusted_proxies =
             crate::client_ip::TrustedProxies::parse(&self.gateway_trusted_proxies)
                 .map_err(|e| SettingsError::invalid("gateway_trusted_proxies", e))?;
+        let avatar_hosts = crate::fields::parse_avatar_hosts(&self.avatar_hosts)
+            .map_err(|e| SettingsError::invalid("avatar_hosts", e))?;
         let otel_endpoint =
             settings::check_tracing(self.otel_endpoint.as_deref(), self.otel_sampling_ratio)?;
         let external_jwt = self.external_jwt()?;
@@ -507,6 +515,7 @@ impl GatewayConfig {
             jwt_secret,
             allowed_origins,
             trusted_proxies,
+            avatar_hosts,
             insecure_dev_secret,
             tls,
             tracing,

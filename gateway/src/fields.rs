@@ -38,12 +38,51 @@ pub fn email_is_valid(email: &str) -> bool {
 
 /// An avatar URL: `https://`, a host, no whitespace or control characters, bounded.
 pub fn avatar_url_is_valid(url: &str) -> bool {
-    url.len() <= MAX_AVATAR_URL_BYTES
-        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
-        && url
-            .strip_prefix("https://")
-            .and_then(|rest| rest.split(['/', '?', '#']).next())
-            .is_some_and(|host| !host.is_empty() && !host.contains('@'))
+    avatar_host(url).is_some()
+}
+
+/// The host (with its port, if any) of a valid avatar URL, lowercased.
+fn avatar_host(url: &str) -> Option<String> {
+    if url.len() > MAX_AVATAR_URL_BYTES || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return None;
+    }
+    url.strip_prefix("https://")
+        .and_then(|rest| rest.split(['/', '?', '#']).next())
+        .filter(|host| !host.is_empty() && !host.contains('@'))
+        .map(str::to_ascii_lowercase)
+}
+
+/// The field code for an avatar URL that is not allowed: not a valid `https://` URL
+/// (`avatar_url_invalid`), or on a host the operator did not list in `avatar_hosts`
+/// (`avatar_url_host_not_allowed`; the page's CSP would not load it, and other clients would
+/// tell that host who looks at the picture).
+pub fn avatar_url_problem(url: &str, allowed_hosts: &[String]) -> Option<&'static str> {
+    match avatar_host(url) {
+        None => Some("avatar_url_invalid"),
+        Some(host) if !allowed_hosts.contains(&host) => Some("avatar_url_host_not_allowed"),
+        Some(_) => None,
+    }
+}
+
+/// Parses `avatar_hosts`: comma-separated host names, each optionally with a port
+/// (`cdn.example.com`, `127.0.0.1:8443`), lowercased.
+pub fn parse_avatar_hosts(list: &str) -> Result<Vec<String>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            let ok = h.len() <= 255
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+                && !h.starts_with(['.', '-', ':']);
+            if ok {
+                Ok(h.to_ascii_lowercase())
+            } else {
+                Err(format!("{h:?} is not a host name (with an optional :port)"))
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -81,6 +120,41 @@ mod tests {
             "https://a.com/{}",
             "x".repeat(2100)
         )));
+    }
+
+    /// Only listed hosts are allowed, whatever the case; a bad list entry is refused.
+    #[test]
+    fn avatar_hosts_are_an_allow_list() {
+        let hosts = parse_avatar_hosts(" CDN.example.com, 127.0.0.1:1 ,").expect("parse");
+        assert_eq!(hosts, vec!["cdn.example.com", "127.0.0.1:1"]);
+        assert_eq!(
+            avatar_url_problem("https://cdn.EXAMPLE.com/a.png", &hosts),
+            None
+        );
+        assert_eq!(
+            avatar_url_problem("https://127.0.0.1:1/a.svg", &hosts),
+            None
+        );
+        assert_eq!(
+            avatar_url_problem("https://evil.example/a.png", &hosts),
+            Some("avatar_url_host_not_allowed")
+        );
+        assert_eq!(
+            avatar_url_problem("https://cdn.example.com:444/a.png", &hosts),
+            Some("avatar_url_host_not_allowed"),
+            "another port is another origin"
+        );
+        assert_eq!(
+            avatar_url_problem("http://cdn.example.com/a.png", &hosts),
+            Some("avatar_url_invalid")
+        );
+        assert_eq!(
+            avatar_url_problem("https://cdn.example.com/a.png", &[]),
+            Some("avatar_url_host_not_allowed"),
+            "no hosts: no avatars"
+        );
+        assert!(parse_avatar_hosts("cdn.example.com/x").is_err());
+        assert!(parse_avatar_hosts("https://cdn.example.com").is_err());
     }
 
     /// Names are trimmed by the caller; empty, too long or with control characters fail.

@@ -290,6 +290,8 @@ struct Node {
     http: Arc<HttpSettings>,
     ws: Services,
     debug_echo: bool,
+    /// The web client's Content-Security-Policy (its image sources are the avatar hosts).
+    csp: Arc<str>,
 }
 
 impl Node {
@@ -311,7 +313,7 @@ impl Node {
             .app_data(web::Data::new(self.ws.clone()))
             .configure(crate::http::extractors)
             .route("/ws", web::get().to(ws::handshake::handshake))
-            .configure(web_client::routes)
+            .configure(|app| web_client::routes(app, &self.csp))
             .configure(crate::http::routes);
         if self.debug_echo {
             app.route("/debug/echo", web::get().to(ws::echo::echo));
@@ -520,11 +522,13 @@ pub async fn run(
         reset_requests: Arc::new(reset_requests),
         http: Arc::new(HttpSettings {
             trusted_proxies: config.trusted_proxies.clone(),
+            avatar_hosts: config.avatar_hosts.clone(),
             max_room_members: cfg.gateway_max_room_members,
             max_rooms_per_user: cfg.gateway_max_rooms_per_user,
         }),
         ws,
         debug_echo: cfg.gateway_debug_echo,
+        csp: web_client::content_security_policy(&config.avatar_hosts).into(),
     });
 
     let tls = match &config.tls {

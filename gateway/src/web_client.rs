@@ -2,6 +2,8 @@
 //! binary from one table and served at its path, so a browser needs nothing but a gateway.
 //! Adding a file to the client is one line in [`ASSETS`].
 
+use std::sync::Arc;
+
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 
@@ -47,10 +49,20 @@ pub static ASSETS: &[Asset] = &[
     asset!("views/rooms.js"),
 ];
 
-/// What the page may load and connect to: only this origin (`ws:`/`wss:` of it included).
-const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self' ws: wss:; \
-     img-src 'self' data: https:; style-src 'self' 'unsafe-inline'; script-src 'self'; frame-ancestors 'none'; \
-     base-uri 'none'; form-action 'self'";
+/// What the page may load and connect to: only this origin (`ws:`/`wss:` of it included), and
+/// pictures from the operator's avatar hosts only, so no viewer's address goes to a host a
+/// user picked.
+pub fn content_security_policy(avatar_hosts: &[String]) -> String {
+    let images: String = avatar_hosts
+        .iter()
+        .map(|h| format!(" https://{h}"))
+        .collect();
+    format!(
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:{images}; \
+         style-src 'self' 'unsafe-inline'; script-src 'self'; frame-ancestors 'none'; \
+         base-uri 'none'; form-action 'self'"
+    )
+}
 
 /// The content type of a path, by its extension (`/` is the page).
 fn content_type(path: &str) -> &'static str {
@@ -61,22 +73,26 @@ fn content_type(path: &str) -> &'static str {
     }
 }
 
-fn serve(asset: &'static Asset) -> HttpResponse {
+fn serve(asset: &'static Asset, csp: &str) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, content_type(asset.path)))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .insert_header(("content-security-policy", CONTENT_SECURITY_POLICY))
+        .insert_header(("content-security-policy", csp.to_string()))
         .insert_header(("referrer-policy", "no-referrer"))
         .body(asset.body)
 }
 
-/// Registers a `GET` route for every asset.
-pub fn routes(config: &mut web::ServiceConfig) {
+/// Registers a `GET` route for every asset, served with `csp`.
+pub fn routes(config: &mut web::ServiceConfig, csp: &Arc<str>) {
     for asset in ASSETS {
+        let csp = csp.clone();
         config.route(
             asset.path,
-            web::get().to(move || async move { serve(asset) }),
+            web::get().to(move || {
+                let csp = csp.clone();
+                async move { serve(asset, &csp) }
+            }),
         );
     }
 }

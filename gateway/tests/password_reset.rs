@@ -371,7 +371,9 @@ on_both_backends! {
 }
 
 on_both_backends! {
-    /// Name and avatar change through `PATCH /users/me`, with validation; null removes the avatar.
+    /// Name and avatar change through `PATCH /users/me`, with validation; null removes the avatar;
+    /// an avatar on a host not in `avatar_hosts` is refused, and the web client's CSP loads
+    /// pictures from the listed hosts only.
     async fn profile_name_and_avatar(backend) {
         let (_cluster, a, _b, alice, _bob) = Cluster::two_nodes_on(backend).await;
         let patch = |body: Value| call(Method::PATCH, &a, "/api/v1/users/me", &alice, Some(body));
@@ -386,6 +388,18 @@ on_both_backends! {
         assert_eq!(status, 422);
         assert_eq!(body["error"]["fields"]["name"], "name_required");
         assert_eq!(body["error"]["fields"]["avatar_url"], "avatar_url_invalid");
+        let (status, body) = patch(json!({"avatar_url": "https://tracker.example/pixel.png"})).await;
+        assert_eq!(status, 422);
+        assert_eq!(body["error"]["fields"]["avatar_url"], "avatar_url_host_not_allowed");
+        let page = reqwest::get(format!("http://{}/", a.http)).await.expect("page");
+        let csp = page
+            .headers()
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(csp.contains("img-src 'self' data: https://cdn.example.com;"), "{csp}");
+        assert!(!csp.contains("https:;") && !csp.contains("https: "), "no wildcard: {csp}");
         let (_, me) = patch(json!({"avatar_url": null})).await;
         assert!(me["avatar_url"].is_null());
         let (status, _) = patch(json!({"email": "x@y.z"})).await;

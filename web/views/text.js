@@ -22,6 +22,7 @@ export const FIELD_TEXT = {
   room_full: 'This room is full.',
   required: 'Pick at least one person.',
   avatar_url_invalid: 'Use the https:// address of a picture, like https://example.com/me.png, with no spaces.',
+  avatar_url_host_not_allowed: 'Pictures can only come from the sites this chat allows. Ask your administrator which ones.',
   token_invalid: 'This reset link has expired or was already used.',
 };
 

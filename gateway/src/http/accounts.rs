@@ -12,7 +12,7 @@ use super::{Authenticated, HttpSettings};
 use crate::api_error::ApiError;
 use crate::auth::Auth;
 use crate::directory::Directory;
-use crate::fields::{avatar_url_is_valid, email_is_valid, name_problem, MAX_EMAIL_BYTES};
+use crate::fields::{avatar_url_problem, email_is_valid, name_problem, MAX_EMAIL_BYTES};
 use crate::limits::{LoginGate, LoginLimiter, RegistrationLimiter};
 use crate::metrics::Metrics;
 use crate::passwords::{password_problem, Passwords, MAX_PASSWORD_BYTES};
@@ -208,6 +208,7 @@ fn present_or_null<'de, D: serde::Deserializer<'de>>(
 
 pub async fn update_me(
     store: web::Data<Store>,
+    settings: web::Data<HttpSettings>,
     body: web::Json<ProfileUpdate>,
     Authenticated(caller): Authenticated,
 ) -> Result<HttpResponse, ApiError> {
@@ -218,8 +219,8 @@ pub async fn update_me(
         err.fields.insert("name", code);
     }
     if let Some(Some(url)) = &update.avatar_url {
-        if !avatar_url_is_valid(url) {
-            err.fields.insert("avatar_url", "avatar_url_invalid");
+        if let Some(code) = avatar_url_problem(url, &settings.avatar_hosts) {
+            err.fields.insert("avatar_url", code);
         }
     }
     err.into_result()?;

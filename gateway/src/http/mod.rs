@@ -30,6 +30,8 @@ const MAX_ROOM_JSON_BODY_BYTES: usize = 64 * 1024;
 pub struct HttpSettings {
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: crate::client_ip::TrustedProxies,
+    /// Hosts avatar URLs may point at (`avatar_hosts`).
+    pub avatar_hosts: Vec<String>,
     /// Most members a room may have.
     pub max_room_members: usize,
     /// Most rooms a user may be a member of.

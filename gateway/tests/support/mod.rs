@@ -99,6 +99,7 @@ impl Cluster {
             gateway_send_rate_per_sec: 100_000,
             gateway_handshakes_per_ip_per_sec: 100_000,
             gateway_registrations_per_ip: 1_000_000,
+            avatar_hosts: "cdn.example.com".into(),
             gateway_registrations_total: 1_000_000,
             ..GatewayConfig::default()
         }
