@@ -155,6 +155,9 @@ pub struct GatewayConfig {
     pub otel_endpoint: Option<String>,
     /// Fraction of new traces exported (a continued trace follows its parent's decision).
     pub otel_sampling_ratio: f64,
+    /// Continue the trace of a client's `traceparent` header (a client could otherwise make
+    /// every one of its handshakes sampled). Only when the clients are your own services.
+    pub otel_trust_client_context: bool,
 }
 
 impl Default for GatewayConfig {
@@ -226,6 +229,7 @@ impl Default for GatewayConfig {
             gateway_debug_echo: false,
             otel_endpoint: None,
             otel_sampling_ratio: 0.1,
+            otel_trust_client_context: false,
         }
     }
 }

@@ -459,6 +459,7 @@ pub async fn run(
             node_id: config.node_id.clone(),
             allowed_origins: config.allowed_origins.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
+            trust_client_trace: cfg.otel_trust_client_context,
             heartbeat: Duration::from_secs(cfg.gateway_heartbeat_secs),
             client_timeout: Duration::from_secs(cfg.gateway_client_timeout_secs),
             max_frame_bytes: cfg.gateway_max_frame_bytes,

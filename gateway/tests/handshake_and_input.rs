@@ -751,3 +751,51 @@ on_both_backends! {
         assert_eq!(status, 401, "a ticket is not a bearer token");
     }
 }
+
+/// `/debug/echo` (conformance runs only) takes a place in the node's connection limit like `/ws`:
+/// with room for one connection, an open echo makes both a second echo and a chat handshake
+/// answer 503, and closing it frees the place.
+#[actix_web::test]
+async fn the_debug_echo_counts_against_the_connection_limit() {
+    let cluster = Cluster::new().await;
+    let node = cluster
+        .start_with(gateway::config::GatewayConfig {
+            gateway_debug_echo: true,
+            gateway_max_connections: 1,
+            ..cluster.config("node-a")
+        })
+        .await;
+    let user = register(&node, "echo").await;
+    let echo_url = format!("ws://{}/debug/echo", node.http);
+    let (mut echo, _) = tokio_tungstenite::connect_async(echo_url.as_str())
+        .await
+        .expect("first echo");
+    let (status, body) = refused(&echo_url, &[]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("unavailable"))
+    );
+    let ws_url = format!("ws://{}/ws", node.http);
+    let auth = [("Authorization", format!("Bearer {}", user.token))];
+    assert_eq!(
+        refused(&ws_url, &auth).await.0,
+        503,
+        "the echo holds the only place"
+    );
+    echo.close(None).await.expect("close");
+    while let Some(Ok(_)) = echo.next().await {}
+    let freed = chat_core::testing::eventually(Duration::from_secs(5), || {
+        let url = ws_url.clone();
+        let token = user.token.clone();
+        async move {
+            let mut req = url.into_client_request().expect("req");
+            req.headers_mut().insert(
+                "Authorization",
+                format!("Bearer {token}").parse().expect("header"),
+            );
+            tokio_tungstenite::connect_async(req).await.is_ok()
+        }
+    })
+    .await;
+    assert!(freed, "closing the echo frees its place");
+}

@@ -123,6 +123,18 @@ async fn spans_arrive_and_the_worker_batch_links_to_the_send() {
             &[
                 ("CHAT_OTEL_ENDPOINT", endpoint.as_str()),
                 ("CHAT_OTEL_SAMPLING_RATIO", "1.0"),
+                ("CHAT_OTEL_TRUST_CLIENT_CONTEXT", "true"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ],
+        )
+        .await;
+    // A node that does not trust its clients' trace context (the default).
+    let wary = cluster
+        .spawn_process(
+            "wary",
+            &[
+                ("CHAT_OTEL_ENDPOINT", endpoint.as_str()),
+                ("CHAT_OTEL_SAMPLING_RATIO", "1.0"),
                 ("OTEL_BSP_SCHEDULE_DELAY", "100"),
             ],
         )
@@ -237,6 +249,35 @@ async fn spans_arrive_and_the_worker_batch_links_to_the_send() {
     .await;
     assert!(continued, "the handshake span joins the caller's trace");
 
+    // Without CHAT_OTEL_TRUST_CLIENT_CONTEXT the caller's traceparent is ignored: the handshake
+    // is traced in a trace of the node's own.
+    let ignored_trace = "1bf7651916cd43dd8448eb211c80319d";
+    let before = find(&spans, "chat-gateway", "ws.handshake").len();
+    let mut request = format!("ws://{}/ws?access_token={}", wary.http, alice.token)
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "traceparent",
+        format!("00-{ignored_trace}-b7ad6b7169203331-01")
+            .parse()
+            .expect("header"),
+    );
+    let (_wary_ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("handshake");
+    let exported = chat_core::testing::eventually(Duration::from_secs(10), || {
+        let spans = spans.clone();
+        async move { find(&spans, "chat-gateway", "ws.handshake").len() > before }
+    })
+    .await;
+    assert!(exported, "the wary node's handshake is traced");
+    assert!(
+        !find(&spans, "chat-gateway", "ws.handshake")
+            .iter()
+            .any(|s| hex(&s.trace_id) == ignored_trace),
+        "an untrusted caller's trace context is not continued"
+    );
+
     // The message bodies never reach the exported spans.
     let body_leaked = spans.lock().expect("lock").iter().any(|r| {
         r.span.attributes.iter().any(|kv| {
@@ -248,6 +289,7 @@ async fn spans_arrive_and_the_worker_batch_links_to_the_send() {
 
     worker.cancel();
     node.terminate();
+    wary.terminate();
     receiver_handle.stop(false).await;
     std::thread::spawn(move || telemetry.shutdown())
         .join()

@@ -1,10 +1,14 @@
 //! `GET /debug/echo`: a WebSocket echo with the same frame reader, limits and close codes as
 //! `/ws`, served only when `gateway_debug_echo` is on, so that the Autobahn test cases can drive
-//! our WebSocket stack (they need a peer that echoes). No authentication, no Origin check.
+//! our WebSocket stack (they need a peer that echoes). No authentication, no Origin check; it
+//! counts against the node's connections and the handshakes per IP like `/ws`.
 
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseReason, Session};
+use chat_core::protocol::ErrorCode;
 
+use super::admission::Slot;
 use super::outbox::WRITE_TIMEOUT;
 use super::reader::{FrameReader, Inbound};
 use super::Services;
@@ -16,13 +20,38 @@ pub async fn echo(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    if let Some(ip) = ws.settings.trusted_proxies.client_ip(&req) {
+        if !ws.handshakes.allow(ip) {
+            ws.metrics
+                .rate_limited
+                .with_label_values(&["handshakes_per_ip"])
+                .inc();
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::RateLimited,
+                "too many connection attempts; retry in a few seconds",
+            ));
+        }
+    }
+    let Some(slot) = ws.slots.take() else {
+        ws.metrics
+            .rate_limited
+            .with_label_values(&["connections"])
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "this node is full; connect to another node",
+        ));
+    };
     let max = ws.settings.max_frame_bytes;
     let (response, session, reader) = super::handshake::upgrade(&req, body, max).await?;
-    actix_web::rt::spawn(ws.tasks.track_future(run(session, reader)));
+    actix_web::rt::spawn(ws.tasks.track_future(run(session, reader, slot)));
     Ok(response)
 }
 
-async fn run(mut session: Session, mut reader: FrameReader) {
+/// Echoes until the peer is done; `_slot` holds the connection's place in the node's capacity.
+async fn run(mut session: Session, mut reader: FrameReader, _slot: Slot) {
     let close = loop {
         let written = match reader.recv().await {
             None => break None,

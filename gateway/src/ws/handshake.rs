@@ -32,7 +32,7 @@ pub async fn handshake(
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .filter(|_| chat_core::telemetry::exporting())
+        .filter(|_| ws.settings.trust_client_trace && chat_core::telemetry::exporting())
     {
         chat_core::telemetry::continue_trace(&span, parent);
     }

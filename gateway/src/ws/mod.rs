@@ -46,6 +46,8 @@ pub struct WsSettings {
     pub allowed_origins: Vec<String>,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: crate::client_ip::TrustedProxies,
+    /// Continue a handshake's `traceparent` (`otel_trust_client_context`).
+    pub trust_client_trace: bool,
     pub heartbeat: Duration,
     pub client_timeout: Duration,
     /// Largest frame or reassembled message a client may send.
