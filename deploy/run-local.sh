@@ -37,6 +37,8 @@ fi
 export CHAT_JWT_SECRET
 export CHAT_DATABASE_URL="${CHAT_DATABASE_URL:-$PG/$DB}"
 export CHAT_REDIS_URL="${CHAT_REDIS_URL:-redis://127.0.0.1:6379}"
+# The local Redis runs without AOF (a development instance); a deployment's must have it.
+export CHAT_REDIS_REQUIRE_DURABILITY="${CHAT_REDIS_REQUIRE_DURABILITY:-false}"
 export CHAT_LOG_FORMAT="${CHAT_LOG_FORMAT:-text}"
 # Dev mode: with no reset webhook configured, password reset tokens are written to the gateway
 # logs so "forgot password" can be tried locally. Never in production.

@@ -8,7 +8,7 @@ DB=chat_hashmem_$$; PORT=$((30000 + RANDOM % 5000))
 PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $DB"
 CHAT_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/$DB CHAT_REDIS_PREFIX=hm$$ CHAT_JWT_SECRET=$(head -c 48 /dev/urandom | base64) \
 CHAT_GATEWAY_LISTEN=127.0.0.1:$PORT CHAT_GATEWAY_INTERNAL_LISTEN=127.0.0.1:$((PORT+1)) CHAT_GATEWAY_WORKERS=2 \
-CHAT_GATEWAY_PASSWORD_HASH_CONCURRENCY=$1 CHAT_GATEWAY_REGISTRATIONS_PER_IP=1000 CHAT_LOG_FORMAT=text "${STACK_BIN:-target/debug}/gateway" >/dev/null 2>&1 &
+CHAT_GATEWAY_PASSWORD_HASH_CONCURRENCY=$1 CHAT_GATEWAY_REGISTRATIONS_PER_IP=1000 CHAT_REDIS_REQUIRE_DURABILITY=false CHAT_LOG_FORMAT=text "${STACK_BIN:-target/debug}/gateway" >/dev/null 2>&1 &
 GW=$!
 for _ in $(seq 1 100); do curl -fs http://127.0.0.1:$((PORT+1))/readyz >/dev/null 2>&1 && break; sleep 0.2; done
 start=$(date +%s.%N)

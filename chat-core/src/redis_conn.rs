@@ -11,6 +11,7 @@ use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::backend::BackendError;
@@ -244,6 +245,51 @@ pub struct RedisMetrics {
     pub log_events: IntCounterVec,
 }
 
+/// What one Redis node says of the settings an acked message relies on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDurability {
+    /// The node (its address, or the configured URL on one instance).
+    pub node: String,
+    /// `appendonly yes`: an acked append survives a restart of the process.
+    pub aof: bool,
+    /// `maxmemory-policy`: only `noeviction` never drops a stream or a counter to make room.
+    pub eviction: String,
+}
+
+impl NodeDurability {
+    /// From `INFO` text (`aof_enabled:1`, `maxmemory_policy:noeviction`).
+    pub fn parse(node: String, info: &str) -> Self {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string()
+        };
+        NodeDurability {
+            node,
+            aof: field("aof_enabled") == "1",
+            eviction: field("maxmemory_policy"),
+        }
+    }
+
+    /// What is wrong with it for holding acked messages, if anything.
+    pub fn problem(&self) -> Option<String> {
+        match (self.aof, self.eviction == "noeviction") {
+            (true, true) => None,
+            (false, true) => Some(format!("{}: appendonly is off", self.node)),
+            (true, false) => Some(format!(
+                "{}: maxmemory-policy is {:?}, not noeviction",
+                self.node, self.eviction
+            )),
+            (false, false) => Some(format!(
+                "{}: appendonly is off and maxmemory-policy is {:?}, not noeviction",
+                self.node, self.eviction
+            )),
+        }
+    }
+}
+
 /// The shared command connection, opened at first use. Concurrent calls pipeline on it; while
 /// it reconnects, calls fail (the caller answers `unavailable`). A pool would cost a
 /// health-check round trip per message (measured in docs/benchmarks.md).
@@ -361,6 +407,40 @@ impl Commands {
         result
     }
 
+    /// Every node's persistence and eviction settings (`INFO`): the one instance, or every node
+    /// of a cluster, replicas included (one of them may be promoted).
+    pub async fn durability(&self) -> Result<Vec<NodeDurability>, BackendError> {
+        let info: Value = self
+            .run("command", |conn| async move {
+                let info = redis::cmd("INFO");
+                match conn {
+                    Conn::Cluster(mut c) => {
+                        c.route_command(
+                            &info,
+                            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None)),
+                        )
+                        .await
+                    }
+                    mut conn => info.query_async(&mut conn).await,
+                }
+            })
+            .await?;
+        let text = |v: &Value| redis::from_redis_value::<String>(v).ok();
+        let per_node: Vec<(String, String)> = match &info {
+            Value::Map(nodes) => nodes
+                .iter()
+                .filter_map(|(addr, info)| Some((text(addr)?, text(info)?)))
+                .collect(),
+            single => text(single)
+                .map(|t| vec![(self.target.urls().join(","), t)])
+                .unwrap_or_default(),
+        };
+        Ok(per_node
+            .into_iter()
+            .map(|(node, info)| NodeDurability::parse(node, &info))
+            .collect())
+    }
+
     /// The cluster's shape, as one node sees it; `None` on one instance.
     pub async fn cluster_health(&self) -> Result<Option<ClusterHealth>, BackendError> {
         if !self.target.is_cluster() {
@@ -422,6 +502,22 @@ impl crate::admin::Probe for Commands {
 
 #[cfg(test)]
 mod tests {
+    /// INFO fields are read whatever the surrounding lines; each missing setting is named.
+    #[test]
+    fn durability_is_read_from_info() {
+        let info = "# Persistence\r\nloading:0\r\naof_enabled:1\r\n# Memory\r\nmaxmemory_policy:noeviction\r\n";
+        let ok = NodeDurability::parse("a".into(), info);
+        assert_eq!(ok.problem(), None);
+        let bad =
+            NodeDurability::parse("b".into(), "aof_enabled:0\nmaxmemory_policy:allkeys-lru\n");
+        let problem = bad.problem().expect("unsafe");
+        assert!(
+            problem.contains("appendonly is off") && problem.contains("allkeys-lru"),
+            "{problem}"
+        );
+        assert!(NodeDurability::parse("c".into(), "").problem().is_some());
+    }
+
     use super::*;
 
     /// Failed nodes do not count; a master whose only replica failed is reported, and the slots

@@ -45,6 +45,9 @@ pub struct GatewayConfig {
     /// How long an append waits for its replicas with `replicas:<N>` before the sender gets
     /// `unavailable`.
     pub ack_replica_timeout_ms: u64,
+    /// Refuse to start on a Redis without `appendonly yes` and `maxmemory-policy noeviction`
+    /// (false: warn and start; development only).
+    pub redis_require_durability: bool,
     pub jwt_secret: Option<String>,
     pub jwt_ttl_secs: u64,
     /// JWKS file of an external identity provider whose RS256/ES256 tokens are also accepted.
@@ -172,6 +175,7 @@ impl Default for GatewayConfig {
             redis_log_max_backlog: chat_core::log::DEFAULT_MAX_BACKLOG,
             ack_durability: "leader".into(),
             ack_replica_timeout_ms: 1000,
+            redis_require_durability: true,
             jwt_secret: None,
             jwt_ttl_secs: 86_400,
             jwt_jwks_path: None,

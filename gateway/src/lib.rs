@@ -79,6 +79,8 @@ pub enum GatewayError {
     Tls(#[from] tls::TlsError),
     #[error("password reset notifier: {0}")]
     Notifier(#[from] reqwest::Error),
+    #[error("redis would lose acked messages ({0}); fix its configuration, or set CHAT_REDIS_REQUIRE_DURABILITY=false to start anyway (development only)")]
+    UnsafeRedis(String),
 }
 
 /// The two listening sockets, bound before `run` so tests can use port 0.

@@ -258,6 +258,44 @@ async fn watch_cluster(redis: Commands, metrics: Metrics, stop: CancellationToke
     }
 }
 
+/// Refuses to start (with `required`; otherwise warns) on a Redis whose nodes would lose acked
+/// messages: without `appendonly yes` (a restart loses what the AOF did not hold) or with a
+/// `maxmemory-policy` other than `noeviction` (Redis would drop streams and counters to make
+/// room). Waits, with backoff, until Redis answers or shutdown (readiness says `starting`).
+async fn check_redis_durability(
+    target: &chat_core::redis_conn::RedisTarget,
+    required: bool,
+    shutdown: &CancellationToken,
+) -> Result<(), GatewayError> {
+    let redis = Commands::open(target, None)?;
+    let mut backoff =
+        chat_core::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let nodes = loop {
+        match redis.durability().await {
+            Ok(nodes) if !nodes.is_empty() => break nodes,
+            Ok(_) => tracing::warn!("redis durability not checked yet: no node answered"),
+            Err(e) => tracing::warn!(error = %e, "redis durability not checked yet; retrying"),
+        }
+        if chat_core::shutdown::sleep_or_shutdown(backoff.next_delay(), shutdown).await {
+            return Ok(());
+        }
+    };
+    let problems: Vec<String> = nodes.iter().filter_map(|n| n.problem()).collect();
+    if problems.is_empty() {
+        tracing::info!(
+            nodes = nodes.len(),
+            "redis keeps acked messages: appendonly, noeviction"
+        );
+        return Ok(());
+    }
+    let problems = problems.join("; ");
+    if required {
+        return Err(GatewayError::UnsafeRedis(problems));
+    }
+    tracing::warn!(%problems, "redis would lose acked messages; starting anyway because redis_require_durability is false");
+    Ok(())
+}
+
 /// Readiness of the pub/sub subscriptions.
 struct PubSubProbe(Arc<dyn PubSub>);
 
@@ -391,6 +429,19 @@ pub async fn run(
         BackendKind::Redis => LockMode::Shared,
         BackendKind::Memory => LockMode::Exclusive,
     };
+    if cfg.backend == BackendKind::Redis {
+        let checked = check_redis_durability(
+            &config.redis_target,
+            cfg.redis_require_durability,
+            &shutdown,
+        )
+        .await;
+        if let Err(e) = checked {
+            backend.stop(&backend_stop).await;
+            admin.stop().await;
+            return Err(e);
+        }
+    }
     match BackendLock::take(&cfg.database_url, mode, backend_stop.clone()).await {
         Ok(taken) => {
             let _ = lock.0.set(taken);

@@ -461,3 +461,41 @@ async fn a_half_open_pubsub_connection_is_found_by_the_canary() {
     proxy.thaw();
     assert!(wait_ready(&b).await, "ready again once links forward");
 }
+
+/// A gateway refuses to start on a Redis that would lose acked messages (here one without AOF),
+/// naming what is wrong; on one with `appendonly yes` and `noeviction` it starts.
+#[actix_web::test]
+async fn a_redis_that_would_lose_acked_messages_is_refused_at_start() {
+    let cluster = Cluster::new().await;
+    let unsafe_redis = OwnRedis::start().await;
+    let node = spawn_node(gateway::config::GatewayConfig {
+        redis_url: unsafe_redis.url.clone(),
+        redis_cluster_urls: String::new(),
+        redis_require_durability: true,
+        ..cluster.config("refused")
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(20), node.task)
+        .await
+        .expect("the node stops by itself")
+        .expect("joined");
+    match ended {
+        Err(gateway::GatewayError::UnsafeRedis(problem)) => {
+            assert!(problem.contains("appendonly is off"), "{problem}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    let dir = std::env::temp_dir().join(format!("chat-aof-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("aof dir");
+    let durable = OwnRedis::start_on(spare_port(), Some(&dir)).await;
+    let node = cluster
+        .start_with(gateway::config::GatewayConfig {
+            redis_url: durable.url.clone(),
+            redis_cluster_urls: String::new(),
+            redis_require_durability: true,
+            ..cluster.config("accepted")
+        })
+        .await;
+    assert!(wait_ready(&node).await);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -46,7 +46,10 @@ stack_env=(CHAT_REDIS_URL=redis://127.0.0.1:6379 CHAT_DATABASE_URL="$STACK_DB_UR
   # Load generators open thousands of connections, and register thousands of users, from a few
   # loopback addresses.
   CHAT_GATEWAY_HANDSHAKES_PER_IP_PER_SEC=1000000
-  CHAT_GATEWAY_REGISTRATIONS_PER_IP=1000000 CHAT_GATEWAY_REGISTRATIONS_TOTAL=1000000)
+  CHAT_GATEWAY_REGISTRATIONS_PER_IP=1000000 CHAT_GATEWAY_REGISTRATIONS_TOTAL=1000000
+  # The local Redis (deploy/ensure-services.sh) runs without AOF: a dev and test instance. A
+  # deployment's Redis must have it, and the gateway refuses to start otherwise.
+  CHAT_REDIS_REQUIRE_DURABILITY=false)
 
 stack_gateway() { # name port admin-port
   env "${stack_env[@]}" CHAT_GATEWAY_NODE_ID="$1" CHAT_GATEWAY_LISTEN="127.0.0.1:$2" \

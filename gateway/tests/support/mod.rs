@@ -100,6 +100,8 @@ impl Cluster {
             gateway_handshakes_per_ip_per_sec: 100_000,
             gateway_registrations_per_ip: 1_000_000,
             avatar_hosts: "cdn.example.com".into(),
+            // The shared test Redis runs without AOF; the check itself is tested on its own.
+            redis_require_durability: false,
             gateway_registrations_total: 1_000_000,
             ..GatewayConfig::default()
         }
@@ -508,6 +510,7 @@ impl Cluster {
             .env("CHAT_GATEWAY_SEND_RATE_PER_SEC", "100000")
             .env("CHAT_GATEWAY_HANDSHAKES_PER_IP_PER_SEC", "100000")
             .env("CHAT_GATEWAY_REGISTRATIONS_PER_IP", "1000000")
+            .env("CHAT_REDIS_REQUIRE_DURABILITY", "false")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         for (key, value) in settings {
