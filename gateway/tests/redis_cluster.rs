@@ -26,6 +26,8 @@ fn config(
         redis_cluster_urls: redis.urls.clone(),
         redis_partitions: PARTITIONS,
         ack_durability: durability.into(),
+        // The test cluster runs with AOF on every node: the start-up check reads all six.
+        redis_require_durability: true,
         ..cluster.config(node_id)
     }
 }
@@ -120,6 +122,18 @@ async fn only_shard_channels_carry_chat_and_everything_spreads_over_every_master
     let replica = (redis.base..redis.base + 6)
         .find(|p| masters.iter().all(|(m, _)| m != p))
         .expect("a replica");
+    // The start-up check reads every node, replicas too: one replica without AOF is refused.
+    let _: () = redis
+        .query(replica, &["CONFIG", "SET", "appendonly", "no"])
+        .await;
+    let refused = spawn_node(config(&cluster, &redis, "node-refused", "leader"));
+    match tokio::time::timeout(Duration::from_secs(20), refused.task).await {
+        Ok(Ok(Err(gateway::GatewayError::UnsafeRedis(problem)))) => assert!(
+            problem.contains(&format!(":{replica}")) && problem.contains("appendonly is off"),
+            "{problem}"
+        ),
+        other => panic!("expected a refusal naming the replica, got {other:?}"),
+    }
     redis.kill(replica);
     let orphaned = chat_core::testing::eventually(Duration::from_secs(20), || async {
         gauge("chat_gateway_redis_cluster_masters_without_replica").await == Some(1.0)
