@@ -236,6 +236,9 @@ impl KeySchema {
             CounterKey::RegisterIp(ip) => format!("{}:limit:register:ip:{ip}", self.prefix),
             CounterKey::RegisterAll => format!("{}:limit:register:all", self.prefix),
             CounterKey::WsTicket(id) => format!("{}:ticket:{id}", self.prefix),
+            CounterKey::AccountSends(user, window) => {
+                format!("{}:limit:sends:{user}:{window}", self.prefix)
+            }
         }
     }
 

@@ -105,6 +105,9 @@ pub struct GatewayConfig {
     /// Units of work per second per connection for every other frame (a `sync` costs one per
     /// conversation; bursts of ten seconds' worth).
     pub gateway_frame_budget_per_sec: u32,
+    /// Sends per second per account over all its connections and nodes, counted in 10 s
+    /// windows.
+    pub gateway_account_send_rate_per_sec: u32,
     /// Most users one connection may watch with `presence.watch`.
     pub gateway_max_watched_users: usize,
     /// Presence events go to the members of a user's rooms only when a room has at most this
@@ -208,6 +211,7 @@ impl Default for GatewayConfig {
             gateway_max_connections: 20_000,
             gateway_send_rate_per_sec: 50,
             gateway_frame_budget_per_sec: 100,
+            gateway_account_send_rate_per_sec: 100,
             gateway_max_watched_users: 1_000,
             gateway_presence_room_max_members: 100,
             presence_ttl_secs: 30,
@@ -360,6 +364,10 @@ impl GatewayConfig {
             (
                 "gateway_frame_budget_per_sec",
                 self.gateway_frame_budget_per_sec as usize,
+            ),
+            (
+                "gateway_account_send_rate_per_sec",
+                self.gateway_account_send_rate_per_sec as usize,
             ),
             ("gateway_max_watched_users", self.gateway_max_watched_users),
             (

@@ -18,6 +18,7 @@
 //!   - [`directory`]: who exists, who may use a conversation;
 //!   - [`authn`]: who is calling (token, token floor, external users);
 //!   - [`limits`]: failed logins, registrations, handshakes per IP;
+//!   - [`account_budget`]: sends per account over all its connections and nodes;
 //!   - [`client_ip`]: who a request comes from, behind trusted proxies;
 //!   - [`passwords`]: password rules and argon2id on dedicated threads;
 //!   - [`notifier`]: password reset requests, queued and handled off the request path;
@@ -29,6 +30,7 @@
 //! `chat_core`; this crate never talks to Redis or Postgres itself.
 #![forbid(unsafe_code)]
 
+pub mod account_budget;
 pub mod api_error;
 pub mod auth;
 pub mod authn;

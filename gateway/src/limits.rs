@@ -270,5 +270,13 @@ mod tests {
         ) -> Result<Vec<u64>, chat_core::backend::BackendError> {
             Err(chat_core::backend::BackendError::Timeout)
         }
+
+        async fn add_many(
+            &self,
+            _: &[(CounterKey, u64)],
+            _: Duration,
+        ) -> Result<Vec<u64>, chat_core::backend::BackendError> {
+            Err(chat_core::backend::BackendError::Timeout)
+        }
     }
 }

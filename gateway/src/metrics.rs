@@ -269,6 +269,7 @@ impl Metrics {
         }
         for limit in [
             "send",
+            "account",
             "frames",
             "connections",
             "handshakes_per_ip",

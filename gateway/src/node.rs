@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::account_budget::AccountBudget;
 use crate::auth::Auth;
 use crate::authn::Authenticator;
 use crate::config::{BackendKind, Validated};
@@ -505,6 +506,11 @@ pub async fn run(
         .connections_limit
         .set(i64::try_from(cfg.gateway_max_connections).unwrap_or(i64::MAX));
     let tasks = TaskTracker::new();
+    let account_budget = Arc::new(AccountBudget::new(
+        backend.counters.clone(),
+        cfg.gateway_account_send_rate_per_sec,
+    ));
+    let account_reports = actix_web::rt::spawn(account_budget.clone().run(shutdown.clone()));
     let ws = Services {
         settings: Arc::new(WsSettings {
             node_id: config.node_id.clone(),
@@ -519,6 +525,7 @@ pub async fn run(
             max_rooms_per_user: cfg.gateway_max_rooms_per_user,
             send_rate_per_sec: cfg.gateway_send_rate_per_sec,
             frame_budget_per_sec: cfg.gateway_frame_budget_per_sec,
+            account_send_rate_per_sec: cfg.gateway_account_send_rate_per_sec,
             max_body_bytes: cfg.gateway_max_body_bytes,
             max_watched_users: cfg.gateway_max_watched_users,
         }),
@@ -528,6 +535,7 @@ pub async fn run(
             metrics.connections_open.clone(),
         )),
         handshakes: Arc::new(HandshakeLimiter::new(cfg.gateway_handshakes_per_ip_per_sec)),
+        account_budget: account_budget.clone(),
         authenticator: authenticator.clone(),
         hub: hub.clone(),
         pubsub: backend.pubsub.clone(),
@@ -650,6 +658,7 @@ pub async fn run(
     let _ = server_task.await;
     let _ = heartbeats.await;
     let _ = reset_worker.await;
+    let _ = account_reports.await;
     if let Some(watcher) = tls_watcher {
         let _ = watcher.await;
     }

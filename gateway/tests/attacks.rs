@@ -567,3 +567,147 @@ on_both_backends! {
         );
     }
 }
+
+/// One account floods from 20 connections over two nodes for 3 s (20 sends/s allowed per
+/// connection, 400/s offered) while another pair chats: the account gets `rate_limited` past its
+/// budget of 20 sends/s (200 per 10 s window; two windows at most, each passed by at most what
+/// the other node accepted in the second before it reported), every acked flood message is
+/// stored once with a gap-free seq, the pair's every send is acked and delivered within 1 s,
+/// and Redis grows by under 16 MB.
+#[actix_web::test]
+async fn one_account_flooding_from_many_connections_is_held_to_its_budget() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let redis = OwnRedis::start().await;
+    let cluster = Cluster::new().await;
+    let config = |node_id: &str| gateway::config::GatewayConfig {
+        redis_url: redis.url.clone(),
+        redis_cluster_urls: String::new(),
+        gateway_send_rate_per_sec: 20,
+        gateway_account_send_rate_per_sec: 20,
+        ..cluster.config(node_id)
+    };
+    let a = cluster.start_with(config("node-a")).await;
+    let b = cluster.start_with(config("node-b")).await;
+    let flooder = register(&a, "flooder").await;
+    let sink = register(&a, "sink").await;
+    let (alice, bob) = (register(&a, "alice").await, register(&b, "bob").await);
+    let used_memory = || {
+        let url = redis.url.clone();
+        async move {
+            let mut conn = redis::Client::open(url.as_str())
+                .expect("url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis");
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut conn)
+                .await
+                .expect("info");
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .expect("used_memory")
+        }
+    };
+    let memory_before = used_memory().await;
+
+    let flood = tokio::spawn({
+        let (a, b, flooder, sink) = (a.http, b.http, flooder.clone(), sink.id);
+        async move {
+            let mut tasks = Vec::new();
+            for i in 0..20 {
+                let node = if i % 2 == 0 { a } else { b };
+                let flooder = flooder.clone();
+                tasks.push(tokio::spawn(async move {
+                    let (mut ws, _) = connect_to(node, &flooder).await;
+                    let (mut acked, mut limited) = (Vec::new(), 0);
+                    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+                    let mut n = 0;
+                    while tokio::time::Instant::now() < until {
+                        let frame = send_frame(&format!("f{i}-{n}"), sink, &"x".repeat(1000));
+                        n += 1;
+                        if ws.send(Message::text(frame.to_string())).await.is_err() {
+                            break;
+                        }
+                        // Read what came back so far, without waiting long.
+                        while let Ok(Some(Ok(Message::Text(t)))) =
+                            tokio::time::timeout(Duration::from_millis(5), ws.next()).await
+                        {
+                            let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                            match v["type"].as_str() {
+                                Some("ack") => acked.push(v["seq"].as_i64().expect("seq")),
+                                Some("error") if v["code"] == "rate_limited" => limited += 1,
+                                _ => {}
+                            }
+                        }
+                    }
+                    while let Ok(Some(Ok(Message::Text(t)))) =
+                        tokio::time::timeout(Duration::from_millis(500), ws.next()).await
+                    {
+                        let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                        match v["type"].as_str() {
+                            Some("ack") => acked.push(v["seq"].as_i64().expect("seq")),
+                            Some("error") if v["code"] == "rate_limited" => limited += 1,
+                            _ => {}
+                        }
+                    }
+                    (acked, limited)
+                }));
+            }
+            let mut all = (Vec::new(), 0);
+            for t in tasks {
+                let (acked, limited) = t.await.expect("flood connection");
+                all.0.extend(acked);
+                all.1 += limited;
+            }
+            all
+        }
+    });
+
+    // Meanwhile Alice and Bob chat, one message every 100 ms.
+    let (mut alice_ws, _) = connect(&a, &alice).await;
+    let (mut bob_ws, _) = connect(&b, &bob).await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..30 {
+        let started = tokio::time::Instant::now();
+        let id = format!("pair-{i}");
+        send_json(&mut alice_ws, send_frame(&id, bob.id, "still here")).await;
+        let ack = recv_until(&mut alice_ws, |f| f["id"] == id.as_str()).await;
+        assert_eq!(ack.last().expect("ack")["type"], "ack", "{ack:?}");
+        recv_until(&mut bob_ws, |f| f["type"] == "message").await;
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut acked, limited) = flood.await.expect("flood");
+    println!(
+        "flood: {} acked, {limited} rate_limited; the pair's slowest round trip {slowest:?}",
+        acked.len()
+    );
+    assert!(limited > 0, "the account was told rate_limited");
+    assert!(
+        !acked.is_empty() && acked.len() <= 800,
+        "{} acked: at most two windows of 200, each passed by at most 200",
+        acked.len()
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "the pair waited {slowest:?}"
+    );
+    acked.sort_unstable();
+    let conversation = chat_core::conversation::direct_conversation_id(flooder.id, sink.id);
+    let stored = all_history_seqs(a.http, &flooder.token, conversation).await;
+    assert_eq!(
+        stored, acked,
+        "every acked message stored once, nothing else"
+    );
+    assert_eq!(
+        stored,
+        (1..=stored.len() as i64).collect::<Vec<_>>(),
+        "gap-free"
+    );
+    let grown = used_memory().await - memory_before;
+    assert!(grown < 16 << 20, "Redis grew by {grown} bytes");
+}

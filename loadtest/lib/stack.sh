@@ -42,7 +42,7 @@ stack_env=(CHAT_REDIS_URL=redis://127.0.0.1:6379 CHAT_DATABASE_URL="$STACK_DB_UR
   CHAT_JWT_SECRET="$STACK_SECRET" CHAT_LOG_FORMAT=text
   # Load generators send far faster per connection than a person; measure the gateway, not the
   # per-connection send limit (50/s by default).
-  CHAT_GATEWAY_SEND_RATE_PER_SEC=1000000
+  CHAT_GATEWAY_SEND_RATE_PER_SEC=1000000 CHAT_GATEWAY_ACCOUNT_SEND_RATE_PER_SEC=1000000
   # Load generators open thousands of connections, and register thousands of users, from a few
   # loopback addresses.
   CHAT_GATEWAY_HANDSHAKES_PER_IP_PER_SEC=1000000

@@ -43,6 +43,26 @@ impl Counters for MemoryCounters {
         Ok(count)
     }
 
+    async fn add_many(
+        &self,
+        adds: &[(CounterKey, u64)],
+        window: Duration,
+    ) -> Result<Vec<u64>, BackendError> {
+        let now = Instant::now();
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(adds
+            .iter()
+            .map(|(key, n)| {
+                let (count, ends) = match windows.get(key).copied() {
+                    Some((count, ends)) if ends > now => (count + n, ends),
+                    _ => (*n, now + window),
+                };
+                windows.insert(key.clone(), (count, ends));
+                count
+            })
+            .collect())
+    }
+
     async fn peek(&self, keys: &[CounterKey]) -> Result<Vec<u64>, BackendError> {
         let now = Instant::now();
         let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());

@@ -28,6 +28,8 @@ pub enum CounterKey {
     RegisterAll,
     /// Handshakes with one WebSocket ticket (its id): the first one spends it.
     WsTicket(uuid::Uuid),
+    /// Sends of an account in one window (its index since the epoch).
+    AccountSends(uuid::Uuid, u64),
 }
 
 impl CounterKey {
@@ -52,4 +54,12 @@ pub trait Counters: Send + Sync {
     /// The counts of `keys` in their current windows (0 for a key not counted), without
     /// counting.
     async fn peek(&self, keys: &[CounterKey]) -> Result<Vec<u64>, BackendError>;
+
+    /// Adds `n` to each key (its window `window` long, from its first count), in one round
+    /// trip; returns each total.
+    async fn add_many(
+        &self,
+        adds: &[(CounterKey, u64)],
+        window: Duration,
+    ) -> Result<Vec<u64>, BackendError>;
 }

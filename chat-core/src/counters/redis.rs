@@ -37,6 +37,27 @@ impl Counters for RedisCounters {
         Ok(count)
     }
 
+    async fn add_many(
+        &self,
+        adds: &[(CounterKey, u64)],
+        window: Duration,
+    ) -> Result<Vec<u64>, BackendError> {
+        let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        for (key, n) in adds {
+            let key = self.keys.counter(key);
+            pipe.cmd("INCRBY")
+                .arg(&key)
+                .arg(*n)
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(ms)
+                .arg("NX")
+                .ignore();
+        }
+        self.redis.query("command", &pipe).await
+    }
+
     async fn peek(&self, keys: &[CounterKey]) -> Result<Vec<u64>, BackendError> {
         // One GET each, pipelined (the keys may live in different slots of a cluster).
         let mut pipe = redis::pipe();

@@ -61,6 +61,8 @@ pub struct WsSettings {
     pub send_rate_per_sec: u32,
     /// Units of work per second per connection for every other frame (`ws::frames::cost`).
     pub frame_budget_per_sec: u32,
+    /// Sends per second per account over all its connections and nodes.
+    pub account_send_rate_per_sec: u32,
     pub max_body_bytes: usize,
     pub max_watched_users: usize,
 }
@@ -73,6 +75,7 @@ pub struct Services {
     pub metrics: Metrics,
     pub slots: Arc<admission::Slots>,
     pub handshakes: Arc<HandshakeLimiter>,
+    pub account_budget: Arc<crate::account_budget::AccountBudget>,
     pub authenticator: Arc<Authenticator>,
     pub hub: Arc<Hub>,
     pub pubsub: Arc<dyn PubSub>,

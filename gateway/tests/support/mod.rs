@@ -97,6 +97,7 @@ impl Cluster {
             gateway_workers: 1,
             // Tests blast hundreds of sends from one connection; the limit has its own test.
             gateway_send_rate_per_sec: 100_000,
+            gateway_account_send_rate_per_sec: 1_000_000,
             gateway_handshakes_per_ip_per_sec: 100_000,
             gateway_registrations_per_ip: 1_000_000,
             avatar_hosts: "cdn.example.com".into(),
@@ -508,6 +509,7 @@ impl Cluster {
             .env("CHAT_GATEWAY_NODE_ID", node_id)
             .env("CHAT_GATEWAY_WORKERS", "1")
             .env("CHAT_GATEWAY_SEND_RATE_PER_SEC", "100000")
+            .env("CHAT_GATEWAY_ACCOUNT_SEND_RATE_PER_SEC", "1000000")
             .env("CHAT_GATEWAY_HANDSHAKES_PER_IP_PER_SEC", "100000")
             .env("CHAT_GATEWAY_REGISTRATIONS_PER_IP", "1000000")
             .env("CHAT_REDIS_REQUIRE_DURABILITY", "false")

@@ -128,6 +128,7 @@ pub async fn on_text(
             };
             let limits = send::Limits {
                 rate_per_sec: ws.settings.send_rate_per_sec,
+                account_rate_per_sec: ws.settings.account_send_rate_per_sec,
                 max_body_bytes: ws.settings.max_body_bytes,
             };
             send::handle(
@@ -135,6 +136,7 @@ pub async fn on_text(
                 target,
                 limits,
                 &mut state.send_limiter,
+                &ws.account_budget,
                 ws.log.as_ref(),
                 &ws.directory,
                 &ws.metrics,

@@ -12,6 +12,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{membership, Peer, Refusal};
+use crate::account_budget::AccountBudget;
 use crate::directory::Directory;
 use crate::metrics::Metrics;
 use crate::rate::Limiter;
@@ -29,6 +30,8 @@ pub struct Target {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub rate_per_sec: u32,
+    /// The account's budget over all its connections and nodes (for the error message).
+    pub account_rate_per_sec: u32,
     pub max_body_bytes: usize,
 }
 
@@ -38,6 +41,7 @@ pub async fn handle(
     target: Target,
     limits: Limits,
     limiter: &mut Limiter,
+    account: &AccountBudget,
     log: &dyn MessageLog,
     directory: &Directory,
     metrics: &Metrics,
@@ -50,6 +54,13 @@ pub async fn handle(
         let message = format!(
             "more than {} messages per second; slow down",
             limits.rate_per_sec
+        );
+        ServerFrame::error(Some(id), ErrorCode::RateLimited, message)
+    } else if !account.allow(peer.user_id) {
+        metrics.rate_limited.with_label_values(&["account"]).inc();
+        let message = format!(
+            "your account sends more than {} messages per second over all its connections; slow down",
+            limits.account_rate_per_sec
         );
         ServerFrame::error(Some(id), ErrorCode::RateLimited, message)
     } else {
