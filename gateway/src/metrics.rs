@@ -50,6 +50,7 @@ pub struct Metrics {
     pub reset_requests: IntCounterVec,
     pub presence_transitions: IntCounterVec,
     pub presence_heartbeat_duration: Histogram,
+    pub presence_sweep_duration: Histogram,
     pub send_latency: Histogram,
     pub redis_command_duration: HistogramVec,
     pub delivery_latency: Histogram,
@@ -206,6 +207,10 @@ impl Metrics {
                 "chat_gateway_presence_transitions_total",
                 "Presence changes this node announced, by status",
                 &["status"],
+            )?,
+            presence_sweep_duration: histogram(
+                "chat_gateway_presence_sweep_seconds",
+                "One sweep of expired presence entries (users of dead nodes), apart from the heartbeat",
             )?,
             presence_heartbeat_duration: histogram(
                 "chat_gateway_presence_heartbeat_seconds",

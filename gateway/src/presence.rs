@@ -1,6 +1,7 @@
 //! Presence as the node keeps it: recording the users it holds (join, leave), refreshing them
-//! every heartbeat and sweeping users of dead nodes, and announcing each transition once to
-//! everyone who should hear it (watchers, small rooms, recent direct peers).
+//! every heartbeat, sweeping users of dead nodes beside it (in batches, never in the way of the
+//! refresh), and announcing each transition once to everyone who should hear it (watchers,
+//! small rooms, recent direct peers).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use chat_core::presence::PresenceStore;
 use chat_core::protocol::{PresenceStatus, ServerFrame};
 use chat_core::pubsub::{Envelope, PubSub, Publication, Topic};
 use chat_core::store::Store;
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -18,6 +20,8 @@ use crate::metrics::Metrics;
 
 /// Users swept per call.
 const SWEEP_BATCH: usize = 1000;
+/// Offline announcements of swept users sent at once (each reads its audience from Postgres).
+const ANNOUNCE_CONCURRENCY: usize = 8;
 /// Direct conversations whose peers hear of a transition (the most recently active).
 const MAX_DIRECT_PEERS: i64 = 1000;
 /// Most online users one call reads.
@@ -78,19 +82,34 @@ impl Presence {
         self.presence.all_online(MAX_ONLINE_SCAN).await
     }
 
-    /// Refreshes and sweeps every `period` until `shutdown`.
+    /// Refreshes this node's users, and sweeps the expired users of dead nodes, every `period`
+    /// until `shutdown`: two loops side by side, so a long sweep (a node with 20,000 users
+    /// died) never delays the refresh that keeps this node's own users online.
     pub async fn run_heartbeats(self: Arc<Self>, period: Duration, shutdown: CancellationToken) {
+        tokio::join!(
+            self.every(period, &shutdown, Self::beat),
+            self.every(period, &shutdown, Self::sweep),
+        );
+    }
+
+    /// Runs `work` every `period` until `shutdown` (a late round delays the next, never
+    /// doubles it).
+    async fn every<'a, F, Fut>(&'a self, period: Duration, shutdown: &CancellationToken, work: F)
+    where
+        F: Fn(&'a Self) -> Fut,
+        Fut: std::future::Future<Output = ()> + 'a,
+    {
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = ticker.tick() => self.beat().await,
+                _ = ticker.tick() => work(self).await,
             }
         }
     }
 
-    /// One heartbeat: refresh every local user, announce the revived, sweep the expired.
+    /// One heartbeat: refresh every local user, announce the revived.
     async fn beat(&self) {
         let started = Instant::now();
         match self.presence.refresh(&self.hub.local_users()).await {
@@ -101,6 +120,15 @@ impl Presence {
             }
             Err(e) => tracing::warn!(error = %e, "presence refresh failed"),
         }
+        self.metrics
+            .presence_heartbeat_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// One sweep: every expired user of any node, a batch at a time; their `last_seen` in one
+    /// statement per batch and their offline announcements a few at a time.
+    async fn sweep(&self) {
+        let started = Instant::now();
         loop {
             let gone = match self.presence.sweep(SWEEP_BATCH).await {
                 Ok(gone) => gone,
@@ -109,15 +137,22 @@ impl Presence {
                     break;
                 }
             };
-            for user in &gone {
-                self.announce(*user, PresenceStatus::Offline).await;
+            if !gone.is_empty() {
+                if let Err(e) = self.store.touch_last_seen_many(&gone).await {
+                    tracing::warn!(error = %e, "last_seen not recorded for swept users");
+                }
+                futures_util::stream::iter(gone.iter().copied())
+                    .for_each_concurrent(ANNOUNCE_CONCURRENCY, |user| {
+                        self.publish_transition(user, PresenceStatus::Offline)
+                    })
+                    .await;
             }
             if gone.len() < SWEEP_BATCH {
                 break;
             }
         }
         self.metrics
-            .presence_heartbeat_duration
+            .presence_sweep_duration
             .observe(started.elapsed().as_secs_f64());
     }
 
@@ -125,6 +160,16 @@ impl Presence {
     /// topic), members of the user's small rooms, and the peers of their most recent direct
     /// conversations. Going offline also records `last_seen`.
     pub async fn announce(&self, user: Uuid, status: PresenceStatus) {
+        if status == PresenceStatus::Offline {
+            if let Err(e) = self.store.touch_last_seen(user).await {
+                tracing::warn!(error = %e, "last_seen not recorded");
+            }
+        }
+        self.publish_transition(user, status).await
+    }
+
+    /// Publishes a transition to its audience (`last_seen` already recorded).
+    async fn publish_transition(&self, user: Uuid, status: PresenceStatus) {
         let label = match status {
             PresenceStatus::Online => "online",
             PresenceStatus::Offline => "offline",
@@ -134,11 +179,6 @@ impl Presence {
             .with_label_values(&[label])
             .inc();
         let mut topics = vec![Topic::Presence(user)];
-        if status == PresenceStatus::Offline {
-            if let Err(e) = self.store.touch_last_seen(user).await {
-                tracing::warn!(error = %e, "last_seen not recorded");
-            }
-        }
         match self
             .store
             .presence_audience(user, self.room_max_members, MAX_DIRECT_PEERS)

@@ -347,3 +347,130 @@ async fn lost_presence_entries_are_restored_by_the_next_heartbeat() {
     );
     assert!(status().await);
 }
+
+/// 5,000 users of a node that died (their presence entries as that node wrote them, left to
+/// expire) are swept by the one live node beside its heartbeat: its own user stays online
+/// throughout (the entry never expires, the watcher hears no offline), and every dead user is
+/// offline with `last_seen` recorded within 20 s.
+#[actix_web::test]
+async fn a_dead_node_with_5000_users_is_swept_without_starving_the_heartbeat() {
+    use chat_core::presence::PresenceStore;
+
+    let cluster = Cluster::new().await;
+    let a = cluster.start_with(fast(&cluster, "node-a")).await;
+    let alive = register(&a, "alive").await;
+    let watcher = register(&a, "watcher").await;
+    let (_alive_ws, _) = connect(&a, &alive).await;
+    let (mut watcher_ws, _) = connect(&a, &watcher).await;
+    send_json(
+        &mut watcher_ws,
+        json!({"type": "presence.watch", "user_ids": [alive.id]}),
+    )
+    .await;
+    let snapshot = presence_frames(&mut watcher_ws, &alive, Duration::from_millis(500)).await;
+    assert!(
+        snapshot.len() == 1 && is_presence_of(&snapshot[0], &alive, "online"),
+        "{snapshot:?}"
+    );
+
+    // The dead node's users: real accounts, present under its id, expiring in 3 s.
+    let db = chat_core::testing::connect(&cluster.db_url).await;
+    let dead: Vec<Uuid> = db
+        .query(
+            "INSERT INTO users (id, name, email, password_hash)
+             SELECT gen_random_uuid(), 'dead ' || i, 'dead-' || i || '@example.test', '!'
+             FROM generate_series(1, 5000) AS i RETURNING id",
+            &[],
+        )
+        .await
+        .expect("users")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let redis = chat_core::redis_conn::Commands::open(&test_redis_target(), None).expect("redis");
+    let keys = test_keys(&cluster.prefix);
+    let dead_node = chat_core::presence::redis::RedisPresence::new(
+        redis.clone(),
+        keys.clone(),
+        "node-dead".into(),
+        Duration::from_secs(3),
+    );
+    dead_node.refresh(&dead).await.expect("seed presence");
+    let probe = chat_core::presence::redis::RedisPresence::new(
+        redis,
+        keys,
+        "probe".into(),
+        Duration::from_secs(3),
+    );
+    assert!(probe
+        .online(&dead)
+        .await
+        .expect("online")
+        .iter()
+        .all(|o| *o));
+
+    // Until every dead user is swept and announced (and a little after), the live user's
+    // deadline keeps moving: it never falls within one heartbeat of expiring.
+    let deadlines = test_keys(&cluster.prefix)
+        .presence_deadlines(test_keys(&cluster.prefix).presence_partition(alive.id));
+    let started = tokio::time::Instant::now();
+    let mut swept = false;
+    let mut closest_ms = i64::MAX;
+    while started.elapsed() < Duration::from_secs(20) {
+        let deadline: Option<i64> = redis_query({
+            let mut cmd = redis::cmd("ZSCORE");
+            cmd.arg(&deadlines).arg(alive.id.to_string());
+            cmd
+        })
+        .await;
+        let left = deadline.expect("the live user is present") - chat_core::now_ms();
+        closest_ms = closest_ms.min(left);
+        assert!(
+            left > 1000,
+            "the live user's entry came within {left} ms of expiring at {:?}: its refresh waited",
+            started.elapsed()
+        );
+        let recorded: i64 = db
+            .query_one(
+                "SELECT count(*) FROM users WHERE id = ANY($1) AND last_seen IS NOT NULL",
+                &[&dead],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if !swept
+            && recorded == 5000
+            && probe
+                .online(&dead)
+                .await
+                .expect("online")
+                .iter()
+                .all(|o| !*o)
+        {
+            swept = true;
+            println!(
+                "5,000 dead users swept and announced in {:?}; the live entry was at least {closest_ms} ms from expiring",
+                started.elapsed()
+            );
+        }
+        if swept && started.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(swept, "every dead user offline within 20 s");
+    let frames = presence_frames(&mut watcher_ws, &alive, Duration::from_millis(200)).await;
+    assert!(
+        frames.is_empty(),
+        "the watcher heard the live user flap: {frames:?}"
+    );
+    let recorded: i64 = db
+        .query_one(
+            "SELECT count(*) FROM users WHERE id = ANY($1) AND last_seen IS NOT NULL",
+            &[&dead],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(recorded, 5000, "last_seen of every swept user");
+}

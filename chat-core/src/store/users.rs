@@ -223,6 +223,18 @@ impl Store {
     }
 
     /// Records that the user went offline now.
+    /// Records now as `last_seen` of every user in `ids`, in one statement.
+    pub async fn touch_last_seen_many(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE users SET last_seen = now() WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn touch_last_seen(&self, id: Uuid) -> Result<(), StoreError> {
         self.client()
             .await?
