@@ -254,6 +254,10 @@ pub struct NodeDurability {
     pub aof: bool,
     /// `maxmemory-policy`: only `noeviction` never drops a stream or a counter to make room.
     pub eviction: String,
+    /// `used_memory`, bytes.
+    pub used_memory: u64,
+    /// `maxmemory`, bytes; 0 when unlimited.
+    pub maxmemory: u64,
 }
 
 impl NodeDurability {
@@ -270,7 +274,14 @@ impl NodeDurability {
             node,
             aof: field("aof_enabled") == "1",
             eviction: field("maxmemory_policy"),
+            used_memory: field("used_memory").parse().unwrap_or(0),
+            maxmemory: field("maxmemory").parse().unwrap_or(0),
         }
+    }
+
+    /// `used_memory / maxmemory`; `None` without a limit.
+    pub fn memory_ratio(&self) -> Option<f64> {
+        (self.maxmemory > 0).then(|| self.used_memory as f64 / self.maxmemory as f64)
     }
 
     /// What is wrong with it for holding acked messages, if anything.
@@ -505,9 +516,14 @@ mod tests {
     /// INFO fields are read whatever the surrounding lines; each missing setting is named.
     #[test]
     fn durability_is_read_from_info() {
-        let info = "# Persistence\r\nloading:0\r\naof_enabled:1\r\n# Memory\r\nmaxmemory_policy:noeviction\r\n";
+        let info = "# Persistence\r\nloading:0\r\naof_enabled:1\r\n# Memory\r\nused_memory:900\r\nused_memory_human:900B\r\nmaxmemory:1000\r\nmaxmemory_policy:noeviction\r\n";
         let ok = NodeDurability::parse("a".into(), info);
         assert_eq!(ok.problem(), None);
+        assert_eq!(ok.memory_ratio(), Some(0.9));
+        assert_eq!(
+            NodeDurability::parse("u".into(), "maxmemory:0\n").memory_ratio(),
+            None
+        );
         let bad =
             NodeDurability::parse("b".into(), "aof_enabled:0\nmaxmemory_policy:allkeys-lru\n");
         let problem = bad.problem().expect("unsafe");

@@ -48,6 +48,11 @@ pub struct GatewayConfig {
     /// Refuse to start on a Redis without `appendonly yes` and `maxmemory-policy noeviction`
     /// (false: warn and start; development only).
     pub redis_require_durability: bool,
+    /// Sends are refused with `unavailable` while the fullest Redis node's `used_memory` is at
+    /// least this fraction of its `maxmemory` (nodes without a limit never count).
+    pub redis_memory_refuse_ratio: f64,
+    /// How often each node reads Redis's memory use.
+    pub redis_memory_check_ms: u64,
     pub jwt_secret: Option<String>,
     pub jwt_ttl_secs: u64,
     /// JWKS file of an external identity provider whose RS256/ES256 tokens are also accepted.
@@ -179,6 +184,8 @@ impl Default for GatewayConfig {
             ack_durability: "leader".into(),
             ack_replica_timeout_ms: 1000,
             redis_require_durability: true,
+            redis_memory_refuse_ratio: 0.9,
+            redis_memory_check_ms: 2000,
             jwt_secret: None,
             jwt_ttl_secs: 86_400,
             jwt_jwks_path: None,
@@ -305,6 +312,12 @@ impl GatewayConfig {
             ));
         }
         let durability = self.durability()?;
+        if !(self.redis_memory_refuse_ratio > 0.0 && self.redis_memory_refuse_ratio <= 1.0) {
+            return Err(SettingsError::invalid(
+                "redis_memory_refuse_ratio",
+                "must be above 0 and at most 1",
+            ));
+        }
         let redis_target = match self.backend {
             BackendKind::Redis => {
                 settings::redis_target(&self.redis_url, &self.redis_cluster_urls)?
@@ -369,6 +382,7 @@ impl GatewayConfig {
                 "gateway_account_send_rate_per_sec",
                 self.gateway_account_send_rate_per_sec as usize,
             ),
+            ("redis_memory_check_ms", self.redis_memory_check_ms as usize),
             ("gateway_max_watched_users", self.gateway_max_watched_users),
             (
                 "presence_heartbeat_secs",

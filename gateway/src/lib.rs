@@ -19,6 +19,7 @@
 //!   - [`authn`]: who is calling (token, token floor, external users);
 //!   - [`limits`]: failed logins, registrations, handshakes per IP;
 //!   - [`account_budget`]: sends per account over all its connections and nodes;
+//!   - [`memory_guard`]: refusing sends before Redis is full;
 //!   - [`client_ip`]: who a request comes from, behind trusted proxies;
 //!   - [`passwords`]: password rules and argon2id on dedicated threads;
 //!   - [`notifier`]: password reset requests, queued and handled off the request path;
@@ -43,6 +44,7 @@ pub mod history;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod memory_guard;
 pub mod metrics;
 mod node;
 pub mod notifier;

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub canary_lost: IntCounter,
     pub outbound_dropped: IntCounter,
     pub outbound_queued_bytes: IntGauge,
+    pub redis_memory_ratio: prometheus::Gauge,
     pub history_incomplete: IntCounter,
     pub sends_repeated: IntCounter,
     pub connections_limit: IntGauge,
@@ -177,6 +178,14 @@ impl Metrics {
                 "chat_gateway_outbound_queue_overflows_total",
                 "Connections whose outbound queue overflowed in frames or bytes (closed as slow consumers)",
             )?,
+            redis_memory_ratio: {
+                let g = prometheus::Gauge::new(
+                    "chat_gateway_redis_memory_used_ratio",
+                    "used_memory / maxmemory of the fullest Redis node, as this node last read it (0 without a limit)",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             outbound_queued_bytes: gauge(
                 "chat_gateway_outbound_queued_bytes",
                 "Bytes waiting in the outbound queues of this node's connections (a frame shared by several counts in each)",
@@ -275,6 +284,7 @@ impl Metrics {
         for limit in [
             "send",
             "account",
+            "redis_full",
             "frames",
             "connections",
             "handshakes_per_ip",

@@ -41,6 +41,7 @@ use crate::history::History;
 use crate::http::HttpSettings;
 use crate::hub::{Hub, QueueBytes};
 use crate::limits::{HandshakeLimiter, LoginLimiter, LoginLimits, RegistrationLimiter};
+use crate::memory_guard::MemoryGuard;
 use crate::metrics::Metrics;
 use crate::notifier::{reset_requests, Notifier, ResetRequests};
 use crate::passwords::Passwords;
@@ -511,6 +512,22 @@ pub async fn run(
         cfg.gateway_account_send_rate_per_sec,
     ));
     let account_reports = actix_web::rt::spawn(account_budget.clone().run(shutdown.clone()));
+    let memory_guard = Arc::new(MemoryGuard::new(cfg.redis_memory_refuse_ratio));
+    let memory_watch = match cfg.backend {
+        BackendKind::Redis => {
+            let (guard, redis, metrics, stop) = (
+                memory_guard.clone(),
+                Commands::open(&config.redis_target, None)?,
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            let every = Duration::from_millis(cfg.redis_memory_check_ms);
+            Some(actix_web::rt::spawn(async move {
+                guard.watch(redis, metrics, every, stop).await
+            }))
+        }
+        BackendKind::Memory => None,
+    };
     let ws = Services {
         settings: Arc::new(WsSettings {
             node_id: config.node_id.clone(),
@@ -536,6 +553,7 @@ pub async fn run(
         )),
         handshakes: Arc::new(HandshakeLimiter::new(cfg.gateway_handshakes_per_ip_per_sec)),
         account_budget: account_budget.clone(),
+        memory_guard: memory_guard.clone(),
         authenticator: authenticator.clone(),
         hub: hub.clone(),
         pubsub: backend.pubsub.clone(),
@@ -659,6 +677,9 @@ pub async fn run(
     let _ = heartbeats.await;
     let _ = reset_worker.await;
     let _ = account_reports.await;
+    if let Some(watch) = memory_watch {
+        let _ = watch.await;
+    }
     if let Some(watcher) = tls_watcher {
         let _ = watcher.await;
     }

@@ -499,3 +499,105 @@ async fn a_redis_that_would_lose_acked_messages_is_refused_at_start() {
     assert!(wait_ready(&node).await);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A Redis near its `maxmemory`: while its used memory is at least 90% of it, sends are refused
+/// with `unavailable` (nothing appended), the ratio is exported, and once it has room again sends
+/// are acked; Redis itself never gets to refuse writes.
+#[actix_web::test]
+async fn a_nearly_full_redis_refuses_sends_before_it_is_full() {
+    let redis = OwnRedis::start().await;
+    let mut admin = redis::Client::open(redis.url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin");
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "64mb"])
+        .query_async(&mut admin)
+        .await
+        .expect("maxmemory");
+    let cluster = Cluster::new().await;
+    let a = cluster
+        .start_with(gateway::config::GatewayConfig {
+            redis_url: redis.url.clone(),
+            redis_cluster_urls: String::new(),
+            redis_memory_check_ms: 200,
+            ..cluster.config("node-a")
+        })
+        .await;
+    let alice = register(&a, "alice").await;
+    let bob = register(&a, "bob").await;
+    let (mut ws, _) = connect(&a, &alice).await;
+    async fn send(ws: &mut Ws, n: &mut usize, to: uuid::Uuid) -> Value {
+        *n += 1;
+        let id = format!("m{n}");
+        send_json(ws, send_frame(&id, to, "hello")).await;
+        let reply = recv_until(ws, |f| f["id"] == id.as_str()).await;
+        reply.last().expect("reply").clone()
+    }
+    let mut n = 0;
+    assert_eq!(send(&mut ws, &mut n, bob.id).await["type"], "ack");
+
+    // Fill Redis to about 92% of 64 MiB with junk.
+    let mut junk = 0;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut admin)
+            .await
+            .expect("info");
+        let used: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory");
+        if used >= 64 * 1024 * 1024 * 92 / 100 {
+            break;
+        }
+        let _: () = redis::cmd("SET")
+            .arg(format!("junk:{junk}"))
+            .arg(vec![b'x'; 1 << 20])
+            .query_async(&mut admin)
+            .await
+            .expect("junk");
+        junk += 1;
+    }
+    let mut refused = Value::Null;
+    for _ in 0..30 {
+        refused = send(&mut ws, &mut n, bob.id).await;
+        if refused["type"] == "error" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{refused}"
+    );
+    assert!(
+        metric(&a, "chat_gateway_redis_memory_used_ratio")
+            .await
+            .unwrap_or(0.0)
+            >= 0.9
+    );
+    for i in 0..junk {
+        let _: () = redis::cmd("DEL")
+            .arg(format!("junk:{i}"))
+            .query_async(&mut admin)
+            .await
+            .expect("del");
+    }
+    let mut acked = Value::Null;
+    for _ in 0..30 {
+        acked = send(&mut ws, &mut n, bob.id).await;
+        if acked["type"] == "ack" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        acked["type"], "ack",
+        "accepted again once Redis has room: {acked}"
+    );
+}

@@ -76,6 +76,7 @@ pub struct Services {
     pub slots: Arc<admission::Slots>,
     pub handshakes: Arc<HandshakeLimiter>,
     pub account_budget: Arc<crate::account_budget::AccountBudget>,
+    pub memory_guard: Arc<crate::memory_guard::MemoryGuard>,
     pub authenticator: Arc<Authenticator>,
     pub hub: Arc<Hub>,
     pub pubsub: Arc<dyn PubSub>,

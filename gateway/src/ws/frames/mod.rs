@@ -137,6 +137,7 @@ pub async fn on_text(
                 limits,
                 &mut state.send_limiter,
                 &ws.account_budget,
+                &ws.memory_guard,
                 ws.log.as_ref(),
                 &ws.directory,
                 &ws.metrics,

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::{membership, Peer, Refusal};
 use crate::account_budget::AccountBudget;
 use crate::directory::Directory;
+use crate::memory_guard::MemoryGuard;
 use crate::metrics::Metrics;
 use crate::rate::Limiter;
 use crate::ws::outbox::{Outbox, WriteError};
@@ -42,6 +43,7 @@ pub async fn handle(
     limits: Limits,
     limiter: &mut Limiter,
     account: &AccountBudget,
+    room: &MemoryGuard,
     log: &dyn MessageLog,
     directory: &Directory,
     metrics: &Metrics,
@@ -63,6 +65,16 @@ pub async fn handle(
             limits.account_rate_per_sec
         );
         ServerFrame::error(Some(id), ErrorCode::RateLimited, message)
+    } else if !room.has_room() {
+        metrics
+            .rate_limited
+            .with_label_values(&["redis_full"])
+            .inc();
+        ServerFrame::error(
+            Some(id),
+            ErrorCode::Unavailable,
+            "the message store is nearly full; retry later",
+        )
     } else {
         let span = chat_core::telemetry::span_if_exporting(|| {
             tracing::info_span!(
