@@ -1,6 +1,9 @@
 //! Tokens: our HS256 JWTs, and RS256/ES256 JWTs from an external identity provider verified
 //! with keys from a JWKS file; every algorithm is pinned on verify.
 
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -12,6 +15,9 @@ pub enum TokenError {
     Expired,
     #[error("token invalid")]
     Invalid,
+    /// An external token names a key the provider's JWKS (as last read) does not have.
+    #[error("token signed with an unknown key")]
+    UnknownKey,
 }
 
 /// JWT claims.
@@ -166,6 +172,11 @@ impl ExternalProvider {
             .ok_or(TokenError::Invalid)?;
         // A token naming a key must use that key, with that key's algorithm; one naming none is
         // tried against every key of its algorithm.
+        if let Some(kid) = kid {
+            if !self.keys.iter().any(|k| k.kid.as_deref() == Some(kid)) {
+                return Err(TokenError::UnknownKey);
+            }
+        }
         let candidates = self
             .keys
             .iter()
@@ -208,7 +219,96 @@ pub struct Auth {
     validation: Validation,
     ttl_secs: u64,
     /// RS256/ES256 tokens from an external identity provider, when configured.
-    external: Option<ExternalProvider>,
+    external: Option<Arc<ExternalKeys>>,
+}
+
+/// Where an external provider's keys come from: its JWKS file, read again periodically and when
+/// a token names a key it does not have (at most every [`MIN_JWKS_RELOAD_GAP`]), so a key
+/// rotation needs no restart. A file that does not load keeps the keys in use.
+pub struct ExternalKeys {
+    path: String,
+    issuer: String,
+    audience: String,
+    current: RwLock<ExternalProvider>,
+    last_read: Mutex<Option<std::time::Instant>>,
+}
+
+/// Shortest time between two reads of the JWKS file that tokens with unknown keys ask for.
+pub const MIN_JWKS_RELOAD_GAP: Duration = Duration::from_secs(2);
+
+impl ExternalKeys {
+    /// Keys from the JWKS file at `path`.
+    pub fn load(path: &str, issuer: &str, audience: &str) -> Result<Self, JwksError> {
+        let jwks = std::fs::read_to_string(path).map_err(|e| JwksError::Parse(e.to_string()))?;
+        Ok(ExternalKeys {
+            path: path.to_string(),
+            issuer: issuer.to_string(),
+            audience: audience.to_string(),
+            current: RwLock::new(ExternalProvider::from_jwks(&jwks, issuer, audience)?),
+            last_read: Mutex::new(Some(std::time::Instant::now())),
+        })
+    }
+
+    fn verify(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<Identity, TokenError> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .verify(token, alg, kid)
+    }
+
+    /// Reads the file again; true when it loaded (its keys are in use from now on).
+    pub async fn reload(&self) -> bool {
+        *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        let path = self.path.clone();
+        let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await;
+        let loaded = match read {
+            Ok(Ok(jwks)) => ExternalProvider::from_jwks(&jwks, &self.issuer, &self.audience)
+                .map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match loaded {
+            Ok(provider) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = provider;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.path, "jwks not reloaded; the keys in use stay");
+                false
+            }
+        }
+    }
+
+    /// [`Self::reload`], unless the file was read less than [`MIN_JWKS_RELOAD_GAP`] ago.
+    pub async fn reload_if_due(&self) -> bool {
+        let due = self
+            .last_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|at| at.elapsed() >= MIN_JWKS_RELOAD_GAP);
+        due && self.reload().await
+    }
+
+    /// Reads the file every `every` until `shutdown`.
+    pub async fn run(
+        self: Arc<Self>,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { self.reload().await; }
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
 }
 
 impl Auth {
@@ -227,10 +327,19 @@ impl Auth {
         }
     }
 
-    /// Also accepts tokens from `provider`.
-    pub fn with_external(mut self, provider: ExternalProvider) -> Self {
-        self.external = Some(provider);
+    /// Also accepts tokens signed with `keys`.
+    pub fn with_external(mut self, keys: Arc<ExternalKeys>) -> Self {
+        self.external = Some(keys);
         self
+    }
+
+    /// Reads the external provider's keys again when a token named an unknown one (rate
+    /// limited); true when they were read.
+    pub async fn refresh_external_keys(&self) -> bool {
+        match &self.external {
+            Some(keys) => keys.reload_if_due().await,
+            None => false,
+        }
     }
 
     /// A new token for `user_id`, at the user's current token `version`.
@@ -267,8 +376,8 @@ impl Auth {
                     Err(e) => Err(token_error(&e)),
                 }
             }
-            (alg @ (Algorithm::RS256 | Algorithm::ES256), Some(provider)) => {
-                provider.verify(token, alg, header.kid.as_deref())
+            (alg @ (Algorithm::RS256 | Algorithm::ES256), Some(keys)) => {
+                keys.verify(token, alg, header.kid.as_deref())
             }
             _ => Err(TokenError::Invalid),
         }

@@ -12,7 +12,7 @@ use chat_core::store::Store;
 use serde::Deserialize;
 
 use crate::api_error::ApiError;
-use crate::auth::{Auth, Identity};
+use crate::auth::{Auth, Identity, TokenError};
 use crate::directory::Directory;
 use crate::fields::name_problem;
 use crate::ticket::{Tickets, TICKET_TTL_SECS};
@@ -99,12 +99,17 @@ impl Authenticator {
         }
     }
 
-    /// The identity a token proves.
+    /// The identity a token proves. A token naming a provider key we do not have makes the
+    /// provider's keys be read again (at most every 2 s) and is checked once more: a rotated
+    /// key works from its first token.
     pub async fn identify(&self, token: &str) -> Result<Identity, ApiError> {
-        let identity = self
-            .auth
-            .verify(token)
-            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        let verified = match self.auth.verify(token) {
+            Err(TokenError::UnknownKey) if self.auth.refresh_external_keys().await => {
+                self.auth.verify(token)
+            }
+            other => other,
+        };
+        let identity = verified.map_err(|e| ApiError::unauthorized(e.to_string()))?;
         self.admit(identity).await
     }
 

@@ -57,6 +57,9 @@ pub struct GatewayConfig {
     pub jwt_ttl_secs: u64,
     /// JWKS file of an external identity provider whose RS256/ES256 tokens are also accepted.
     pub jwt_jwks_path: Option<String>,
+    /// How often the JWKS file is read again (it is also read when a token names an unknown
+    /// key, at most every 2 s).
+    pub jwt_jwks_reload_secs: u64,
     /// Required `iss` of external tokens (required with `jwt_jwks_path`).
     pub jwt_external_issuer: Option<String>,
     /// Required `aud` of external tokens (required with `jwt_jwks_path`).
@@ -189,6 +192,7 @@ impl Default for GatewayConfig {
             jwt_secret: None,
             jwt_ttl_secs: 86_400,
             jwt_jwks_path: None,
+            jwt_jwks_reload_secs: 300,
             jwt_external_issuer: None,
             jwt_external_audience: None,
             dev_mode: false,
@@ -279,6 +283,8 @@ pub struct Validated {
 /// An external identity provider's JWKS document, issuer and audience.
 #[derive(Debug, Clone)]
 pub struct ExternalJwt {
+    /// Where the JWKS file is (read again every `jwt_jwks_reload_secs`).
+    pub path: String,
     pub jwks: String,
     pub issuer: String,
     pub audience: String,
@@ -329,6 +335,7 @@ impl GatewayConfig {
         };
         let positive = [
             ("jwt_ttl_secs", self.jwt_ttl_secs as usize),
+            ("jwt_jwks_reload_secs", self.jwt_jwks_reload_secs as usize),
             (
                 "gateway_heartbeat_secs",
                 self.gateway_heartbeat_secs as usize,
@@ -597,6 +604,7 @@ impl GatewayConfig {
                 .ok_or_else(|| SettingsError::invalid(key, "is required when jwt_jwks_path is set"))
         };
         let external = ExternalJwt {
+            path: path.to_string(),
             jwks: std::fs::read_to_string(path)
                 .map_err(|e| SettingsError::invalid("jwt_jwks_path", format!("{path}: {e}")))?,
             issuer: required("jwt_external_issuer", &self.jwt_external_issuer)?,

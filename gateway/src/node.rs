@@ -463,11 +463,17 @@ pub async fn run(
         cfg.gateway_workers
     };
     let mut auth = Auth::new(&config.jwt_secret, cfg.jwt_ttl_secs);
+    let mut jwks_reloads = None;
     if let Some(external) = &config.external_jwt {
-        let provider = external
-            .provider()
-            .map_err(|e| GatewayError::Auth(e.to_string()))?;
-        auth = auth.with_external(provider);
+        let keys = Arc::new(
+            crate::auth::ExternalKeys::load(&external.path, &external.issuer, &external.audience)
+                .map_err(|e| GatewayError::Auth(e.to_string()))?,
+        );
+        jwks_reloads = Some(actix_web::rt::spawn(keys.clone().run(
+            Duration::from_secs(cfg.jwt_jwks_reload_secs),
+            shutdown.clone(),
+        )));
+        auth = auth.with_external(keys);
     }
     let auth = Arc::new(auth);
     let passwords = Arc::new(
@@ -677,6 +683,9 @@ pub async fn run(
     let _ = heartbeats.await;
     let _ = reset_worker.await;
     let _ = account_reports.await;
+    if let Some(reloads) = jwks_reloads {
+        let _ = reloads.await;
+    }
     if let Some(watch) = memory_watch {
         let _ = watch.await;
     }

@@ -711,3 +711,78 @@ async fn one_account_flooding_from_many_connections_is_held_to_its_budget() {
     let grown = used_memory().await - memory_before;
     assert!(grown < 16 << 20, "Redis grew by {grown} bytes");
 }
+
+/// The provider's JWKS is read again when a token names a key we do not have (at most every
+/// 2 s) and every `jwt_jwks_reload_secs`: a key added to the file works from its first token
+/// after that, and a key removed stops working within a reload, with no restart.
+#[actix_web::test]
+async fn external_keys_rotate_without_a_restart() {
+    let cluster = Cluster::new().await;
+    let all: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("idp-jwks.json")).expect("jwks"))
+            .expect("json");
+    let only = |kid: &str| {
+        json!({"keys": all["keys"].as_array().expect("keys").iter()
+            .filter(|k| k["kid"] == kid).cloned().collect::<Vec<_>>()})
+    };
+    let path = std::env::temp_dir().join(format!("jwks-{}.json", Uuid::new_v4().simple()));
+    let write = |jwks: &Value| std::fs::write(&path, jwks.to_string()).expect("write jwks");
+    write(&only("rsa-1"));
+    let idp = |node_id: &str, reload_secs: u64| {
+        let mut config = cluster.config(node_id);
+        config.jwt_jwks_path = Some(path.to_string_lossy().into_owned());
+        config.jwt_external_issuer = Some(ISSUER.into());
+        config.jwt_external_audience = Some(AUDIENCE.into());
+        config.jwt_jwks_reload_secs = reload_secs;
+        config
+    };
+    // One node reads the file only on demand (its periodic reload is an hour away), the other
+    // every second.
+    let node = cluster.start_with(idp("on-demand", 3600)).await;
+    let periodic = cluster.start_with(idp("periodic", 1)).await;
+    let now = gateway::auth::unix_now();
+    let claims =
+        json!({"sub": "rotor", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300});
+    let rs = sign(
+        Algorithm::RS256,
+        Some("rsa-1"),
+        &rsa_key("idp-rsa.der"),
+        &claims,
+    );
+    let ec = EncodingKey::from_ec_der(&std::fs::read(fixture("idp-ec.der")).expect("fixture"));
+    let es = sign(Algorithm::ES256, Some("ec-1"), &ec, &claims);
+    assert_eq!(me(&node, &rs).await.0, 200);
+    assert_eq!(me(&node, &es).await.0, 401, "ec-1 is not in the file yet");
+
+    // The provider publishes ec-1: the first token naming it after the 2 s gap works.
+    write(&all);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        me(&node, &es).await.0,
+        200,
+        "read again for the unknown key"
+    );
+
+    // The provider retires rsa-1: within a periodic reload its tokens stop working.
+    assert_eq!(me(&periodic, &rs).await.0, 200);
+    write(&only("ec-1"));
+    let retired = chat_core::testing::eventually(Duration::from_secs(5), || {
+        let (periodic, rs) = (&periodic, rs.clone());
+        async move { me(periodic, &rs).await.0 == 401 }
+    })
+    .await;
+    assert!(
+        retired,
+        "a key removed from the file is refused after a reload"
+    );
+    assert_eq!(me(&periodic, &es).await.0, 200);
+    // A file that does not load keeps the keys in use.
+    std::fs::write(&path, "not json").expect("write");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        me(&periodic, &es).await.0,
+        200,
+        "a broken file changes nothing"
+    );
+    let _ = std::fs::remove_file(&path);
+}
