@@ -106,6 +106,12 @@ pub struct GatewayConfig {
     pub gateway_max_room_members: usize,
     /// Most rooms a user may be a member of.
     pub gateway_max_rooms_per_user: usize,
+    /// A room membership the node's index reports is confirmed in Postgres at most this long
+    /// ago before a send, sync, read or history request relies on it.
+    pub gateway_membership_recheck_secs: u64,
+    /// How often the node reloads its users' rooms from Postgres (delivery follows changes
+    /// whose events were lost).
+    pub gateway_room_reload_secs: u64,
     /// Most WebSocket connections this node holds; handshakes beyond it get 503.
     pub gateway_max_connections: usize,
     /// Sustained `send` frames per second per connection (token bucket; bursts of twice this).
@@ -219,6 +225,8 @@ impl Default for GatewayConfig {
             gateway_history_tail_ttl_secs: chat_core::log::DEFAULT_TAIL_TTL_MS / 1000,
             gateway_max_room_members: 10_000,
             gateway_max_rooms_per_user: 1_000,
+            gateway_membership_recheck_secs: 5,
+            gateway_room_reload_secs: 60,
             gateway_max_connections: 20_000,
             gateway_send_rate_per_sec: 50,
             gateway_frame_budget_per_sec: 100,
@@ -377,6 +385,14 @@ impl GatewayConfig {
                 self.gateway_max_rooms_per_user,
             ),
             ("gateway_max_connections", self.gateway_max_connections),
+            (
+                "gateway_membership_recheck_secs",
+                self.gateway_membership_recheck_secs as usize,
+            ),
+            (
+                "gateway_room_reload_secs",
+                self.gateway_room_reload_secs as usize,
+            ),
             (
                 "gateway_send_rate_per_sec",
                 self.gateway_send_rate_per_sec as usize,

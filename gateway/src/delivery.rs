@@ -52,7 +52,7 @@ impl Delivery {
 
     /// Reloads every local user's rooms from Postgres into the hub; returns the room topics to
     /// subscribe and to release.
-    async fn reload_rooms(&self) -> Result<Interest, chat_core::store::StoreError> {
+    pub async fn reload_rooms(&self) -> Result<Interest, chat_core::store::StoreError> {
         let mut interest = Interest::default();
         for users in self.hub.local_users().chunks(RELOAD_BATCH) {
             for (user, rooms) in self.store.rooms_of_users(users).await? {

@@ -1,10 +1,12 @@
 //! Who exists and who may use a conversation, asked by every send, frame and request. Users are
 //! never deleted and direct conversations never change members, so positive answers are kept
-//! in bounded LRU caches; room membership changes, so it comes from the hub's live index (for
-//! local users) or from Postgres.
+//! in bounded LRU caches. Room membership changes: the hub's live index (kept by membership
+//! events) answers no at once, and a yes is confirmed in Postgres at most
+//! `gateway_membership_recheck_secs` earlier, so a removal whose event was lost still holds on
+//! every node within that time.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chat_core::log::MessageLog;
 use chat_core::pubsub::Topic;
@@ -31,16 +33,23 @@ pub struct Directory {
     hub: Arc<Hub>,
     users: Mutex<LruCache<Uuid, ()>>,
     pairs: Mutex<LruCache<Uuid, (Uuid, Uuid)>>,
+    /// (user, room) memberships Postgres confirmed, and when.
+    confirmed: Mutex<LruCache<(Uuid, Uuid), Instant>>,
+    /// How long a confirmation holds.
+    recheck: Duration,
 }
 
 impl Directory {
-    pub fn new(store: Store, log: Arc<dyn MessageLog>, hub: Arc<Hub>) -> Self {
+    /// Room memberships the hub reports are confirmed in Postgres every `recheck`.
+    pub fn new(store: Store, log: Arc<dyn MessageLog>, hub: Arc<Hub>, recheck: Duration) -> Self {
         Directory {
             store,
             log,
             hub,
             users: Mutex::new(LruCache::new(CACHE_ENTRIES)),
             pairs: Mutex::new(LruCache::new(CACHE_ENTRIES)),
+            confirmed: Mutex::new(LruCache::new(CACHE_ENTRIES)),
+            recheck,
         }
     }
 
@@ -77,7 +86,18 @@ impl Directory {
         conversation: Uuid,
     ) -> Result<Option<Membership>, DirectoryError> {
         if self.hub.is_member(user, conversation) {
-            return Ok(Some(Membership::Room));
+            let fresh = lock(&self.confirmed)
+                .get(&(user, conversation))
+                .is_some_and(|at| at.elapsed() < self.recheck);
+            if fresh {
+                return Ok(Some(Membership::Room));
+            }
+            // The index may be stale (a removal's event lost): Postgres decides.
+            let membership = self.from_postgres(user, conversation).await?;
+            if membership == Some(Membership::Room) {
+                lock(&self.confirmed).insert((user, conversation), Instant::now());
+            }
+            return Ok(membership);
         }
         let of_pair = |(a, b): (Uuid, Uuid)| {
             if a == user {
@@ -97,15 +117,22 @@ impl Directory {
             lock(&self.pairs).insert(conversation, pair);
             return Ok(of_pair(pair));
         }
-        let membership =
-            tokio::time::timeout(LOOKUP_TIMEOUT, self.store.membership(user, conversation))
-                .await
-                .map_err(|_| DirectoryError("postgres did not answer in time".into()))?
-                .map_err(|e| DirectoryError(e.to_string()))?;
+        let membership = self.from_postgres(user, conversation).await?;
         if let Some(Membership::Direct { peer }) = membership {
             lock(&self.pairs).insert(conversation, (user, peer));
         }
         Ok(membership)
+    }
+
+    async fn from_postgres(
+        &self,
+        user: Uuid,
+        conversation: Uuid,
+    ) -> Result<Option<Membership>, DirectoryError> {
+        tokio::time::timeout(LOOKUP_TIMEOUT, self.store.membership(user, conversation))
+            .await
+            .map_err(|_| DirectoryError("postgres did not answer in time".into()))?
+            .map_err(|e| DirectoryError(e.to_string()))
     }
 }
 

@@ -298,6 +298,43 @@ async fn check_redis_durability(
     Ok(())
 }
 
+/// Reloads every local user's rooms from Postgres every `every` until `shutdown`, and follows
+/// with the subscriptions: a membership change whose event was lost (an add or a removal
+/// published while this node's pub/sub was down, and not caught by the resync) takes effect
+/// for delivery within `every`.
+async fn reload_rooms_every(
+    delivery: Arc<Delivery>,
+    pubsub: Arc<dyn PubSub>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match delivery.reload_rooms().await {
+            Ok(interest) => {
+                if !interest.release.is_empty() {
+                    tracing::info!(
+                        rooms = interest.release.len(),
+                        "room memberships reloaded: left rooms released"
+                    );
+                    pubsub.release(interest.release);
+                }
+                if !interest.subscribe.is_empty() {
+                    if let Err(e) = pubsub.subscribe(interest.subscribe).await {
+                        tracing::warn!(error = %e, "rooms found on reload not subscribed yet");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "room memberships not reloaded"),
+        }
+    }
+}
+
 /// Readiness of the pub/sub subscriptions.
 struct PubSubProbe(Arc<dyn PubSub>);
 
@@ -383,12 +420,20 @@ pub async fn run(
     // The backend outlives the connections: it stops after they have drained.
     let backend_stop = CancellationToken::new();
     let backend = match cfg.backend {
-        BackendKind::Redis => {
-            Backend::redis(&config, &metrics, &store, delivery, backend_stop.clone())?
-        }
-        BackendKind::Memory => {
-            Backend::memory(&config, &metrics, &store, delivery, backend_stop.clone())?
-        }
+        BackendKind::Redis => Backend::redis(
+            &config,
+            &metrics,
+            &store,
+            delivery.clone(),
+            backend_stop.clone(),
+        )?,
+        BackendKind::Memory => Backend::memory(
+            &config,
+            &metrics,
+            &store,
+            delivery.clone(),
+            backend_stop.clone(),
+        )?,
     };
 
     let lock = Arc::new(LockProbe::default());
@@ -488,6 +533,13 @@ pub async fn run(
         store.clone(),
         backend.log.clone(),
         hub.clone(),
+        Duration::from_secs(cfg.gateway_membership_recheck_secs),
+    ));
+    let room_reloads = actix_web::rt::spawn(reload_rooms_every(
+        delivery.clone(),
+        backend.pubsub.clone(),
+        Duration::from_secs(cfg.gateway_room_reload_secs),
+        shutdown.clone(),
     ));
     let authenticator = Arc::new(Authenticator::new(
         auth.clone(),
@@ -683,6 +735,7 @@ pub async fn run(
     let _ = heartbeats.await;
     let _ = reset_worker.await;
     let _ = account_reports.await;
+    let _ = room_reloads.await;
     if let Some(reloads) = jwks_reloads {
         let _ = reloads.await;
     }

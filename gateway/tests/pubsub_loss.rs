@@ -601,3 +601,82 @@ async fn a_nearly_full_redis_refuses_sends_before_it_is_full() {
         "accepted again once Redis has room: {acked}"
     );
 }
+
+/// A room removal whose event never reaches the removed member's node (the membership deleted in
+/// Postgres behind the nodes' backs, with no publish and no pub/sub loss to resync after): within
+/// `gateway_membership_recheck_secs` (1 s here) the removed member's sends, syncs and history
+/// requests are refused, and within `gateway_room_reload_secs` (2 s here) live delivery to them
+/// stops too.
+#[actix_web::test]
+async fn a_room_removal_holds_without_its_event() {
+    let cluster = Cluster::new().await;
+    let config = |node_id: &str| gateway::config::GatewayConfig {
+        gateway_membership_recheck_secs: 1,
+        gateway_room_reload_secs: 2,
+        ..cluster.config(node_id)
+    };
+    let a = cluster.start_with(config("node-a")).await;
+    let b = cluster.start_with(config("node-b")).await;
+    let (alice, bob) = (register(&a, "alice").await, register(&b, "bob").await);
+    let room = create_room(&a, &alice, &[bob.id]).await;
+    let (mut alice_ws, _) = connect(&a, &alice).await;
+    let (mut bob_ws, _) = connect(&b, &bob).await;
+    let room_send =
+        |id: &str| json!({"type": "send", "id": id, "conversation_id": room, "body": id});
+    send_json(&mut bob_ws, room_send("before")).await;
+    let reply = recv_until(&mut bob_ws, |f| f["id"] == "before").await;
+    assert_eq!(reply.last().expect("ack")["type"], "ack");
+
+    let db = chat_core::testing::connect(&cluster.db_url).await;
+    db.execute(
+        "DELETE FROM conversation_members WHERE conversation_id = $1 AND user_id = $2",
+        &[&room, &bob.id],
+    )
+    .await
+    .expect("remove bob behind the nodes' backs");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    send_json(&mut bob_ws, room_send("after")).await;
+    let reply = recv_until(&mut bob_ws, |f| f["id"] == "after").await;
+    let reply = reply.last().expect("reply");
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("forbidden")),
+        "{reply}"
+    );
+    send_json(
+        &mut bob_ws,
+        json!({"type": "sync", "conversation_id": room, "after_seq": 0}),
+    )
+    .await;
+    let frames = recv_until(&mut bob_ws, |f| {
+        f["type"] == "error" || f["type"] == "synced"
+    })
+    .await;
+    assert_eq!(
+        frames.last().expect("answer")["code"],
+        "forbidden",
+        "{frames:?}"
+    );
+    let (status, _) = get(
+        &format!("http://{}/api/v1/conversations/{room}/messages", b.http),
+        Some(&bob.token),
+    )
+    .await;
+    assert!(status == 403 || status == 404, "history refused: {status}");
+
+    // Delivery follows at the next reload.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    while recv_within(&mut bob_ws, Duration::from_millis(100))
+        .await
+        .is_some()
+    {}
+    send_json(&mut alice_ws, room_send("unseen")).await;
+    recv_until(&mut alice_ws, |f| f["id"] == "unseen").await;
+    while let Some(frame) = recv_within(&mut bob_ws, Duration::from_millis(700)).await {
+        assert_ne!(
+            frame["type"], "message",
+            "a removed member still receives: {frame}"
+        );
+    }
+}
