@@ -93,7 +93,7 @@ impl Directory {
                 return Ok(Some(Membership::Room));
             }
             // The index may be stale (a removal's event lost): Postgres decides.
-            let membership = self.from_postgres(user, conversation).await?;
+            let membership = self.postgres_membership(user, conversation).await?;
             if membership == Some(Membership::Room) {
                 lock(&self.confirmed).insert((user, conversation), Instant::now());
             }
@@ -117,14 +117,14 @@ impl Directory {
             lock(&self.pairs).insert(conversation, pair);
             return Ok(of_pair(pair));
         }
-        let membership = self.from_postgres(user, conversation).await?;
+        let membership = self.postgres_membership(user, conversation).await?;
         if let Some(Membership::Direct { peer }) = membership {
             lock(&self.pairs).insert(conversation, (user, peer));
         }
         Ok(membership)
     }
 
-    async fn from_postgres(
+    async fn postgres_membership(
         &self,
         user: Uuid,
         conversation: Uuid,
