@@ -7,7 +7,7 @@
 //! before reading: the tail answers them when it holds them all, Postgres fills in the rest, a
 //! seq in a skipped range is passed over (and a page that ends in one reaches to its far end),
 //! and any other seq that neither has is reported rather than skipped while the sink may still
-//! write it.
+//! write it (it is above what Postgres recorded, or still pending on a persistence worker).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -120,10 +120,23 @@ impl History {
                 .filter(|s| !found.contains_key(s) && !skipped(*s))
                 .max()
                 .unwrap_or(0);
-            // A hole at or below what Postgres has recorded will never fill (a dead-lettered
-            // entry, or Redis data loss); a hole above it may still be written by the sink.
+            // A hole above what Postgres has recorded may still be written by the sink. One at
+            // or below it will never fill (a dead-lettered entry, or Redis data loss) unless
+            // a worker still holds it: one that died with it pending while others wrote later
+            // seqs. Only a hole the log no longer holds is skipped; when the log cannot say,
+            // the caller retries rather than skip a message for good.
             if missing_above > 0 {
-                if missing_above > self.store.last_seq(conversation).await? {
+                let behind = missing_above > self.store.last_seq(conversation).await?;
+                let holes: Vec<i64> = (lo..=hi)
+                    .filter(|s| !found.contains_key(s) && !skipped(*s))
+                    .collect();
+                let pending = behind
+                    || self
+                        .log
+                        .in_flight(conversation, &holes)
+                        .await
+                        .unwrap_or(true);
+                if pending {
                     self.metrics.history_incomplete.inc();
                     return Err(HistoryError::CatchingUp);
                 }

@@ -630,3 +630,106 @@ on_both_backends! {
         assert_eq!(unauthenticated.status().as_u16(), 401);
     }
 }
+
+/// A message pending on a persistence worker that died (another worker wrote later seqs, so
+/// Postgres's last seq is past it), and gone from the conversation's tail: history answers
+/// "catching up" (503, and `unavailable` to a sync) instead of a page without it, so no client
+/// ever passes over it as lost.
+#[actix_web::test]
+async fn history_never_skips_a_seq_pending_on_a_dead_worker() {
+    if on_cluster() {
+        return; // the stream is read directly below; the rule is the same on a cluster
+    }
+    let cluster = Cluster::new().await;
+    let node = cluster.start_with(cluster.config("node-a")).await;
+    let (alice, bob) = (register(&node, "alice").await, register(&node, "bob").await);
+    let conversation = chat_core::conversation::direct_conversation_id(alice.id, bob.id);
+    let (mut ws, _) = connect(&node, &alice).await;
+    async fn send(ws: &mut Ws, to: Uuid, n: i64) {
+        send_json(
+            ws,
+            send_frame(&format!("m{n}"), to, &format!("message {n}")),
+        )
+        .await;
+        let ack = recv_until(ws, |f| f["type"] == "ack").await;
+        assert_eq!(ack.last().expect("ack")["seq"], n);
+    }
+    async fn stored(db: &tokio_postgres::Client, conversation: Uuid) -> i64 {
+        db.query_one(
+            "SELECT count(*) FROM messages WHERE conversation_id = $1",
+            &[&conversation],
+        )
+        .await
+        .expect("count")
+        .get(0)
+    }
+    let db = chat_core::testing::connect(&cluster.db_url).await;
+
+    let worker = cluster.start_worker();
+    send(&mut ws, bob.id, 1).await;
+    send(&mut ws, bob.id, 2).await;
+    let written = chat_core::testing::eventually(Duration::from_secs(10), || async {
+        stored(&db, conversation).await == 2
+    })
+    .await;
+    assert!(written);
+    worker.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Seq 3 goes to a worker that dies with it (read, never acked).
+    send(&mut ws, bob.id, 3).await;
+    let keys = test_keys(&cluster.prefix);
+    let stream = keys.stream(keys.partition_of(conversation));
+    let _: redis::Value = redis_query({
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg(&[
+            "GROUP",
+            chat_core::keys::PERSISTENCE_GROUP,
+            "dead-worker",
+            "COUNT",
+            "10",
+            "STREAMS",
+        ])
+        .arg(&stream)
+        .arg(">");
+        cmd
+    })
+    .await;
+    for n in 4..=6 {
+        send(&mut ws, bob.id, n).await;
+    }
+    let _worker = cluster.start_worker();
+    let written = chat_core::testing::eventually(Duration::from_secs(10), || async {
+        stored(&db, conversation).await == 5
+    })
+    .await;
+    assert!(
+        written,
+        "seqs 1, 2, 4, 5, 6 in Postgres; 3 pending on the dead worker"
+    );
+    // The tail no longer holds it (in production: 1,000 newer messages, or its TTL).
+    let _: i64 = redis_query({
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(keys.tail(conversation));
+        cmd
+    })
+    .await;
+
+    let (status, body) = get(
+        &format!(
+            "http://{}/api/v1/conversations/{conversation}/messages",
+            node.http
+        ),
+        Some(&alice.token),
+    )
+    .await;
+    assert_eq!(status, 503, "not a page without seq 3: {body}");
+    send_json(
+        &mut ws,
+        json!({"type": "sync", "conversation_id": conversation, "after_seq": 0}),
+    )
+    .await;
+    let frames = recv_until(&mut ws, |f| f["type"] == "error" || f["type"] == "synced").await;
+    let last = frames.last().expect("answer");
+    assert_eq!(last["code"], "unavailable", "{frames:?}");
+}

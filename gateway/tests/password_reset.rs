@@ -205,11 +205,7 @@ async fn register_with_password(node: &NodeHandle, password: &str) -> (User, Str
 #[actix_web::test]
 async fn a_revocation_lost_in_a_pubsub_gap_still_closes_the_old_session() {
     let redis = OwnRedis::start().await;
-    let target = redis
-        .url
-        .trim_start_matches("redis://")
-        .trim_end_matches('/');
-    let proxy = chat_core::testing::Proxy::start(target.parse().expect("redis addr")).await;
+    let (proxy, proxied) = redis_proxy(&redis).await;
     let (hook, mut notices, hook_server) = webhook();
     let cluster = Cluster::new().await;
     let a = cluster
@@ -222,7 +218,7 @@ async fn a_revocation_lost_in_a_pubsub_gap_still_closes_the_old_session() {
         .await;
     let b = cluster
         .start_with(gateway::config::GatewayConfig {
-            redis_url: format!("redis://{}", proxy.addr),
+            redis_url: proxied.clone(),
             redis_cluster_urls: String::new(),
             ..cluster.config("node-b")
         })

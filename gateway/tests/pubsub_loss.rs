@@ -369,11 +369,7 @@ async fn redis_restart_from_its_aof_answers_unavailable_then_rebases_the_seq() {
 #[actix_web::test]
 async fn a_half_open_pubsub_connection_is_found_by_the_canary() {
     let redis = OwnRedis::start().await;
-    let target = redis
-        .url
-        .trim_start_matches("redis://")
-        .trim_end_matches('/');
-    let proxy = chat_core::testing::Proxy::start(target.parse().expect("redis addr")).await;
+    let (proxy, proxied) = redis_proxy(&redis).await;
     let cluster = Cluster::new().await;
     let a = cluster
         .start_with(gateway::config::GatewayConfig {
@@ -384,7 +380,7 @@ async fn a_half_open_pubsub_connection_is_found_by_the_canary() {
         .await;
     let b = cluster
         .start_with(gateway::config::GatewayConfig {
-            redis_url: format!("redis://{}", proxy.addr),
+            redis_url: proxied.clone(),
             redis_cluster_urls: String::new(),
             gateway_delivery_canary_interval_ms: 300,
             gateway_delivery_canary_timeout_ms: 1000,

@@ -323,6 +323,15 @@ impl MessageLog for MemoryLog {
     async fn direct_pair(&self, _conversation: Uuid) -> Result<Option<(Uuid, Uuid)>, BackendError> {
         Ok(None)
     }
+
+    async fn in_flight(&self, conversation: Uuid, seqs: &[i64]) -> Result<bool, BackendError> {
+        // What the sink has not committed yet is still held here, uncommitted.
+        let state = self.inner.lock();
+        Ok(state
+            .uncommitted
+            .values()
+            .any(|e| e.message.conversation_id == conversation && seqs.contains(&e.message.seq)))
+    }
 }
 
 #[async_trait]

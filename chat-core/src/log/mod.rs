@@ -145,6 +145,11 @@ pub trait MessageLog: Send + Sync {
 
     /// The two members of a direct conversation, known from its first message on.
     async fn direct_pair(&self, conversation: Uuid) -> Result<Option<(Uuid, Uuid)>, BackendError>;
+
+    /// Whether any of `seqs` of the conversation is still waiting to be written to Postgres:
+    /// delivered to a persistence worker that has not acked it (perhaps a dead one, until its
+    /// entries are claimed). History must not skip such a seq as lost.
+    async fn in_flight(&self, conversation: Uuid, seqs: &[i64]) -> Result<bool, BackendError>;
 }
 
 /// Why a log entry could not be decoded.

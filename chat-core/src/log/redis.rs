@@ -602,7 +602,44 @@ impl MessageLog for RedisLog {
             Some((Uuid::parse_str(a).ok()?, Uuid::parse_str(b).ok()?))
         }))
     }
+
+    async fn in_flight(&self, conversation: Uuid, seqs: &[i64]) -> Result<bool, BackendError> {
+        if seqs.is_empty() {
+            return Ok(false);
+        }
+        let script = redis::Script::new(IN_FLIGHT_LUA);
+        let mut inv = script.prepare_invoke();
+        inv.key(self.keys.stream(self.keys.partition_of(conversation)))
+            .arg(PERSISTENCE_GROUP)
+            .arg(conversation.to_string());
+        for seq in seqs {
+            inv.arg(*seq);
+        }
+        let found: i64 = self.redis.invoke("command", &inv).await?;
+        Ok(found == 1)
+    }
 }
+
+/// Whether one of the given seqs of a conversation is pending in the persistence group (the
+/// first 1,000 pending entries of the partition are looked at). KEYS[1] the partition's stream;
+/// ARGV[1] the group, ARGV[2] the conversation, ARGV[3..] the seqs.
+const IN_FLIGHT_LUA: &str = r#"
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', 1000)
+if not ok then return 0 end
+local want = {}
+for i = 3, #ARGV do want[ARGV[i]] = true end
+for _, p in ipairs(pending) do
+  local e = redis.call('XRANGE', KEYS[1], p[1], p[1])
+  if e[1] then
+    local f, conv, seq = e[1][2], nil, nil
+    for j = 1, #f, 2 do
+      if f[j] == 'conv' then conv = f[j + 1] elseif f[j] == 'seq' then seq = f[j + 1] end
+    end
+    if conv == ARGV[2] and want[seq] then return 1 end
+  end
+end
+return 0
+"#;
 
 /// Decodes one stream entry's field map.
 pub fn decode_entry(fields: &HashMap<String, Value>) -> Result<StoredMessage, DecodeError> {

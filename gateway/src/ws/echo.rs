@@ -3,10 +3,8 @@
 //! our WebSocket stack (they need a peer that echoes). No authentication, no Origin check; it
 //! counts against the node's connections and the handshakes per IP like `/ws`.
 
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseReason, Session};
-use chat_core::protocol::ErrorCode;
 
 use super::admission::Slot;
 use super::outbox::WRITE_TIMEOUT;
@@ -20,30 +18,7 @@ pub async fn echo(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    if let Some(ip) = ws.settings.trusted_proxies.client_ip(&req) {
-        if !ws.handshakes.allow(ip) {
-            ws.metrics
-                .rate_limited
-                .with_label_values(&["handshakes_per_ip"])
-                .inc();
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited,
-                "too many connection attempts; retry in a few seconds",
-            ));
-        }
-    }
-    let Some(slot) = ws.slots.take() else {
-        ws.metrics
-            .rate_limited
-            .with_label_values(&["connections"])
-            .inc();
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unavailable,
-            "this node is full; connect to another node",
-        ));
-    };
+    let slot = super::handshake::take_place(&ws, &req)?;
     let max = ws.settings.max_frame_bytes;
     let (response, session, reader) = super::handshake::upgrade(&req, body, max).await?;
     actix_web::rt::spawn(ws.tasks.track_future(run(session, reader, slot)));

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::admission::{origin_allowed, Registration};
+use super::admission::{origin_allowed, Registration, Slot};
 use super::connection::Connection;
 use super::reader::FrameReader;
 use super::Services;
@@ -59,34 +59,7 @@ async fn accept(
             "origin not allowed",
         ));
     }
-    if let Some(ip) = settings.trusted_proxies.client_ip(req) {
-        if !ws.handshakes.allow(ip) {
-            return Err(limited(
-                ws,
-                "handshakes_per_ip",
-                "too many connection attempts; retry in a few seconds",
-            ));
-        }
-    }
-    if ws.shutdown.is_cancelled() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unavailable,
-            "this node is draining; connect to another node",
-        ));
-    }
-    // Taken before anything awaits: concurrent handshakes cannot overfill the node.
-    let Some(slot) = ws.slots.take() else {
-        ws.metrics
-            .rate_limited
-            .with_label_values(&["connections"])
-            .inc();
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unavailable,
-            "this node is full; connect to another node",
-        ));
-    };
+    let slot = take_place(ws, req)?;
     let identity = ws
         .authenticator
         .authenticate(req, TokenFrom::HeaderOrQuery)
@@ -175,6 +148,39 @@ async fn subscribe_user_and_rooms(ws: &Services, user: Uuid) -> Result<(), Subsc
 }
 
 /// A `429 rate_limited` answer, counted by limit.
+/// A place on this node for a connection from `req`'s client: within the handshakes per IP,
+/// not while draining, and a free slot (taken before anything awaits, so concurrent handshakes
+/// cannot overfill the node). `/ws` and `/debug/echo` both admit through it.
+pub(super) fn take_place(ws: &Services, req: &HttpRequest) -> Result<Slot, ApiError> {
+    if let Some(ip) = ws.settings.trusted_proxies.client_ip(req) {
+        if !ws.handshakes.allow(ip) {
+            return Err(limited(
+                ws,
+                "handshakes_per_ip",
+                "too many connection attempts; retry in a few seconds",
+            ));
+        }
+    }
+    if ws.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "this node is draining; connect to another node",
+        ));
+    }
+    ws.slots.take().ok_or_else(|| {
+        ws.metrics
+            .rate_limited
+            .with_label_values(&["connections"])
+            .inc();
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "this node is full; connect to another node",
+        )
+    })
+}
+
 fn limited(ws: &Services, limit: &str, message: &str) -> ApiError {
     ws.metrics.rate_limited.with_label_values(&[limit]).inc();
     ApiError::new(

@@ -575,6 +575,17 @@ pub async fn sync_all(
     }
 }
 
+/// A TCP proxy in front of `redis`, and the URL that goes through it.
+pub async fn redis_proxy(redis: &OwnRedis) -> (chat_core::testing::Proxy, String) {
+    let target = redis
+        .url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/');
+    let proxy = chat_core::testing::Proxy::start(target.parse().expect("redis addr")).await;
+    let url = format!("redis://{}", proxy.addr);
+    (proxy, url)
+}
+
 /// A `redis-server` on a spare port, killed (SIGKILL) when dropped.
 pub struct OwnRedis {
     child: std::process::Child,
