@@ -419,22 +419,17 @@ pub async fn run(
     let delivery = Arc::new(Delivery::new(hub.clone(), store.clone()));
     // The backend outlives the connections: it stops after they have drained.
     let backend_stop = CancellationToken::new();
-    let backend = match cfg.backend {
-        BackendKind::Redis => Backend::redis(
-            &config,
-            &metrics,
-            &store,
-            delivery.clone(),
-            backend_stop.clone(),
-        )?,
-        BackendKind::Memory => Backend::memory(
-            &config,
-            &metrics,
-            &store,
-            delivery.clone(),
-            backend_stop.clone(),
-        )?,
+    let build = match cfg.backend {
+        BackendKind::Redis => Backend::redis,
+        BackendKind::Memory => Backend::memory,
     };
+    let backend = build(
+        &config,
+        &metrics,
+        &store,
+        delivery.clone(),
+        backend_stop.clone(),
+    )?;
 
     let lock = Arc::new(LockProbe::default());
     let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(PubSubProbe(backend.pubsub.clone()))];
