@@ -42,10 +42,12 @@ impl Counters for RedisCounters {
         adds: &[(CounterKey, u64)],
         window: Duration,
     ) -> Result<Vec<u64>, BackendError> {
+        // One request per key, all at once: the keys live in different slots of a cluster, and
+        // one instance pipelines concurrent requests on its connection anyway.
         let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-        let mut pipe = redis::pipe();
-        for (key, n) in adds {
+        let requests = adds.iter().map(|(key, n)| {
             let key = self.keys.counter(key);
+            let mut pipe = redis::pipe();
             pipe.cmd("INCRBY")
                 .arg(&key)
                 .arg(*n)
@@ -54,17 +56,24 @@ impl Counters for RedisCounters {
                 .arg(ms)
                 .arg("NX")
                 .ignore();
-        }
-        self.redis.query("command", &pipe).await
+            async move {
+                let (total,): (u64,) = self.redis.query("command", &pipe).await?;
+                Ok::<u64, BackendError>(total)
+            }
+        });
+        futures_util::future::try_join_all(requests).await
     }
 
     async fn peek(&self, keys: &[CounterKey]) -> Result<Vec<u64>, BackendError> {
-        // One GET each, pipelined (the keys may live in different slots of a cluster).
-        let mut pipe = redis::pipe();
-        for key in keys {
+        // One GET each, all at once (the keys may live in different slots of a cluster).
+        let requests = keys.iter().map(|key| {
+            let mut pipe = redis::pipe();
             pipe.cmd("GET").arg(self.keys.counter(key));
-        }
-        let counts: Vec<Option<u64>> = self.redis.query("command", &pipe).await?;
-        Ok(counts.into_iter().map(Option::unwrap_or_default).collect())
+            async move {
+                let (count,): (Option<u64>,) = self.redis.query("command", &pipe).await?;
+                Ok::<u64, BackendError>(count.unwrap_or_default())
+            }
+        });
+        futures_util::future::try_join_all(requests).await
     }
 }
