@@ -309,3 +309,48 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Two gateways whose first appends to a fresh Redis come at once (each meets `NOSCRIPT`, or
+/// finds no epoch) open one epoch between them: the conversation's seqs are 1..=40 with no
+/// re-base, where each used to replace the other's epoch and push the counter up by the margin.
+#[actix_web::test]
+async fn gateways_starting_at_once_open_one_epoch() {
+    let redis = OwnRedis::start().await;
+    let cluster = Cluster::new().await;
+    let config = |node_id: &str| gateway::config::GatewayConfig {
+        redis_url: redis.url.clone(),
+        redis_cluster_urls: String::new(),
+        redis_log_max_backlog: MARGIN as u64,
+        ..cluster.config(node_id)
+    };
+    let a = cluster.start_with(config("node-a")).await;
+    let b = cluster.start_with(config("node-b")).await;
+    let alice = register(&a, "alice").await;
+    let bob = register(&b, "bob").await;
+    // Ten connections, five on each node, all send their first frames before any answer.
+    let mut conns = Vec::new();
+    for i in 0..10 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        conns.push(connect(node, &alice).await.0);
+    }
+    for (i, ws) in conns.iter_mut().enumerate() {
+        for n in 0..4 {
+            send_json(ws, send_frame(&format!("c{i}-{n}"), bob.id, "at once")).await;
+        }
+    }
+    let mut seqs = Vec::new();
+    for ws in &mut conns {
+        let mut answered = 0;
+        while answered < 4 {
+            let frame = recv(ws).await.expect("an answer to every send");
+            match frame["type"].as_str() {
+                Some("ack") => seqs.push(frame["seq"].as_i64().expect("seq")),
+                Some("error") => panic!("a send was refused: {frame}"),
+                _ => continue,
+            }
+            answered += 1;
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "one epoch, no re-base");
+}

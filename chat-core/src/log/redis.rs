@@ -184,10 +184,26 @@ fn evalsha(script: &redis::Script, keys: &[String]) -> redis::Cmd {
     cmd
 }
 
-/// The margin of an epoch value (`<token>:<margin>`).
+/// The margin of an epoch value (`<token>:<margin>[:<run_id>]`).
 fn epoch_margin(value: &str) -> Option<u64> {
-    value.rsplit_once(':')?.1.parse().ok()
+    value.split(':').nth(1)?.parse().ok()
 }
+
+/// The Redis process an epoch was opened on (`<token>:<margin>:<run_id>`; none in epochs of
+/// 0.3 and earlier).
+fn epoch_run(value: &str) -> Option<&str> {
+    value.split(':').nth(2).filter(|r| !r.is_empty())
+}
+
+/// Replaces the epoch (KEYS[1]) with ARGV[2] only if it still holds ARGV[1] (or is missing
+/// when ARGV[1] is empty): of several gateways that met `NOSCRIPT` at once, one opens the new
+/// epoch and the others keep it.
+const REPLACE_EPOCH_LUA: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if (current or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"#;
 
 /// Where a re-base moves a counter: above every seq Redis still knows (`known`), and, when seqs
 /// may have been lost (`margin` > 0), above every seq that can have been issued: no conversation
@@ -317,7 +333,7 @@ impl RedisLog {
             partition = p,
             "redis does not know the partition's scripts (restarted or failed over); opening a new epoch"
         );
-        self.open_epoch(p, true).await?;
+        self.reopen_epoch(p).await?;
         let scripts = &self.scripts[usize::from(p)];
         let slot = self.keys.partition_slot(p);
         for script in [&scripts.append, &scripts.rebase] {
@@ -348,27 +364,84 @@ impl RedisLog {
             .ok_or_else(|| BackendError::Unavailable("redis lost the log's scripts again".into()))
     }
 
-    /// Opens a new epoch of partition `p` (recorded in Postgres first). `replace` after a
-    /// restart (the old epoch may have survived in the restored data); otherwise only where
-    /// the epoch is missing, so concurrent openers agree on one.
-    async fn open_epoch(&self, p: u16, replace: bool) -> Result<(), BackendError> {
+    /// The `run_id` of the Redis process that holds partition `p` (its master on a cluster).
+    async fn run_id(&self, p: u16) -> Result<String, BackendError> {
+        let slot = self.keys.partition_slot(p);
+        let info: String = self
+            .redis
+            .run("command", |conn| async move {
+                let mut info = redis::cmd("INFO");
+                info.arg("server");
+                match conn {
+                    Conn::Cluster(mut c) => c
+                        .route_command(
+                            &info,
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                                Route::new(slot, SlotAddr::Master),
+                            )),
+                        )
+                        .await
+                        .and_then(|v| redis::from_redis_value(&v)),
+                    mut conn => info.query_async(&mut conn).await,
+                }
+            })
+            .await?;
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix("run_id:"))
+            .map(|r| r.trim().to_string())
+            .ok_or_else(|| BackendError::Unavailable("redis reported no run_id".into()))
+    }
+
+    /// After `NOSCRIPT`: a new epoch for partition `p`, unless one was already opened on this
+    /// Redis process (another gateway met `NOSCRIPT` first and has not loaded the scripts yet).
+    /// The epoch carries the process's `run_id`, and is replaced only if it still holds what
+    /// was read, so gateways that meet `NOSCRIPT` at once open one epoch between them.
+    async fn reopen_epoch(&self, p: u16) -> Result<(), BackendError> {
+        let run = self.run_id(p).await?;
+        let key = self.keys.epoch(p);
+        let mut get = redis::pipe();
+        get.cmd("GET").arg(&key);
+        let (current,): (Option<String>,) = self.redis.query("command", &get).await?;
+        let current = current.unwrap_or_default();
+        if epoch_run(&current) == Some(run.as_str()) {
+            tracing::info!(
+                partition = p,
+                "log epoch already opened on this redis process"
+            );
+            return Ok(());
+        }
+        self.open_epoch_as(p, &run, Some(&current)).await
+    }
+
+    /// Opens a new epoch of partition `p` (recorded in Postgres first), only where the epoch
+    /// is missing, so concurrent openers agree on one.
+    async fn open_epoch(&self, p: u16) -> Result<(), BackendError> {
+        let run = self.run_id(p).await?;
+        self.open_epoch_as(p, &run, None).await
+    }
+
+    /// Opens epoch `<token>:<margin>:<run>` where the key holds `replacing` (`None`: where it
+    /// is missing).
+    async fn open_epoch_as(
+        &self,
+        p: u16,
+        run: &str,
+        replacing: Option<&str>,
+    ) -> Result<(), BackendError> {
         let token = Uuid::new_v4().simple().to_string();
         let used = self.floor.open_epoch(self.keys.prefix(), p, &token).await?;
         let margin = if used { self.retention.max_backlog } else { 0 };
-        let value = format!("{token}:{margin}");
-        let mut set = redis::cmd("SET");
-        set.arg(self.keys.epoch(p)).arg(&value);
-        if !replace {
-            set.arg("NX");
+        let value = format!("{token}:{margin}:{run}");
+        let script = redis::Script::new(REPLACE_EPOCH_LUA);
+        let mut inv = script.prepare_invoke();
+        inv.key(self.keys.epoch(p))
+            .arg(replacing.unwrap_or_default())
+            .arg(&value);
+        let opened: i64 = self.redis.invoke("command", &inv).await?;
+        if opened == 1 {
+            self.event("epoch_opened");
+            tracing::info!(partition = p, margin, "log epoch opened");
         }
-        let _: Option<String> = self
-            .redis
-            .run("command", |mut conn| async move {
-                set.query_async(&mut conn).await
-            })
-            .await?;
-        self.event("epoch_opened");
-        tracing::info!(partition = p, margin, "log epoch opened");
         Ok(())
     }
 
@@ -392,7 +465,7 @@ impl RedisLog {
             self.redis.query("command", &pipe).await?;
         let (n, validated) = counter;
         let Some(epoch) = epoch else {
-            return self.open_epoch(p, false).await;
+            return self.open_epoch(p).await;
         };
         if validated.as_deref() == Some(epoch.as_str()) {
             return Ok(());
@@ -533,7 +606,7 @@ impl MessageLog for RedisLog {
                 }
                 AppendReply::NoEpoch => {
                     tracing::warn!(partition = p, "log partition has no epoch (Redis lost its data, or this is its first use)");
-                    self.open_epoch(p, false).await?
+                    self.open_epoch(p).await?
                 }
                 AppendReply::Unvalidated => self.rebase(msg).await?,
                 AppendReply::BacklogFull => {
