@@ -69,11 +69,6 @@ pub struct Checked {
 }
 
 impl Readiness {
-    /// Names of the failing checks, in the probes' order; empty when ready.
-    pub async fn failing(&self) -> Vec<&'static str> {
-        self.check().await.failing
-    }
-
     /// Every check, the degraded-only ones too.
     pub async fn check(&self) -> Checked {
         let mut failing: Vec<&'static str> = self.lifecycle.failing().into_iter().collect();

@@ -245,9 +245,17 @@ pub struct RedisMetrics {
     pub log_events: IntCounterVec,
 }
 
-/// What one Redis node says of the settings an acked message relies on.
+/// The value of `name` in `INFO` text (`name:value` lines).
+pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// What one Redis node's `INFO` says of what an acked message relies on: persistence, the
+/// eviction policy and room left.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeDurability {
+pub struct NodeInfo {
     /// The node (its address, or the configured URL on one instance).
     pub node: String,
     /// `appendonly yes`: an acked append survives a restart of the process.
@@ -260,20 +268,14 @@ pub struct NodeDurability {
     pub maxmemory: u64,
 }
 
-impl NodeDurability {
+impl NodeInfo {
     /// From `INFO` text (`aof_enabled:1`, `maxmemory_policy:noeviction`).
     pub fn parse(node: String, info: &str) -> Self {
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
-                .map(str::trim)
-                .unwrap_or_default()
-                .to_string()
-        };
-        NodeDurability {
+        let field = |name: &str| info_field(info, name).unwrap_or_default();
+        NodeInfo {
             node,
             aof: field("aof_enabled") == "1",
-            eviction: field("maxmemory_policy"),
+            eviction: field("maxmemory_policy").to_string(),
             used_memory: field("used_memory").parse().unwrap_or(0),
             maxmemory: field("maxmemory").parse().unwrap_or(0),
         }
@@ -418,9 +420,9 @@ impl Commands {
         result
     }
 
-    /// Every node's persistence and eviction settings (`INFO`): the one instance, or every node
-    /// of a cluster, replicas included (one of them may be promoted).
-    pub async fn durability(&self) -> Result<Vec<NodeDurability>, BackendError> {
+    /// Every node's `INFO` (persistence, eviction, memory): the one instance, or every node of a
+    /// cluster, replicas included (one of them may be promoted).
+    pub async fn node_info(&self) -> Result<Vec<NodeInfo>, BackendError> {
         let info: Value = self
             .run("command", |conn| async move {
                 let info = redis::cmd("INFO");
@@ -448,7 +450,7 @@ impl Commands {
         };
         Ok(per_node
             .into_iter()
-            .map(|(node, info)| NodeDurability::parse(node, &info))
+            .map(|(node, info)| NodeInfo::parse(node, &info))
             .collect())
     }
 
@@ -515,23 +517,22 @@ impl crate::admin::Probe for Commands {
 mod tests {
     /// INFO fields are read whatever the surrounding lines; each missing setting is named.
     #[test]
-    fn durability_is_read_from_info() {
+    fn node_info_is_read_from_info() {
         let info = "# Persistence\r\nloading:0\r\naof_enabled:1\r\n# Memory\r\nused_memory:900\r\nused_memory_human:900B\r\nmaxmemory:1000\r\nmaxmemory_policy:noeviction\r\n";
-        let ok = NodeDurability::parse("a".into(), info);
+        let ok = NodeInfo::parse("a".into(), info);
         assert_eq!(ok.problem(), None);
         assert_eq!(ok.memory_ratio(), Some(0.9));
         assert_eq!(
-            NodeDurability::parse("u".into(), "maxmemory:0\n").memory_ratio(),
+            NodeInfo::parse("u".into(), "maxmemory:0\n").memory_ratio(),
             None
         );
-        let bad =
-            NodeDurability::parse("b".into(), "aof_enabled:0\nmaxmemory_policy:allkeys-lru\n");
+        let bad = NodeInfo::parse("b".into(), "aof_enabled:0\nmaxmemory_policy:allkeys-lru\n");
         let problem = bad.problem().expect("unsafe");
         assert!(
             problem.contains("appendonly is off") && problem.contains("allkeys-lru"),
             "{problem}"
         );
-        assert!(NodeDurability::parse("c".into(), "").problem().is_some());
+        assert!(NodeInfo::parse("c".into(), "").problem().is_some());
     }
 
     use super::*;

@@ -46,7 +46,7 @@ impl MemoryGuard {
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
-            let nodes = match redis.durability().await {
+            let nodes = match redis.node_info().await {
                 Ok(nodes) => nodes,
                 Err(e) => {
                     tracing::debug!(error = %e, "redis memory unreadable");

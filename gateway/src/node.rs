@@ -58,6 +58,9 @@ struct Backend {
     counters: Arc<dyn Counters>,
     /// What readiness checks of the backend (the Redis connection).
     probes: Vec<Arc<dyn Probe>>,
+    /// The shared Redis command connection (Redis only): the start-up durability check and the
+    /// memory guard read `INFO` on it rather than open connections of their own.
+    redis: Option<Commands>,
     /// The backend's own tasks (the pub/sub manager, the in-process sink), stopped after the
     /// connections have drained.
     tasks: Vec<JoinHandle<()>>,
@@ -131,7 +134,8 @@ impl Backend {
                 manager,
                 tokio::spawn(watch_cluster(redis.clone(), metrics.clone(), stop.clone())),
             ],
-            probes: vec![Arc::new(redis)],
+            probes: vec![Arc::new(redis.clone())],
+            redis: Some(redis),
         })
     }
 
@@ -174,6 +178,7 @@ impl Backend {
             ))),
             counters: Arc::new(MemoryCounters::default()),
             probes: Vec::new(),
+            redis: None,
             tasks: sink::spawn_all(&sink),
         })
     }
@@ -265,15 +270,14 @@ async fn watch_cluster(redis: Commands, metrics: Metrics, stop: CancellationToke
 /// `maxmemory-policy` other than `noeviction` (Redis would drop streams and counters to make
 /// room). Waits, with backoff, until Redis answers or shutdown (readiness says `starting`).
 async fn check_redis_durability(
-    target: &chat_core::redis_conn::RedisTarget,
+    redis: &Commands,
     required: bool,
     shutdown: &CancellationToken,
 ) -> Result<(), GatewayError> {
-    let redis = Commands::open(target, None)?;
     let mut backoff =
         chat_core::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let nodes = loop {
-        match redis.durability().await {
+        match redis.node_info().await {
             Ok(nodes) if !nodes.is_empty() => break nodes,
             Ok(_) => tracing::warn!("redis durability not checked yet: no node answered"),
             Err(e) => tracing::warn!(error = %e, "redis durability not checked yet; retrying"),
@@ -471,13 +475,8 @@ pub async fn run(
         BackendKind::Redis => LockMode::Shared,
         BackendKind::Memory => LockMode::Exclusive,
     };
-    if cfg.backend == BackendKind::Redis {
-        let checked = check_redis_durability(
-            &config.redis_target,
-            cfg.redis_require_durability,
-            &shutdown,
-        )
-        .await;
+    if let Some(redis) = &backend.redis {
+        let checked = check_redis_durability(redis, cfg.redis_require_durability, &shutdown).await;
         if let Err(e) = checked {
             backend.stop(&backend_stop).await;
             admin.stop().await;
@@ -566,21 +565,11 @@ pub async fn run(
     ));
     let account_reports = actix_web::rt::spawn(account_budget.clone().run(shutdown.clone()));
     let memory_guard = Arc::new(MemoryGuard::new(cfg.redis_memory_refuse_ratio));
-    let memory_watch = match cfg.backend {
-        BackendKind::Redis => {
-            let (guard, redis, metrics, stop) = (
-                memory_guard.clone(),
-                Commands::open(&config.redis_target, None)?,
-                metrics.clone(),
-                shutdown.clone(),
-            );
-            let every = Duration::from_millis(cfg.redis_memory_check_ms);
-            Some(actix_web::rt::spawn(async move {
-                guard.watch(redis, metrics, every, stop).await
-            }))
-        }
-        BackendKind::Memory => None,
-    };
+    let memory_watch = backend.redis.clone().map(|redis| {
+        let (guard, metrics, stop) = (memory_guard.clone(), metrics.clone(), shutdown.clone());
+        let every = Duration::from_millis(cfg.redis_memory_check_ms);
+        actix_web::rt::spawn(async move { guard.watch(redis, metrics, every, stop).await })
+    });
     let ws = Services {
         settings: Arc::new(WsSettings {
             node_id: config.node_id.clone(),

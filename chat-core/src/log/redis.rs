@@ -386,9 +386,8 @@ impl RedisLog {
                 }
             })
             .await?;
-        info.lines()
-            .find_map(|l| l.trim().strip_prefix("run_id:"))
-            .map(|r| r.trim().to_string())
+        crate::redis_conn::info_field(&info, "run_id")
+            .map(str::to_string)
             .ok_or_else(|| BackendError::Unavailable("redis reported no run_id".into()))
     }
 
