@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use actix_web::{web, HttpRequest};
 use chat_core::counters::{CounterKey, Counters};
-use chat_core::store::Store;
+use chat_core::pubsub::Envelope;
+use chat_core::store::{Store, TokenFloor};
 use serde::Deserialize;
 
 use crate::api_error::ApiError;
@@ -147,6 +148,30 @@ impl Authenticator {
     }
 }
 
+/// The envelope that tells every node a password change revoked `floor`'s older tokens.
+pub fn revocation(floor: TokenFloor) -> Envelope {
+    Envelope::Revoked {
+        before: floor
+            .changed_at
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(0),
+        version: Some(floor.version),
+    }
+}
+
+/// Whether a revocation (`before`, `version`, as [`revocation`] sent it) revokes a token issued
+/// at `iat` with `token_version`. From a 0.2 node (no version) only the second is known.
+pub fn revokes(before: u64, version: Option<i64>, iat: u64, token_version: Option<i64>) -> bool {
+    match version {
+        Some(version) => !TokenFloor {
+            changed_at: Some(i64::try_from(before).unwrap_or(i64::MAX)),
+            version,
+        }
+        .admits(iat, token_version),
+        None => iat < before,
+    }
+}
+
 #[derive(Deserialize)]
 struct TokenQuery {
     access_token: Option<String>,
@@ -184,5 +209,37 @@ fn credential(req: &HttpRequest, from: TokenFrom) -> Option<Credential> {
             }
         }
         (None, TokenFrom::Header) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a revocation sends revokes the tokens its floor does not admit, and only those; a
+    /// 0.2 node's revocation (no version) compares seconds.
+    #[test]
+    fn revocations_carry_the_floor() {
+        let floor = TokenFloor {
+            changed_at: Some(100),
+            version: 2,
+        };
+        let Envelope::Revoked { before, version } = revocation(floor) else {
+            panic!("a revocation");
+        };
+        assert_eq!((before, version), (100, Some(2)));
+        assert!(
+            revokes(before, version, 100, Some(1)),
+            "older version, same second"
+        );
+        assert!(
+            !revokes(before, version, 100, Some(2)),
+            "issued after the change"
+        );
+        assert!(
+            revokes(before, version, 100, None),
+            "unversioned, same second"
+        );
+        assert!(revokes(100, None, 99, Some(5)) && !revokes(100, None, 100, Some(5)));
     }
 }

@@ -36,13 +36,7 @@ impl Delivery {
         for users in self.hub.local_users().chunks(RELOAD_BATCH) {
             checked += users.len();
             for (user, floor) in self.store.changed_token_floors(users).await? {
-                let revoked = Outbound::Envelope(Envelope::Revoked {
-                    before: floor
-                        .changed_at
-                        .and_then(|t| u64::try_from(t).ok())
-                        .unwrap_or(0),
-                    version: Some(floor.version),
-                });
+                let revoked = Outbound::Envelope(crate::authn::revocation(floor));
                 self.hub
                     .deliver(Topic::User(user), Uuid::nil(), None, &Arc::new(revoked));
             }

@@ -88,11 +88,10 @@ impl LoginLimiter {
 
     /// Counts a failed attempt.
     pub async fn failed(&self, email: &str, ip: Option<IpAddr>) {
-        for key in Self::keys(email, ip) {
-            if let Err(e) = self.counters.count(&key, self.limits.window).await {
-                tracing::warn!(error = %e, "login failure not counted");
-                return;
-            }
+        let adds: Vec<(CounterKey, u64)> =
+            Self::keys(email, ip).into_iter().map(|k| (k, 1)).collect();
+        if let Err(e) = self.counters.add_many(&adds, self.limits.window).await {
+            tracing::warn!(error = %e, "login failure not counted");
         }
     }
 }

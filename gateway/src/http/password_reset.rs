@@ -3,7 +3,7 @@
 //! every node, and closes the user's open connections.
 
 use actix_web::{web, HttpResponse};
-use chat_core::pubsub::{Envelope, PubSub, Publication, Topic};
+use chat_core::pubsub::{PubSub, Publication, Topic};
 use chat_core::store::Store;
 use serde::Deserialize;
 
@@ -75,13 +75,7 @@ pub async fn confirm(
     // (its pub/sub connection was down) re-checks its users' floors when it reconnects.
     let revoked = Publication {
         topics: vec![Topic::User(user_id)],
-        envelope: Envelope::Revoked {
-            before: floor
-                .changed_at
-                .and_then(|t| u64::try_from(t).ok())
-                .unwrap_or(0),
-            version: Some(floor.version),
-        },
+        envelope: crate::authn::revocation(floor),
     };
     if let Err(e) = pubsub.publish(vec![revoked]).await {
         tracing::warn!(%user_id, error = %e, "revocation not published; nodes re-check at their next pub/sub reconnect, and new requests are refused");

@@ -7,7 +7,6 @@ use std::time::Duration;
 use actix_ws::{CloseReason, Session};
 use chat_core::protocol::{CloseCode, ErrorCode, PresenceStatus, ServerFrame};
 use chat_core::pubsub::Envelope;
-use chat_core::store::TokenFloor;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -238,15 +237,8 @@ impl Connection {
                 return None;
             }
             Outbound::Envelope(Envelope::Revoked { before, version }) => {
-                let revoked = match version {
-                    Some(version) => !TokenFloor {
-                        changed_at: Some(i64::try_from(*before).unwrap_or(i64::MAX)),
-                        version: *version,
-                    }
-                    .admits(self.token_iat, self.token_version),
-                    // From a 0.2 node: only the second is known.
-                    None => self.token_iat < *before,
-                };
+                let revoked =
+                    crate::authn::revokes(*before, *version, self.token_iat, self.token_version);
                 return revoked.then_some(End::Close(CloseCode::TokenRevoked));
             }
             Outbound::Envelope(Envelope::Message(m)) => {
