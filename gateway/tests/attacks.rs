@@ -794,3 +794,40 @@ async fn external_keys_rotate_without_a_restart() {
     );
     let _ = std::fs::remove_file(&path);
 }
+
+/// The shared counters every limit stands on, against this run's Redis (the cluster rerun uses a
+/// Redis Cluster): adds and peeks of keys in many slots at once answer each key's own count,
+/// where a pipeline of them once crossed slots, failed, and let login limits fail open.
+#[actix_web::test]
+async fn shared_counters_count_keys_in_many_slots_at_once() {
+    use chat_core::counters::{CounterKey, Counters};
+
+    let redis = chat_core::redis_conn::Commands::open(&test_redis_target(), None).expect("redis");
+    let counters = chat_core::counters::redis::RedisCounters::new(
+        redis,
+        test_keys(&chat_core::testing::unique_prefix()),
+    );
+    let window = Duration::from_secs(60);
+    let keys: Vec<CounterKey> = (0..12)
+        .map(|i| CounterKey::login_failed_email(&format!("user{i}@example.test")))
+        .collect();
+    let adds: Vec<(CounterKey, u64)> = keys
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, k)| (k, i as u64 + 1))
+        .collect();
+    assert_eq!(
+        counters.add_many(&adds, window).await.expect("add"),
+        (1..=12).collect::<Vec<u64>>()
+    );
+    assert_eq!(
+        counters.add_many(&adds, window).await.expect("add again"),
+        (1..=12).map(|n| 2 * n).collect::<Vec<u64>>()
+    );
+    let mut peeked = keys.clone();
+    peeked.push(CounterKey::login_failed_email("nobody@example.test"));
+    let mut expected: Vec<u64> = (1..=12).map(|n| 2 * n).collect();
+    expected.push(0);
+    assert_eq!(counters.peek(&peeked).await.expect("peek"), expected);
+}
