@@ -341,13 +341,7 @@ on_both_backends! {
             )
             .await;
             assert_eq!(status, 200, "{body}");
-            users.push(User {
-                id: body["user"]["id"]
-                    .as_str()
-                    .and_then(|s| s.parse().ok())
-                    .expect("id"),
-                token: body["token"].as_str().expect("token").to_string(),
-            });
+            users.push(user_from(&body));
         }
         let (alice, bob) = (&users[0], &users[1]);
         let (mut ws, _) = connect(&node, alice).await;
@@ -582,11 +576,9 @@ async fn one_account_flooding_from_many_connections_is_held_to_its_budget() {
     let redis = OwnRedis::start().await;
     let cluster = Cluster::new().await;
     let config = |node_id: &str| gateway::config::GatewayConfig {
-        redis_url: redis.url.clone(),
-        redis_cluster_urls: String::new(),
         gateway_send_rate_per_sec: 20,
         gateway_account_send_rate_per_sec: 20,
-        ..cluster.config(node_id)
+        ..cluster.config_on(node_id, &redis.url)
     };
     let a = cluster.start_with(config("node-a")).await;
     let b = cluster.start_with(config("node-b")).await;

@@ -16,11 +16,9 @@ async fn replicas_1_acks_only_what_a_replica_confirmed() {
     let cluster = Cluster::new().await;
     let node = cluster
         .start_with(gateway::config::GatewayConfig {
-            redis_url: master.url.clone(),
-            redis_cluster_urls: String::new(),
             ack_durability: "replicas:1".into(),
             ack_replica_timeout_ms: 300,
-            ..cluster.config("node-a")
+            ..cluster.config_on("node-a", &master.url)
         })
         .await;
     let alice = register(&node, "alice").await;

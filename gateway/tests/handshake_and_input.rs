@@ -493,15 +493,7 @@ async fn post_from(
     } else {
         format!("{forged}, {client}")
     };
-    let resp = reqwest::Client::new()
-        .post(format!("http://{addr}{path}"))
-        .header("X-Forwarded-For", chain)
-        .json(&body)
-        .send()
-        .await
-        .expect("http");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    post_with(addr, path, &[("X-Forwarded-For", chain)], body).await
 }
 
 on_both_backends! {
@@ -533,13 +525,7 @@ on_both_backends! {
         )
         .await;
         assert_eq!(status, 201, "{body}");
-        let user = User {
-            id: body["user"]["id"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .expect("id"),
-            token: body["token"].as_str().expect("token").to_string(),
-        };
+        let user = user_from(&body);
         let login = |node: &NodeHandle, forged: &'static str, from: &'static str, password: &'static str| {
             let (http, email) = (node.http, email.clone());
             async move {

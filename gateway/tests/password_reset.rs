@@ -91,13 +91,7 @@ on_both_backends! {
         )
         .await;
         assert_eq!(status, 201, "{body}");
-        let rita = User {
-            id: body["user"]["id"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .expect("id"),
-            token: body["token"].as_str().expect("token").to_string(),
-        };
+        let rita = user_from(&body);
         let (mut open_ws, _) = connect(&b, &rita).await;
 
         let request = |email: String| {
@@ -188,13 +182,7 @@ async fn register_with_password(node: &NodeHandle, password: &str) -> (User, Str
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    let user = User {
-        id: body["user"]["id"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .expect("id"),
-        token: body["token"].as_str().expect("token").to_string(),
-    };
+    let user = user_from(&body);
     (user, email)
 }
 
@@ -210,17 +198,13 @@ async fn a_revocation_lost_in_a_pubsub_gap_still_closes_the_old_session() {
     let cluster = Cluster::new().await;
     let a = cluster
         .start_with(gateway::config::GatewayConfig {
-            redis_url: redis.url.clone(),
-            redis_cluster_urls: String::new(),
             password_reset_webhook_url: Some(hook),
-            ..cluster.config("node-a")
+            ..cluster.config_on("node-a", &redis.url)
         })
         .await;
     let b = cluster
         .start_with(gateway::config::GatewayConfig {
-            redis_url: proxied.clone(),
-            redis_cluster_urls: String::new(),
-            ..cluster.config("node-b")
+            ..cluster.config_on("node-b", &proxied)
         })
         .await;
     let (rita, email) = register_with_password(&a, "old password").await;

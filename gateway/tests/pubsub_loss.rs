@@ -15,9 +15,7 @@ use support::*;
 async fn two_nodes_on(redis: &OwnRedis) -> (Cluster, NodeHandle, NodeHandle, User, User) {
     let cluster = Cluster::new().await;
     let config = |node_id: &str| gateway::config::GatewayConfig {
-        redis_url: redis.url.clone(),
-        redis_cluster_urls: String::new(),
-        ..cluster.config(node_id)
+        ..cluster.config_on(node_id, &redis.url)
     };
     let a = cluster.start_with(config("node-a")).await;
     let b = cluster.start_with(config("node-b")).await;
@@ -373,18 +371,14 @@ async fn a_half_open_pubsub_connection_is_found_by_the_canary() {
     let cluster = Cluster::new().await;
     let a = cluster
         .start_with(gateway::config::GatewayConfig {
-            redis_url: redis.url.clone(),
-            redis_cluster_urls: String::new(),
-            ..cluster.config("node-a")
+            ..cluster.config_on("node-a", &redis.url)
         })
         .await;
     let b = cluster
         .start_with(gateway::config::GatewayConfig {
-            redis_url: proxied.clone(),
-            redis_cluster_urls: String::new(),
             gateway_delivery_canary_interval_ms: 300,
             gateway_delivery_canary_timeout_ms: 1000,
-            ..cluster.config("node-b")
+            ..cluster.config_on("node-b", &proxied)
         })
         .await;
     let alice = register(&a, "alice").await;
@@ -465,10 +459,8 @@ async fn a_redis_that_would_lose_acked_messages_is_refused_at_start() {
     let cluster = Cluster::new().await;
     let unsafe_redis = OwnRedis::start().await;
     let node = spawn_node(gateway::config::GatewayConfig {
-        redis_url: unsafe_redis.url.clone(),
-        redis_cluster_urls: String::new(),
         redis_require_durability: true,
-        ..cluster.config("refused")
+        ..cluster.config_on("refused", &unsafe_redis.url)
     });
     let ended = tokio::time::timeout(Duration::from_secs(20), node.task)
         .await
@@ -486,10 +478,8 @@ async fn a_redis_that_would_lose_acked_messages_is_refused_at_start() {
     let durable = OwnRedis::start_on(spare_port(), Some(&dir)).await;
     let node = cluster
         .start_with(gateway::config::GatewayConfig {
-            redis_url: durable.url.clone(),
-            redis_cluster_urls: String::new(),
             redis_require_durability: true,
-            ..cluster.config("accepted")
+            ..cluster.config_on("accepted", &durable.url)
         })
         .await;
     assert!(wait_ready(&node).await);
@@ -515,10 +505,8 @@ async fn a_nearly_full_redis_refuses_sends_before_it_is_full() {
     let cluster = Cluster::new().await;
     let a = cluster
         .start_with(gateway::config::GatewayConfig {
-            redis_url: redis.url.clone(),
-            redis_cluster_urls: String::new(),
             redis_memory_check_ms: 200,
-            ..cluster.config("node-a")
+            ..cluster.config_on("node-a", &redis.url)
         })
         .await;
     let alice = register(&a, "alice").await;

@@ -29,17 +29,21 @@ struct Deployment {
     _worker: tokio_util::sync::DropGuard,
 }
 
+/// Two gateway nodes on `redis`, with [`MARGIN`] as their backlog bound.
+async fn two_nodes(cluster: &Cluster, redis: &OwnRedis) -> (NodeHandle, NodeHandle) {
+    let config = |node_id: &str| gateway::config::GatewayConfig {
+        redis_log_max_backlog: MARGIN as u64,
+        ..cluster.config_on(node_id, &redis.url)
+    };
+    let a = cluster.start_with(config("node-a")).await;
+    let b = cluster.start_with(config("node-b")).await;
+    (a, b)
+}
+
 impl Deployment {
     async fn start(redis: &OwnRedis) -> Self {
         let cluster = Cluster::new().await;
-        let config = |node_id: &str| gateway::config::GatewayConfig {
-            redis_url: redis.url.clone(),
-            redis_cluster_urls: String::new(),
-            redis_log_max_backlog: MARGIN as u64,
-            ..cluster.config(node_id)
-        };
-        let a = cluster.start_with(config("node-a")).await;
-        let b = cluster.start_with(config("node-b")).await;
+        let (a, b) = two_nodes(&cluster, redis).await;
         let worker = cluster.start_worker_on(&redis.url).drop_guard();
         let alice = register(&a, "alice").await;
         let bob = register(&b, "bob").await;
@@ -317,14 +321,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 async fn gateways_starting_at_once_open_one_epoch() {
     let redis = OwnRedis::start().await;
     let cluster = Cluster::new().await;
-    let config = |node_id: &str| gateway::config::GatewayConfig {
-        redis_url: redis.url.clone(),
-        redis_cluster_urls: String::new(),
-        redis_log_max_backlog: MARGIN as u64,
-        ..cluster.config(node_id)
-    };
-    let a = cluster.start_with(config("node-a")).await;
-    let b = cluster.start_with(config("node-b")).await;
+    let (a, b) = two_nodes(&cluster, &redis).await;
     let alice = register(&a, "alice").await;
     let bob = register(&b, "bob").await;
     // Ten connections, five on each node, all send their first frames before any answer.

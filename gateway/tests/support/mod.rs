@@ -108,6 +108,16 @@ impl Cluster {
         }
     }
 
+    /// [`Self::config`] on the single Redis at `redis_url` (an instance of the test's own),
+    /// whatever this run's Redis is.
+    pub fn config_on(&self, node_id: &str, redis_url: &str) -> GatewayConfig {
+        GatewayConfig {
+            redis_url: redis_url.to_string(),
+            redis_cluster_urls: String::new(),
+            ..self.config(node_id)
+        }
+    }
+
     pub async fn start_node(&self, node_id: &str) -> NodeHandle {
         self.start_with(self.config(node_id)).await
     }
@@ -241,12 +251,17 @@ pub async fn register_at(addr: SocketAddr, name: &str) -> User {
     )
     .await;
     assert_eq!(resp.0, 201, "register: {}", resp.1);
+    user_from(&resp.1)
+}
+
+/// The user a register or login answer (`{"user": {...}, "token"}`) names.
+pub fn user_from(body: &Value) -> User {
     User {
-        id: resp.1["user"]["id"]
+        id: body["user"]["id"]
             .as_str()
             .and_then(|s| s.parse().ok())
             .expect("user id"),
-        token: resp.1["token"].as_str().expect("token").to_string(),
+        token: body["token"].as_str().expect("token").to_string(),
     }
 }
 
@@ -257,12 +272,23 @@ pub async fn post(node: &NodeHandle, path: &str, body: Value) -> (u16, Value) {
 
 /// [`post`] to a node by address.
 pub async fn post_to(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
+    post_with(addr, path, &[], body).await
+}
+
+/// [`post_to`] with extra request headers.
+pub async fn post_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Value,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
         .post(format!("http://{addr}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .expect("http");
+        .json(&body);
+    for (name, value) in headers {
+        req = req.header(*name, value);
+    }
+    let resp = req.send().await.expect("http");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
