@@ -134,6 +134,39 @@ impl MessageFrame {
 pub enum MembershipChange {
     Added,
     Removed,
+    /// The member's role changed (to the frame's `role`).
+    Role,
+}
+
+/// A room member's role: the owner (one per room) and admins add and remove people; plain
+/// members cannot add anyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomRole {
+    Owner,
+    Admin,
+    Member,
+}
+
+impl RoomRole {
+    /// The role's name, as JSON and Postgres spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoomRole::Owner => "owner",
+            RoomRole::Admin => "admin",
+            RoomRole::Member => "member",
+        }
+    }
+
+    /// The role named `name`.
+    pub fn parse(name: &str) -> Option<RoomRole> {
+        match name {
+            "owner" => Some(RoomRole::Owner),
+            "admin" => Some(RoomRole::Admin),
+            "member" => Some(RoomRole::Member),
+            _ => None,
+        }
+    }
 }
 
 /// Frames the server sends, other than `message` ([`MessageFrame`], serialized once per message).
@@ -174,13 +207,16 @@ pub enum ServerFrame {
         conversation_id: Uuid,
         user_id: Uuid,
     },
-    /// A room member was added or removed (`by` did it). Sent to the room's members and to the
-    /// affected user; a user who is added should sync the room.
+    /// A room member was added, removed, or given another role (`by` did it). Sent to the
+    /// room's members and to the affected user; a user who is added should sync the room.
+    /// `role` is the member's role after an `added` or `role` change.
     Membership {
         conversation_id: Uuid,
         user_id: Uuid,
         change: MembershipChange,
         by: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        role: Option<RoomRole>,
     },
     /// A user came online (first connection anywhere) or went offline (last one closed, or
     /// their node stopped refreshing them). `ts` is when it was noticed, Unix ms.
@@ -460,6 +496,7 @@ mod tests {
                 user_id: id,
                 change: MembershipChange::Added,
                 by: id,
+                role: Some(RoomRole::Member),
             },
             ServerFrame::Presence {
                 user_id: id,

@@ -89,6 +89,7 @@ impl Subscriber for Delivery {
                                     interest.release.push(Topic::Room(*conversation_id));
                                 }
                             }
+                            MembershipChange::Role => {}
                         }
                         (*origin, None)
                     }

@@ -400,7 +400,7 @@ on_both_backends! {
 
 on_both_backends! {
     /// Removing a member stops delivery to them at once on both nodes; an added member gets the
-    /// event, syncs, and receives what follows; only the owner removes others.
+    /// event, syncs, and receives what follows; plain members neither remove nor add others.
     async fn membership_changes_take_effect_on_every_node(backend) {
         let (_cluster, a, b, alice, bob) = Cluster::two_nodes_on(backend).await;
         let carol = register(&b, "carol").await;
@@ -456,8 +456,25 @@ on_both_backends! {
         let history = format!("/api/v1/conversations/{room}/messages");
         assert_eq!(call(Method::GET, &a, &history, &bob, None).await.0, 404);
 
-        // Adding: Dave hears of it, syncs the room, and receives what comes next.
+        // Adding: a plain member cannot; made an admin, Carol can. Dave hears of it, syncs the
+        // room, and receives what comes next.
         let add = format!("/api/v1/rooms/{room}/members");
+        let (status, body) = call(
+            Method::POST,
+            &b,
+            &add,
+            &carol,
+            Some(json!({"user_ids": [dave.id]})),
+        )
+        .await;
+        assert_eq!((status, body["error"]["code"].clone()), (403, json!("forbidden")));
+        let carol_role = format!("/api/v1/rooms/{room}/members/{}", carol.id);
+        let (status, view) =
+            call(Method::PUT, &a, &carol_role, &alice, Some(json!({"role": "admin"}))).await;
+        assert_eq!(status, 200, "{view}");
+        let frames = recv_until(&mut carol_ws, |f| is_type(f, "membership")).await;
+        let event = frames.last().expect("role event");
+        assert_eq!((event["change"].clone(), event["role"].clone()), (json!("role"), json!("admin")));
         let (status, view) = call(
             Method::POST,
             &b,
@@ -500,6 +517,298 @@ on_both_backends! {
         .await;
         assert_eq!(view["member_count"], 2);
     }
+}
+
+/// The room's member list as `{user id: role}`.
+async fn roles(
+    node: &NodeHandle,
+    room: Uuid,
+    reader: &User,
+) -> std::collections::HashMap<String, String> {
+    let (status, view) = call(
+        Method::GET,
+        node,
+        &format!("/api/v1/rooms/{room}"),
+        reader,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{view}");
+    view["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().expect("id").to_string(),
+                m["role"].as_str().expect("role").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The error code of an answer, with its status.
+fn refused(answer: (u16, Value)) -> (u16, String) {
+    (
+        answer.0,
+        answer.1["error"]["code"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Roles: the creator owns the room; owners and admins add; the owner removes anyone, admins
+/// plain members, plain members nobody; only the owner changes roles; when the owner leaves the
+/// earliest admin owns the room. Blocks: a member who leaves with `block=room` cannot be added to
+/// that room again, with `block=adder` cannot be added to any room by whoever added them, until
+/// they lift the block.
+#[actix_web::test]
+async fn room_roles_and_blocks() {
+    let (_cluster, a, b, alice, bob) = Cluster::two_nodes().await;
+    let carol = register(&a, "carol").await;
+    let dave = register(&b, "dave").await;
+    let eve = register(&b, "eve").await;
+    let room = create_room(&a, &alice, &[bob.id, carol.id]).await;
+    let member = |u: &User| format!("/api/v1/rooms/{room}/members/{}", u.id);
+    let add = format!("/api/v1/rooms/{room}/members");
+    let ids = |users: &[&User]| json!({"user_ids": users.iter().map(|u| u.id).collect::<Vec<_>>()});
+    let (mut carol_ws, _) = connect(&b, &carol).await;
+
+    let roles_now = roles(&a, room, &alice).await;
+    assert_eq!(roles_now[&alice.id.to_string()], "owner");
+    assert_eq!(roles_now[&bob.id.to_string()], "member");
+
+    // A plain member adds nobody, removes nobody, changes no role.
+    assert_eq!(
+        refused(call(Method::POST, &a, &add, &bob, Some(ids(&[&dave]))).await),
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        refused(call(Method::DELETE, &a, &member(&carol), &bob, None).await),
+        (403, "forbidden".into())
+    );
+    let make_admin = Some(json!({"role": "admin"}));
+    assert_eq!(
+        refused(call(Method::PUT, &a, &member(&carol), &bob, make_admin.clone()).await),
+        (403, "forbidden".into())
+    );
+
+    // The owner makes Bob an admin; everyone hears of it.
+    let (status, _) = call(Method::PUT, &b, &member(&bob), &alice, make_admin.clone()).await;
+    assert_eq!(status, 200);
+    let frames = recv_until(&mut carol_ws, |f| {
+        is_type(f, "membership") && f["change"] == "role"
+    })
+    .await;
+    let event = frames.last().expect("role event");
+    assert_eq!(
+        (event["user_id"].clone(), event["role"].clone()),
+        (json!(bob.id), json!("admin"))
+    );
+    assert_eq!(roles(&b, room, &carol).await[&bob.id.to_string()], "admin");
+    let bad_role = Some(json!({"role": "king"}));
+    assert_eq!(
+        refused(call(Method::PUT, &a, &member(&bob), &alice, bad_role).await),
+        (422, "validation_failed".into())
+    );
+    assert_eq!(
+        refused(call(Method::PUT, &a, &member(&dave), &alice, make_admin.clone()).await),
+        (404, "not_found".into())
+    );
+
+    // An admin adds and removes plain members, but neither the owner nor another admin.
+    assert_eq!(
+        call(Method::POST, &a, &add, &bob, Some(ids(&[&dave])))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        roles(&a, room, &alice).await[&dave.id.to_string()],
+        "member"
+    );
+    assert_eq!(
+        call(Method::DELETE, &a, &member(&dave), &bob, None).await.0,
+        204
+    );
+    assert_eq!(
+        refused(call(Method::DELETE, &a, &member(&alice), &bob, None).await),
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        call(Method::PUT, &a, &member(&carol), &alice, make_admin.clone())
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        refused(call(Method::DELETE, &a, &member(&carol), &bob, None).await),
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        call(
+            Method::PUT,
+            &a,
+            &member(&carol),
+            &alice,
+            Some(json!({"role": "member"}))
+        )
+        .await
+        .0,
+        200
+    );
+
+    // Dave is added again and leaves refusing the room: nobody can add him to it until he
+    // lifts the block; other rooms still can.
+    assert_eq!(
+        call(Method::POST, &a, &add, &alice, Some(ids(&[&dave])))
+            .await
+            .0,
+        200
+    );
+    let leave_blocking = |u: &User, what: &str| format!("{}?block={what}", member(u));
+    assert_eq!(
+        call(
+            Method::DELETE,
+            &b,
+            &leave_blocking(&dave, "room"),
+            &dave,
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    let (status, body) = call(Method::POST, &a, &add, &alice, Some(ids(&[&dave]))).await;
+    assert_eq!(
+        (status, body["error"]["fields"]["user_ids"].clone()),
+        (422, json!("blocked")),
+        "{body}"
+    );
+    let (_, blocks) = call(Method::GET, &b, "/api/v1/blocks", &dave, None).await;
+    assert_eq!(blocks["rooms"][0]["id"], json!(room), "{blocks}");
+    let other = create_room(&a, &alice, &[dave.id]).await;
+    assert_ne!(other, room);
+    let unblock = format!("/api/v1/blocks/rooms/{room}");
+    assert_eq!(call(Method::DELETE, &b, &unblock, &dave, None).await.0, 204);
+    assert_eq!(
+        call(Method::POST, &a, &add, &alice, Some(ids(&[&dave])))
+            .await
+            .0,
+        200
+    );
+
+    // Eve, added by Bob, leaves refusing Bob: he cannot put her in this room or a new one;
+    // Alice still can.
+    assert_eq!(
+        call(Method::POST, &a, &add, &bob, Some(ids(&[&eve])))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(
+            Method::DELETE,
+            &b,
+            &leave_blocking(&eve, "adder"),
+            &eve,
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    let (status, body) = call(Method::POST, &a, &add, &bob, Some(ids(&[&eve]))).await;
+    assert_eq!(
+        (status, body["error"]["fields"]["user_ids"].clone()),
+        (422, json!("blocked")),
+        "{body}"
+    );
+    let (status, body) = call(
+        Method::POST,
+        &a,
+        "/api/v1/rooms",
+        &bob,
+        Some(json!({"name": "trap", "member_ids": [eve.id]})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["fields"]["member_ids"].clone()),
+        (422, json!("blocked")),
+        "{body}"
+    );
+    let (_, blocks) = call(Method::GET, &b, "/api/v1/blocks", &eve, None).await;
+    assert_eq!(blocks["users"][0]["id"], json!(bob.id), "{blocks}");
+    assert_eq!(
+        call(Method::POST, &a, &add, &alice, Some(ids(&[&eve])))
+            .await
+            .0,
+        200
+    );
+    // Blocking is for leaving only.
+    let (status, body) = call(
+        Method::DELETE,
+        &a,
+        &leave_blocking(&eve, "room"),
+        &alice,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["fields"]["block"].clone()),
+        (422, json!("only_when_leaving"))
+    );
+    assert_eq!(
+        refused(call(Method::DELETE, &b, &leave_blocking(&eve, "all"), &eve, None).await),
+        (422, "validation_failed".into())
+    );
+
+    // The owner leaves: Bob, the earliest admin, owns the room; he hands it to Carol.
+    assert_eq!(
+        call(Method::DELETE, &a, &member(&alice), &alice, None)
+            .await
+            .0,
+        204
+    );
+    let frames = recv_until(&mut carol_ws, |f| {
+        is_type(f, "membership") && f["role"] == "owner"
+    })
+    .await;
+    assert_eq!(
+        frames.last().expect("owner event")["user_id"],
+        json!(bob.id)
+    );
+    let (_, view) = call(
+        Method::GET,
+        &a,
+        &format!("/api/v1/rooms/{room}"),
+        &bob,
+        None,
+    )
+    .await;
+    assert_eq!(view["owner_id"], json!(bob.id), "{view}");
+    assert_eq!(
+        refused(call(Method::PUT, &a, &member(&bob), &bob, make_admin.clone()).await),
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        call(
+            Method::PUT,
+            &a,
+            &member(&carol),
+            &bob,
+            Some(json!({"role": "owner"}))
+        )
+        .await
+        .0,
+        200
+    );
+    let roles_now = roles(&a, room, &carol).await;
+    assert_eq!(
+        (
+            roles_now[&carol.id.to_string()].as_str(),
+            roles_now[&bob.id.to_string()].as_str()
+        ),
+        ("owner", "admin")
+    );
 }
 
 on_both_backends! {

@@ -337,6 +337,7 @@ mod tests {
                     user_id: user,
                     change: MembershipChange::Removed,
                     by: user,
+                    role: None,
                 },
             ),
             Envelope::event(

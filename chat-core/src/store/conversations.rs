@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chat_protocol::MessageFrame;
+use chat_protocol::{MessageFrame, RoomRole};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -28,6 +28,9 @@ pub struct Member {
     pub avatar_url: Option<String>,
     /// How far this member has read the conversation: messages up to it are "seen".
     pub last_read_seq: i64,
+    /// The member's role in a room (none in a direct conversation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<RoomRole>,
 }
 
 /// One row of a user's conversation list.
@@ -191,6 +194,7 @@ impl Store {
                         name: r.get::<_, Option<String>>(7).unwrap_or_default(),
                         avatar_url: r.get(15),
                         last_read_seq: r.get::<_, Option<i64>>(14).unwrap_or(0),
+                        role: None,
                     }),
                     last_message: r.get::<_, Option<Uuid>>(8).map(|msg_id| MessageFrame {
                         msg_id,

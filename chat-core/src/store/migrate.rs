@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "token_version",
         include_str!("../../migrations/0005_token_version.sql"),
     ),
+    (
+        6,
+        "room_roles",
+        include_str!("../../migrations/0006_room_roles.sql"),
+    ),
 ];
 
 /// Arbitrary constant key for the migration advisory lock.

@@ -2,10 +2,12 @@
 //! cloneable [`Store`] (a connection pool). Nothing outside this module holds SQL.
 //!
 //! One file per group of tables: [`users`], [`password_resets`], [`conversations`] (membership,
-//! lists, read positions, the direct-conversation insert both binaries share), [`rooms`],
-//! [`messages`] (history ranges and the worker's batch insert), [`log_epochs`] (what the Redis
-//! log re-bases its counters against after a data loss), and [`migrate`].
+//! lists, read positions, the direct-conversation insert both binaries share), [`rooms`] (with
+//! roles), [`blocks`], [`messages`] (history ranges and the worker's batch insert),
+//! [`log_epochs`] (what the Redis log re-bases its counters against after a data loss), and
+//! [`migrate`].
 
+pub mod blocks;
 pub mod conversations;
 pub mod lock;
 pub mod log_epochs;
@@ -20,8 +22,9 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
+pub use blocks::{Blocked, Blocks};
 pub use conversations::{ConversationRow, Member, Membership};
-pub use rooms::{RoomRefusal, RoomView};
+pub use rooms::{Block, Removal, RoomRefusal, RoomView};
 pub use users::{Credentials, TokenFloor, User, UserListRow};
 
 /// A database problem at start-up.

@@ -1,6 +1,8 @@
-//! Rooms: creation, the room view, adding and removing members, with the member and room-count
-//! limits checked inside the transaction that changes them.
+//! Rooms: creation, the room view, adding and removing members, roles and blocks, with the
+//! member and room-count limits and who may do what checked inside the transaction that changes
+//! them.
 
+use chat_protocol::RoomRole;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -17,7 +19,7 @@ pub struct RoomView {
     pub name: String,
     pub owner_id: Option<Uuid>,
     pub member_count: i64,
-    /// Up to 1000 members, in the order they joined.
+    /// Up to 1000 members, in the order they joined, each with their role.
     pub members: Vec<Member>,
 }
 
@@ -26,10 +28,12 @@ pub struct RoomView {
 pub enum RoomRefusal {
     /// No such room, or the caller is not a member (answered alike).
     NotFound,
-    /// Only the room's owner removes other members.
-    NotOwner,
+    /// The user the change names is not a member.
+    NoSuchMember,
+    /// The caller's role does not allow it; the text says who may.
+    Forbidden(&'static str),
     /// A field is invalid: the field and its code (`unknown_user`, `room_limit_reached`,
-    /// `room_full`).
+    /// `room_full`, `blocked`).
     Invalid {
         field: &'static str,
         code: &'static str,
@@ -39,10 +43,29 @@ pub enum RoomRefusal {
 /// A room change: done, refused, or failed.
 pub type RoomResult<T> = Result<Result<T, RoomRefusal>, StoreError>;
 
-/// Refuses when a user does not exist or is already in `max_rooms` rooms.
+/// What a member leaving refuses from then on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Block {
+    /// Being added to this room again.
+    pub room: bool,
+    /// Being added to any room by whoever added them to this one.
+    pub adder: bool,
+}
+
+/// What a removal changed besides the membership.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removal {
+    /// The owner left, and this member owns the room now.
+    pub new_owner: Option<Uuid>,
+}
+
+/// Refuses when a user does not exist, is already in `max_rooms` rooms, or refuses being added
+/// by `adder` (or, with `room`, to that room).
 async fn check_users(
     tx: &deadpool_postgres::Transaction<'_>,
     users: &[Uuid],
+    adder: Uuid,
+    room: Option<Uuid>,
     max_rooms: usize,
     field: &'static str,
 ) -> Result<Option<RoomRefusal>, StoreError> {
@@ -53,6 +76,21 @@ async fn check_users(
         return Ok(Some(RoomRefusal::Invalid {
             field,
             code: "unknown_user",
+        }));
+    }
+    let blocked = tx
+        .query_opt(
+            "SELECT 1 FROM adder_blocks WHERE user_id = ANY($1) AND blocked_id = $2
+             UNION ALL
+             SELECT 1 FROM room_blocks WHERE user_id = ANY($1) AND conversation_id = $3
+             LIMIT 1",
+            &[&users, &adder, &room],
+        )
+        .await?;
+    if blocked.is_some() {
+        return Ok(Some(RoomRefusal::Invalid {
+            field,
+            code: "blocked",
         }));
     }
     let full = tx
@@ -70,25 +108,56 @@ async fn check_users(
     }))
 }
 
-/// The room's owner when `user` is a member of it; `None` otherwise (existing or not). With
-/// `lock`, the room row stays locked until the transaction ends.
-async fn owner_if_member(
+/// `user`'s role in room `room`; `None` when they are not a member (or there is no such room).
+async fn role_of(
     client: &impl deadpool_postgres::GenericClient,
     room: Uuid,
     user: Uuid,
-    lock: bool,
-) -> Result<Option<Option<Uuid>>, StoreError> {
-    let sql = if lock {
-        "SELECT c.owner_id FROM conversations c
-         JOIN conversation_members m ON m.conversation_id = c.id AND m.user_id = $2
-         WHERE c.id = $1 AND c.kind = 'room' FOR UPDATE OF c"
-    } else {
-        "SELECT c.owner_id FROM conversations c
-         JOIN conversation_members m ON m.conversation_id = c.id AND m.user_id = $2
-         WHERE c.id = $1 AND c.kind = 'room'"
-    };
-    let row = client.query_opt(sql, &[&room, &user]).await?;
-    Ok(row.map(|r| r.get(0)))
+) -> Result<Option<RoomRole>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT m.role FROM conversation_members m
+             JOIN conversations c ON c.id = m.conversation_id AND c.kind = 'room'
+             WHERE m.conversation_id = $1 AND m.user_id = $2",
+            &[&room, &user],
+        )
+        .await?;
+    Ok(row.and_then(|r| RoomRole::parse(r.get::<_, &str>(0))))
+}
+
+/// Locks the room's row until the transaction ends: changes to one room's members run one after
+/// the other (and take the room row before member rows, as the worker's batches do). False when
+/// there is no such room.
+async fn lock_room(
+    tx: &deadpool_postgres::Transaction<'_>,
+    room: Uuid,
+) -> Result<bool, StoreError> {
+    Ok(tx
+        .query_opt(
+            "SELECT 1 FROM conversations WHERE id = $1 AND kind = 'room' FOR UPDATE",
+            &[&room],
+        )
+        .await?
+        .is_some())
+}
+
+/// Makes `user` the room's owner.
+async fn make_owner(
+    tx: &deadpool_postgres::Transaction<'_>,
+    room: Uuid,
+    user: Uuid,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE conversation_members SET role = 'owner' WHERE conversation_id = $1 AND user_id = $2",
+        &[&room, &user],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE conversations SET owner_id = $2 WHERE id = $1",
+        &[&room, &user],
+    )
+    .await?;
+    Ok(())
 }
 
 impl Store {
@@ -109,7 +178,9 @@ impl Store {
         };
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        if let Some(refusal) = check_users(&tx, members, max_rooms, "member_ids").await? {
+        if let Some(refusal) =
+            check_users(&tx, members, *owner, None, max_rooms, "member_ids").await?
+        {
             return Ok(Err(refusal));
         }
         let count = i32::try_from(members.len()).unwrap_or(i32::MAX);
@@ -120,9 +191,10 @@ impl Store {
         )
         .await?;
         tx.execute(
-            "INSERT INTO conversation_members (conversation_id, user_id)
-             SELECT $1, u FROM unnest($2::uuid[]) AS t(u)",
-            &[&room, &members],
+            "INSERT INTO conversation_members (conversation_id, user_id, role, added_by)
+             SELECT $1, u, CASE WHEN u = $3 THEN 'owner' ELSE 'member' END, $3
+             FROM unnest($2::uuid[]) AS t(u)",
+            &[&room, &members, owner],
         )
         .await?;
         tx.commit().await?;
@@ -145,7 +217,7 @@ impl Store {
         };
         let members = client
             .query(
-                "SELECT u.id, u.name, u.avatar_url, m.last_read_seq
+                "SELECT u.id, u.name, u.avatar_url, m.last_read_seq, m.role
                  FROM conversation_members m JOIN users u ON u.id = m.user_id
                  WHERE m.conversation_id = $1 ORDER BY m.joined_at, u.id LIMIT $2",
                 &[&room, &MAX_LISTED_MEMBERS],
@@ -157,6 +229,7 @@ impl Store {
                 name: r.get(1),
                 avatar_url: r.get(2),
                 last_read_seq: r.get(3),
+                role: RoomRole::parse(r.get::<_, &str>(4)),
             })
             .collect();
         Ok(Ok(RoomView {
@@ -172,14 +245,16 @@ impl Store {
     /// The room for `user`, who must be a member.
     pub async fn room_for_member(&self, room: Uuid, user: Uuid) -> RoomResult<RoomView> {
         let client = self.client().await?;
-        if owner_if_member(&client, room, user, false).await?.is_none() {
+        if role_of(&client, room, user).await?.is_none() {
             return Ok(Err(RoomRefusal::NotFound));
         }
         drop(client);
         self.room_view(room).await
     }
 
-    /// `by` (a member) adds `users` (deduplicated); adding a member again is not an error.
+    /// `by` (the owner or an admin) adds `users` (deduplicated) as plain members; adding a
+    /// member again is not an error and keeps their role. Refused when one of the new users
+    /// refuses being added to this room or by `by`.
     pub async fn add_members(
         &self,
         room: Uuid,
@@ -190,32 +265,60 @@ impl Store {
     ) -> RoomResult<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        // Locks the room row: concurrent additions count members one after the other.
-        if owner_if_member(&tx, room, by, true).await?.is_none() {
+        if !lock_room(&tx, room).await? {
             return Ok(Err(RoomRefusal::NotFound));
         }
-        let existing: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM conversation_members
-                 WHERE conversation_id = $1 AND NOT (user_id = ANY($2))",
+        match role_of(&tx, room, by).await? {
+            None => return Ok(Err(RoomRefusal::NotFound)),
+            Some(RoomRole::Member) => {
+                return Ok(Err(RoomRefusal::Forbidden(
+                    "only the room's owner and admins add members",
+                )))
+            }
+            Some(RoomRole::Owner | RoomRole::Admin) => {}
+        }
+        let existing: Vec<Uuid> = tx
+            .query(
+                "SELECT user_id FROM conversation_members
+                 WHERE conversation_id = $1 AND user_id = ANY($2)",
                 &[&room, &users],
             )
             .await?
-            .get(0);
-        if existing as usize + users.len() > max_members {
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let new: Vec<Uuid> = users
+            .iter()
+            .filter(|u| !existing.contains(u))
+            .copied()
+            .collect();
+        let count: i64 = tx
+            .query_one(
+                "SELECT member_count FROM conversations WHERE id = $1",
+                &[&room],
+            )
+            .await?
+            .get::<_, i32>(0)
+            .into();
+        if count as usize + new.len() > max_members {
             return Ok(Err(RoomRefusal::Invalid {
                 field: "user_ids",
                 code: "room_full",
             }));
         }
-        if let Some(refusal) = check_users(&tx, users, max_rooms, "user_ids").await? {
+        if new.is_empty() {
+            return Ok(Ok(()));
+        }
+        if let Some(refusal) = check_users(&tx, &new, by, Some(room), max_rooms, "user_ids").await?
+        {
             return Ok(Err(refusal));
         }
         let added = tx
             .execute(
-                "INSERT INTO conversation_members (conversation_id, user_id)
-                 SELECT $1, u FROM unnest($2::uuid[]) AS t(u) ON CONFLICT DO NOTHING",
-                &[&room, &users],
+                "INSERT INTO conversation_members (conversation_id, user_id, role, added_by)
+                 SELECT $1, u, 'member', $3 FROM unnest($2::uuid[]) AS t(u)
+                 ON CONFLICT DO NOTHING",
+                &[&room, &new, &by],
             )
             .await?;
         tx.execute(
@@ -227,40 +330,148 @@ impl Store {
         Ok(Ok(()))
     }
 
-    /// `by` removes `user` from the room: themselves (leaving), or anyone when `by` owns it.
-    /// Removing a user who is not a member is not an error.
-    pub async fn remove_member(&self, room: Uuid, by: Uuid, user: Uuid) -> RoomResult<()> {
+    /// `by` removes `user` from the room. Removing yourself is leaving, open to every member,
+    /// with `block` saying what to refuse from then on; when the owner leaves, the earliest
+    /// admin (else the earliest member) owns the room. Removing someone else needs the owner
+    /// (anyone) or an admin (plain members only). Removing a user who is not a member is not an
+    /// error.
+    pub async fn remove_member(
+        &self,
+        room: Uuid,
+        by: Uuid,
+        user: Uuid,
+        block: Block,
+    ) -> RoomResult<Removal> {
         let mut client = self.client().await?;
-        if user != by {
-            match owner_if_member(&client, room, by, false).await? {
-                None => return Ok(Err(RoomRefusal::NotFound)),
-                Some(owner) if owner != Some(by) => return Ok(Err(RoomRefusal::NotOwner)),
-                Some(_) => {}
-            }
-        }
-        // The room row first, then the member row: the order the worker's batches take them in.
         let tx = client.transaction().await?;
-        let exists = tx
-            .query_opt(
-                "SELECT 1 FROM conversations WHERE id = $1 AND kind = 'room' FOR UPDATE",
-                &[&room],
-            )
-            .await?;
-        if exists.is_none() {
+        if !lock_room(&tx, room).await? {
             return Ok(Err(RoomRefusal::NotFound));
         }
+        let target = role_of(&tx, room, user).await?;
+        if user != by {
+            let allowed = match (role_of(&tx, room, by).await?, target) {
+                (None, _) => return Ok(Err(RoomRefusal::NotFound)),
+                (Some(RoomRole::Owner), _) => true,
+                (Some(RoomRole::Admin), None | Some(RoomRole::Member)) => true,
+                _ => false,
+            };
+            if !allowed {
+                return Ok(Err(RoomRefusal::Forbidden(
+                    "the owner removes anyone; admins remove plain members",
+                )));
+            }
+        }
         let removed = tx
-            .execute(
-                "DELETE FROM conversation_members WHERE conversation_id = $1 AND user_id = $2",
+            .query_opt(
+                "DELETE FROM conversation_members WHERE conversation_id = $1 AND user_id = $2
+                 RETURNING added_by",
                 &[&room, &user],
             )
             .await?;
-        tx.execute(
-            "UPDATE conversations SET member_count = member_count - $2 WHERE id = $1",
-            &[&room, &i32::try_from(removed).unwrap_or(0)],
-        )
-        .await?;
+        let mut removal = Removal::default();
+        if removed.is_some() {
+            tx.execute(
+                "UPDATE conversations SET member_count = member_count - 1 WHERE id = $1",
+                &[&room],
+            )
+            .await?;
+        }
+        if user == by {
+            if block.room {
+                tx.execute(
+                    "INSERT INTO room_blocks (user_id, conversation_id) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    &[&user, &room],
+                )
+                .await?;
+            }
+            let adder = removed.and_then(|r| r.get::<_, Option<Uuid>>(0));
+            if let Some(adder) = adder.filter(|a| block.adder && *a != user) {
+                tx.execute(
+                    "INSERT INTO adder_blocks (user_id, blocked_id) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    &[&user, &adder],
+                )
+                .await?;
+            }
+        }
+        if target == Some(RoomRole::Owner) {
+            let heir = tx
+                .query_opt(
+                    "SELECT user_id FROM conversation_members WHERE conversation_id = $1
+                     ORDER BY role = 'admin' DESC, joined_at, user_id LIMIT 1",
+                    &[&room],
+                )
+                .await?
+                .map(|r| r.get::<_, Uuid>(0));
+            match heir {
+                Some(heir) => {
+                    make_owner(&tx, room, heir).await?;
+                    removal.new_owner = Some(heir);
+                }
+                None => {
+                    tx.execute(
+                        "UPDATE conversations SET owner_id = NULL WHERE id = $1",
+                        &[&room],
+                    )
+                    .await?;
+                }
+            }
+        }
         tx.commit().await?;
-        Ok(Ok(()))
+        Ok(Ok(removal))
+    }
+
+    /// The owner `by` gives member `user` role `role`. Giving `owner` hands the room over: `by`
+    /// becomes an admin. Returns every member whose role changed, with the new role.
+    pub async fn set_role(
+        &self,
+        room: Uuid,
+        by: Uuid,
+        user: Uuid,
+        role: RoomRole,
+    ) -> RoomResult<Vec<(Uuid, RoomRole)>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if !lock_room(&tx, room).await? {
+            return Ok(Err(RoomRefusal::NotFound));
+        }
+        match role_of(&tx, room, by).await? {
+            None => return Ok(Err(RoomRefusal::NotFound)),
+            Some(RoomRole::Owner) if user != by => {}
+            Some(RoomRole::Owner) => {
+                return Ok(Err(RoomRefusal::Forbidden(
+                    "the owner hands the room over by making another member its owner",
+                )))
+            }
+            Some(_) => {
+                return Ok(Err(RoomRefusal::Forbidden(
+                    "only the room's owner changes roles",
+                )))
+            }
+        }
+        if role_of(&tx, room, user).await?.is_none() {
+            return Ok(Err(RoomRefusal::NoSuchMember));
+        }
+        let changes = if role == RoomRole::Owner {
+            make_owner(&tx, room, user).await?;
+            tx.execute(
+                "UPDATE conversation_members SET role = 'admin'
+                 WHERE conversation_id = $1 AND user_id = $2",
+                &[&room, &by],
+            )
+            .await?;
+            vec![(user, RoomRole::Owner), (by, RoomRole::Admin)]
+        } else {
+            tx.execute(
+                "UPDATE conversation_members SET role = $3
+                 WHERE conversation_id = $1 AND user_id = $2",
+                &[&room, &user, &role.as_str()],
+            )
+            .await?;
+            vec![(user, role)]
+        };
+        tx.commit().await?;
+        Ok(Ok(changes))
     }
 }

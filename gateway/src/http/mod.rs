@@ -5,10 +5,12 @@
 //! - [`password_reset`]: request and confirm a password reset.
 //! - [`users`]: the users list with presence, and batch presence.
 //! - [`conversations`]: the caller's conversation list and a conversation's history.
-//! - [`rooms`]: create, show, add and remove members.
+//! - [`rooms`]: create, show, add and remove members, roles.
+//! - [`blocks`]: the rooms and people a user refuses being added to and by.
 
 pub mod accounts;
 pub mod authenticated;
+pub mod blocks;
 pub mod conversations;
 pub mod password_reset;
 pub mod rooms;
@@ -87,7 +89,11 @@ pub fn routes(config: &mut web::ServiceConfig) {
                     .route(
                         "/{id}/members/{user_id}",
                         web::delete().to(rooms::remove_member),
-                    ),
-            ),
+                    )
+                    .route("/{id}/members/{user_id}", web::put().to(rooms::set_role)),
+            )
+            .route("/blocks", web::get().to(blocks::list))
+            .route("/blocks/rooms/{id}", web::delete().to(blocks::unblock_room))
+            .route("/blocks/users/{id}", web::delete().to(blocks::unblock_user)),
     );
 }

@@ -1,12 +1,12 @@
-//! Rooms: create, show, add members, remove members (or leave). Membership lives in Postgres;
-//! every change is then published to the affected user's topic and to the room's topic, so every
-//! node's room index follows at once.
+//! Rooms: create, show, add members, remove members (or leave, with a block), change roles.
+//! Membership lives in Postgres; every change is then published to the affected user's topic and
+//! to the room's topic, so every node's room index follows at once.
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
-use chat_core::protocol::{ErrorCode, MembershipChange, ServerFrame};
+use chat_core::protocol::{ErrorCode, MembershipChange, RoomRole, ServerFrame};
 use chat_core::pubsub::{Envelope, PubSub, Publication, Topic};
-use chat_core::store::{RoomRefusal, Store};
+use chat_core::store::{Block, RoomRefusal, Store};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -34,6 +34,20 @@ pub struct AddMembers {
     user_ids: Vec<Uuid>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRole {
+    role: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    /// Comma-separated: `room`, `adder`.
+    #[serde(default)]
+    block: Option<String>,
+}
+
 fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such room")
 }
@@ -42,11 +56,12 @@ impl From<RoomRefusal> for ApiError {
     fn from(refusal: RoomRefusal) -> Self {
         match refusal {
             RoomRefusal::NotFound => not_found(),
-            RoomRefusal::NotOwner => ApiError::new(
-                StatusCode::FORBIDDEN,
-                ErrorCode::Forbidden,
-                "only the room's owner can remove other members",
-            ),
+            RoomRefusal::NoSuchMember => {
+                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such member")
+            }
+            RoomRefusal::Forbidden(who) => {
+                ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, who)
+            }
             RoomRefusal::Invalid { field, code } => ApiError::invalid_field(field, code),
         }
     }
@@ -63,25 +78,28 @@ fn check_ids(ids: Vec<Uuid>, field: &'static str) -> Result<Vec<Uuid>, ApiError>
     Ok(ids)
 }
 
-/// Publishes one membership event per user, each to the user's topic and then the room's.
+/// One change to announce: the user, what changed, their role after it.
+type Change = (Uuid, MembershipChange, Option<RoomRole>);
+
+/// Publishes one membership event per change, each to the user's topic and then the room's.
 async fn announce(
     pubsub: &dyn PubSub,
     room: Uuid,
-    users: &[Uuid],
-    change: MembershipChange,
+    changes: impl IntoIterator<Item = Change>,
     by: Uuid,
 ) -> Result<(), ApiError> {
-    let publications = users
-        .iter()
-        .map(|user| Publication {
-            topics: vec![Topic::User(*user), Topic::Room(room)],
+    let publications = changes
+        .into_iter()
+        .map(|(user, change, role)| Publication {
+            topics: vec![Topic::User(user), Topic::Room(room)],
             envelope: Envelope::event(
                 Uuid::nil(),
                 ServerFrame::Membership {
                     conversation_id: room,
-                    user_id: *user,
+                    user_id: user,
                     change,
                     by,
+                    role,
                 },
             ),
         })
@@ -93,6 +111,18 @@ async fn announce(
             ErrorCode::Unavailable,
             "the change is stored but not yet live on every node; repeat the request",
         )
+    })
+}
+
+/// `added` events for `users`, each with their role (the caller owns a room they create).
+fn added(users: &[Uuid], owner: Option<Uuid>) -> impl Iterator<Item = Change> + '_ {
+    users.iter().map(move |u| {
+        let role = if Some(*u) == owner {
+            RoomRole::Owner
+        } else {
+            RoomRole::Member
+        };
+        (*u, MembershipChange::Added, Some(role))
     })
 }
 
@@ -123,8 +153,7 @@ pub async fn create(
     announce(
         pubsub.as_ref(),
         room,
-        &members,
-        MembershipChange::Added,
+        added(&members, Some(caller.user_id)),
         caller.user_id,
     )
     .await?;
@@ -143,8 +172,8 @@ pub async fn show(
     Ok(HttpResponse::Ok().json(view))
 }
 
-/// `POST /api/v1/rooms/{id}/members` `{"user_ids"}`: any member adds users. Adding a member
-/// again is not an error (the event is sent again).
+/// `POST /api/v1/rooms/{id}/members` `{"user_ids"}`: the owner or an admin adds users as plain
+/// members. Adding a member again is not an error (the event is sent again).
 pub async fn add_members(
     store: web::Data<Store>,
     pubsub: web::Data<dyn PubSub>,
@@ -167,36 +196,85 @@ pub async fn add_members(
             settings.max_rooms_per_user,
         )
         .await??;
-    announce(
-        pubsub.as_ref(),
-        room,
-        &users,
-        MembershipChange::Added,
-        caller.user_id,
-    )
-    .await?;
-    Ok(HttpResponse::Ok().json(store.room_view(room).await??))
+    let view = store.room_view(room).await??;
+    // A member added again keeps the role they had.
+    let changes = users.iter().map(|u| {
+        let role = view
+            .members
+            .iter()
+            .find(|m| m.id == *u)
+            .and_then(|m| m.role)
+            .unwrap_or(RoomRole::Member);
+        (*u, MembershipChange::Added, Some(role))
+    });
+    announce(pubsub.as_ref(), room, changes, caller.user_id).await?;
+    Ok(HttpResponse::Ok().json(view))
 }
 
-/// `DELETE /api/v1/rooms/{id}/members/{user_id}`: leave (yourself), or remove someone (the
-/// room's owner only). Removing a user who is not a member is not an error.
+/// What `?block=` asks for: a comma-separated list of `room` and `adder`.
+fn parse_block(text: Option<&str>) -> Result<Block, ApiError> {
+    let mut block = Block::default();
+    for word in text.unwrap_or("").split(',').filter(|w| !w.is_empty()) {
+        match word {
+            "room" => block.room = true,
+            "adder" => block.adder = true,
+            _ => return Err(ApiError::invalid_field("block", "invalid")),
+        }
+    }
+    Ok(block)
+}
+
+/// `DELETE /api/v1/rooms/{id}/members/{user_id}[?block=room,adder]`: leave (yourself, with what
+/// to refuse from then on), or remove someone (the owner anyone, an admin plain members).
+/// Removing a user who is not a member is not an error.
 pub async fn remove_member(
     store: web::Data<Store>,
     pubsub: web::Data<dyn PubSub>,
     path: web::Path<(String, String)>,
+    query: web::Query<RemoveQuery>,
     Authenticated(caller): Authenticated,
 ) -> Result<HttpResponse, ApiError> {
     let (room, user) = path.into_inner();
     let room = parse_id(&room)?;
     let user = Uuid::parse_str(&user).map_err(|_| not_found())?;
-    store.remove_member(room, caller.user_id, user).await??;
+    let block = parse_block(query.block.as_deref())?;
+    if block != Block::default() && user != caller.user_id {
+        return Err(ApiError::invalid_field("block", "only_when_leaving"));
+    }
+    let removal = store
+        .remove_member(room, caller.user_id, user, block)
+        .await??;
+    let heir = removal
+        .new_owner
+        .map(|heir| (heir, MembershipChange::Role, Some(RoomRole::Owner)));
+    let changes = std::iter::once((user, MembershipChange::Removed, None)).chain(heir);
+    announce(pubsub.as_ref(), room, changes, caller.user_id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `PUT /api/v1/rooms/{id}/members/{user_id}` `{"role"}`: the owner makes a member an admin or
+/// a plain member, or hands the room over (`owner`; the caller becomes an admin).
+pub async fn set_role(
+    store: web::Data<Store>,
+    pubsub: web::Data<dyn PubSub>,
+    path: web::Path<(String, String)>,
+    body: web::Json<SetRole>,
+    Authenticated(caller): Authenticated,
+) -> Result<HttpResponse, ApiError> {
+    let (room, user) = path.into_inner();
+    let room = parse_id(&room)?;
+    let user = Uuid::parse_str(&user).map_err(|_| not_found())?;
+    let role =
+        RoomRole::parse(&body.role).ok_or_else(|| ApiError::invalid_field("role", "invalid"))?;
+    let changes = store.set_role(room, caller.user_id, user, role).await??;
     announce(
         pubsub.as_ref(),
         room,
-        &[user],
-        MembershipChange::Removed,
+        changes
+            .into_iter()
+            .map(|(u, r)| (u, MembershipChange::Role, Some(r))),
         caller.user_id,
     )
     .await?;
-    Ok(HttpResponse::NoContent().finish())
+    Ok(HttpResponse::Ok().json(store.room_view(room).await??))
 }
