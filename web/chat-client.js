@@ -143,8 +143,24 @@ export class Api {
   addMembers(roomId, userIds) {
     return this.request('POST', `/rooms/${encodeURIComponent(roomId)}/members`, { body: { user_ids: userIds } });
   }
-  removeMember(roomId, userId) {
-    return this.request('DELETE', `/rooms/${encodeURIComponent(roomId)}/members/${encodeURIComponent(userId)}`);
+  /** Removes a member; leaving yourself, `block` may be `['room']`, `['adder']` or both. */
+  removeMember(roomId, userId, { block = [] } = {}) {
+    return this.request('DELETE', `/rooms/${encodeURIComponent(roomId)}/members/${encodeURIComponent(userId)}`, {
+      query: { block: block.length ? block.join(',') : undefined },
+    });
+  }
+  /** The owner gives a member a role: `admin`, `member`, or `owner` (handing the room over). */
+  setRole(roomId, userId, role) {
+    return this.request('PUT', `/rooms/${encodeURIComponent(roomId)}/members/${encodeURIComponent(userId)}`, { body: { role } });
+  }
+  blocks() {
+    return this.request('GET', '/blocks');
+  }
+  unblockRoom(roomId) {
+    return this.request('DELETE', `/blocks/rooms/${encodeURIComponent(roomId)}`);
+  }
+  unblockUser(userId) {
+    return this.request('DELETE', `/blocks/users/${encodeURIComponent(userId)}`);
   }
 }
 

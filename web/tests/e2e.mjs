@@ -340,11 +340,42 @@ describe('two people on two gateway nodes', () => {
     await waitForMessage(B, 'Welcome, Bob');
     await B.locator('#message-list li.msg.own .receipt', { hasText: `Seen by ${alice.name}` }).waitFor(WAIT);
     await shot(A, 'room');
-    B.once('dialog', (d) => d.accept());
+
+    // Roles: Bob, a plain member, sees Alice as the owner and may neither add nor remove.
+    await B.getByText(/^2 members/).waitFor(WAIT);
+    assert.equal(await B.getByRole('button', { name: 'Add people' }).isVisible(), false);
+    await B.getByRole('button', { name: 'Members' }).click();
+    const bobsList = B.locator('#members-list');
+    await bobsList.locator('li', { hasText: alice.name }).getByText('Owner').waitFor(WAIT);
+    await bobsList.locator('li', { hasText: `${bob.name} (you)` }).getByText('Member').waitFor(WAIT);
+    assert.equal(await bobsList.getByRole('button').count(), 0);
+    await B.getByRole('button', { name: 'Close' }).click();
+    // Alice, the owner, may remove Bob or make him an admin; she does, and Bob may add people.
+    await A.getByRole('button', { name: 'Members' }).click();
+    await A.getByRole('button', { name: `Remove ${bob.name}` }).waitFor(WAIT);
+    await A.getByRole('button', { name: `Make ${bob.name} an admin` }).click();
+    await A.locator('#members-list li', { hasText: bob.name }).getByText('Admin').waitFor(WAIT);
+    await shot(A, 'room-members');
+    await A.getByRole('button', { name: 'Close' }).click();
+    await B.getByText('You are now an admin.').waitFor(WAIT);
+    await B.getByRole('button', { name: 'Add people' }).waitFor(WAIT);
+
+    // Bob leaves, refusing the room: Alice cannot add him back until he allows it again.
     await B.getByRole('button', { name: 'Leave room' }).click();
+    await B.getByLabel("Don't let anyone add me to this room again").check();
+    await B.getByRole('button', { name: 'Leave', exact: true }).click();
     await B.getByText(`You left ${room}.`).waitFor(WAIT);
     assert.equal(await conversation(B, room).count(), 0);
     await A.getByText(`${bob.name} left.`).waitFor(WAIT);
+    await A.getByRole('button', { name: 'Add people' }).click();
+    await A.getByRole('dialog').getByLabel(bob.name).check();
+    await A.getByRole('button', { name: 'Add', exact: true }).click();
+    await A.getByText('does not want to be added').waitFor(WAIT);
+    await A.getByRole('button', { name: 'Cancel' }).click();
+    await B.getByRole('button', { name: 'Profile' }).click();
+    await B.getByRole('button', { name: `Allow Room ${room}` }).click();
+    await B.locator('#profile-blocks').waitFor({ state: 'hidden', ...WAIT });
+    await B.getByRole('button', { name: 'Close' }).click();
 
     // Profile: the name and picture are editable (the profile test below edits them).
     await A.getByRole('button', { name: 'Profile' }).click();

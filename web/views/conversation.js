@@ -220,6 +220,9 @@ export function renderSubtitle() {
   const sub = $('chat-subtitle');
   if (c && c.kind === 'room') {
     delete sub.dataset.online;
+    // Only the owner and admins add people (unknown until the members are loaded).
+    const mine = c.members && c.members.find((m) => m.id === S.me.id);
+    $('room-add').hidden = !mine || !['owner', 'admin'].includes(mine.role);
     if (!c.members) sub.textContent = 'Room';
     else {
       const names = c.members.map((m) => (m.id === S.me.id ? 'you' : m.name));

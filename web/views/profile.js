@@ -2,7 +2,7 @@
 // (PATCH /users/me).
 
 import { ApiError } from '../chat-client.js';
-import { $, notify, showFieldError, showFormError } from './dom.js';
+import { $, h, notify, showFieldError, showFormError } from './dom.js';
 import { FIELD_TEXT, avatarUrlProblem, describeError, nameProblem } from './text.js';
 import { S } from './state.js';
 import { setAvatar } from './avatar.js';
@@ -19,6 +19,46 @@ function openProfile() {
   showFormError('profile-error', '');
   $('profile-dialog').showModal();
   $('profile-name').focus();
+  renderBlocks();
+}
+
+/** The Blocked section: what the user refuses, each with a button that allows it again. */
+async function renderBlocks() {
+  let blocks;
+  try {
+    blocks = await S.api.blocks();
+  } catch {
+    $('profile-blocks').hidden = true;
+    return;
+  }
+  const entries = [
+    ...blocks.rooms.map((r) => [`Room ${r.name}`, () => S.api.unblockRoom(r.id)]),
+    ...blocks.users.map((u) => [`${u.name} adding you to rooms`, () => S.api.unblockUser(u.id)]),
+  ];
+  $('profile-blocks').hidden = entries.length === 0;
+  $('profile-blocks-list').replaceChildren(
+    ...entries.map(([label, allow]) =>
+      h(
+        'li',
+        {},
+        h('span', {}, label),
+        h('button', {
+          type: 'button',
+          class: 'secondary small',
+          text: 'Allow',
+          'aria-label': `Allow ${label}`,
+          onclick: async () => {
+            try {
+              await allow();
+            } catch (err) {
+              notify(describeError(err, 'allow that'));
+            }
+            renderBlocks();
+          },
+        }),
+      ),
+    ),
+  );
 }
 
 /** The values typed in the profile form, with the field errors the server would give. */

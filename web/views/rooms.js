@@ -1,5 +1,6 @@
-// Rooms: the New room and Add people dialog, leaving a room, and what membership changes do
-// (a note in the conversation, a room that appears or goes away).
+// Rooms: the New room and Add people dialog, the Members dialog (roles, and what the user's own
+// role lets them do), leaving a room (with blocks), and what membership changes do (a note in
+// the conversation, a room that appears or goes away).
 
 import { ApiError } from '../chat-client.js';
 import { $, h, notify, showFieldError, showFormError } from './dom.js';
@@ -80,18 +81,104 @@ async function onRoomSubmit(e) {
   }
 }
 
-async function onLeaveRoom() {
+const ROLE_TEXT = { owner: 'Owner', admin: 'Admin', member: 'Member' };
+
+/** The user's role in room `c` (null until its members are loaded). */
+export function myRole(c) {
+  const me = c && c.members && c.members.find((m) => m.id === S.me.id);
+  return me ? me.role || 'member' : null;
+}
+
+/** The actions the user's role allows on member `m` of room `c`: [label, run] pairs. */
+function memberActions(c, m) {
+  const mine = myRole(c);
+  if (m.id === S.me.id || !mine || mine === 'member') return [];
+  const role = m.role || 'member';
+  if (mine === 'admin') return role === 'member' ? [[`Remove ${m.name}`, () => S.api.removeMember(c.id, m.id)]] : [];
+  const actions = [];
+  if (role === 'member') actions.push([`Make ${m.name} an admin`, () => S.api.setRole(c.id, m.id, 'admin')]);
+  if (role === 'admin') actions.push([`Make ${m.name} a member`, () => S.api.setRole(c.id, m.id, 'member')]);
+  actions.push([`Make ${m.name} the owner`, () => S.api.setRole(c.id, m.id, 'owner')]);
+  actions.push([`Remove ${m.name}`, () => S.api.removeMember(c.id, m.id)]);
+  return actions;
+}
+
+/** Fills the Members dialog from the open room (it stays current while open). */
+export function renderMembers() {
+  const c = currentConv();
+  if (!$('members-dialog').open || !c || !c.members) return;
+  const mine = myRole(c);
+  $('members-title').textContent = `Members of ${convTitle(c)}`;
+  $('members-hint').textContent = {
+    owner: 'You own this room: you add and remove people and choose the admins.',
+    admin: 'You are an admin: you add people and remove members.',
+  }[mine] || 'Only the owner and admins add or remove people.';
+  $('members-list').replaceChildren(
+    ...c.members.map((m) =>
+      h(
+        'li',
+        { class: 'member', dataset: { userId: m.id } },
+        h('span', { class: 'member-name' }, m.id === S.me.id ? `${m.name} (you)` : m.name),
+        h('span', { class: `role role-${m.role || 'member'}` }, ROLE_TEXT[m.role || 'member']),
+        ...memberActions(c, m).map(([label, run]) =>
+          h('button', {
+            type: 'button',
+            class: label.startsWith('Remove') ? 'danger small' : 'secondary small',
+            text: label.replace(` ${m.name}`, '').replace(m.name, ''),
+            'aria-label': label,
+            onclick: async (e) => {
+              e.target.disabled = true;
+              showFormError('members-error', '');
+              try {
+                await run();
+                await fetchRoom(c);
+                renderMembers();
+              } catch (err) {
+                showFormError('members-error', describeError(err, 'change that'));
+                e.target.disabled = false;
+              }
+            },
+          }),
+        ),
+      ),
+    ),
+  );
+}
+
+function openMembers() {
+  showFormError('members-error', '');
+  $('members-dialog').showModal();
+  renderMembers();
+  $('members-close').focus();
+}
+
+function openLeave() {
   const c = currentConv();
   if (!c || c.kind !== 'room') return;
-  if (!confirm(`Leave ${convTitle(c)}? You will stop getting its messages.`)) return;
+  $('leave-title').textContent = `Leave ${convTitle(c)}?`;
+  $('leave-block-room').checked = false;
+  $('leave-block-adder').checked = false;
+  showFormError('leave-error', '');
+  $('leave-dialog').showModal();
+  $('leave-cancel').focus();
+}
+
+async function onLeaveRoom(e) {
+  e.preventDefault();
+  const c = currentConv();
+  if (!c || c.kind !== 'room') return;
+  const block = [];
+  if ($('leave-block-room').checked) block.push('room');
+  if ($('leave-block-adder').checked) block.push('adder');
   try {
     const title = convTitle(c);
-    await S.api.removeMember(c.id, S.me.id);
+    await S.api.removeMember(c.id, S.me.id, { block });
+    $('leave-dialog').close();
     // The membership event may have removed the conversation before this answer came back.
     removeConv(c.id, null);
     notify(`You left ${title}.`);
   } catch (err) {
-    notify(describeError(err, 'leave the room'));
+    showFormError('leave-error', describeError(err, 'leave the room'));
   }
 }
 
@@ -115,9 +202,15 @@ export function onMembership(f) {
     return;
   }
   if (!c) return;
+  if (f.change === 'role') {
+    const role = { owner: 'the owner', admin: 'an admin', member: 'a member' }[f.role] || f.role;
+    addNote(c, `${who} ${who === 'You' ? 'are' : 'is'} now ${role}.`);
+    fetchRoom(c).then(renderMembers);
+    return;
+  }
   if (f.change === 'added') addNote(c, f.by === f.user_id ? `${who} joined.` : `${who} ${who === 'You' ? 'were' : 'was'} added by ${by}.`);
   else addNote(c, f.by === f.user_id ? `${who} left.` : `${who} ${who === 'You' ? 'were' : 'was'} removed by ${by}.`);
-  if (c.kind === 'room') fetchRoom(c);
+  if (c.kind === 'room') fetchRoom(c).then(renderMembers);
 }
 
 export function onServerError(f) {
@@ -132,7 +225,11 @@ export function onServerError(f) {
 export function wireRooms() {
   $('new-room').addEventListener('click', () => openRoomDialog('create'));
   $('room-add').addEventListener('click', () => openRoomDialog('add'));
-  $('room-leave').addEventListener('click', onLeaveRoom);
+  $('room-members-open').addEventListener('click', openMembers);
+  $('members-close').addEventListener('click', () => $('members-dialog').close());
+  $('room-leave').addEventListener('click', openLeave);
+  $('leave-form').addEventListener('submit', onLeaveRoom);
+  $('leave-cancel').addEventListener('click', () => $('leave-dialog').close());
   $('room-form').addEventListener('submit', onRoomSubmit);
   $('room-cancel').addEventListener('click', () => $('room-dialog').close());
 }

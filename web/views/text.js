@@ -20,6 +20,7 @@ export const FIELD_TEXT = {
   too_many: 'That is more people than a room can hold.',
   room_limit_reached: 'Someone you picked (or you) is already in too many rooms.',
   room_full: 'This room is full.',
+  blocked: 'Someone you picked does not want to be added to this room, or by you.',
   required: 'Pick at least one person.',
   avatar_url_invalid: 'Use the https:// address of a picture, like https://example.com/me.png, with no spaces.',
   avatar_url_host_not_allowed: 'Pictures can only come from the sites this chat allows. Ask your administrator which ones.',
