@@ -21,6 +21,16 @@ pub enum BackendKind {
     Memory,
 }
 
+/// Whose presence (online, last seen) and whose entry in the users list a user sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceVisibility {
+    /// The people who share a conversation (direct or room) with them.
+    Contacts,
+    /// Everyone (one community whose members may all see each other).
+    Everyone,
+}
+
 /// Every setting; the key is the env var without `CHAT_`, lowercased. See `docs/operations.md`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -75,6 +85,8 @@ pub struct GatewayConfig {
     /// Comma-separated hosts (with an optional `:port`) avatar URLs may point at; empty: no
     /// avatars. The web client's CSP allows images from these hosts only.
     pub avatar_hosts: String,
+    /// `contacts` (default) or `everyone`: whose presence and list entry a user sees.
+    pub presence_visibility: PresenceVisibility,
     /// HTTP worker threads; 0 means one per core.
     pub gateway_workers: usize,
     pub gateway_heartbeat_secs: u64,
@@ -208,6 +220,7 @@ impl Default for GatewayConfig {
             gateway_node_id: None,
             gateway_allowed_origins: String::new(),
             avatar_hosts: String::new(),
+            presence_visibility: PresenceVisibility::Contacts,
             gateway_workers: 0,
             gateway_heartbeat_secs: 15,
             gateway_client_timeout_secs: 45,

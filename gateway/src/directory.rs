@@ -3,8 +3,10 @@
 //! in bounded LRU caches. Room membership changes: the hub's live index (kept by membership
 //! events) answers no at once, and a yes is confirmed in Postgres at most
 //! `gateway_membership_recheck_secs` earlier, so a removal whose event was lost still holds on
-//! every node within that time.
+//! every node within that time. It also says whose presence a user may see
+//! (`presence_visibility`).
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,7 @@ use chat_core::store::{Membership, Store};
 use hashlink::LruCache;
 use uuid::Uuid;
 
+use crate::config::PresenceVisibility;
 use crate::hub::Hub;
 
 /// Users, and direct conversations, remembered at most.
@@ -37,11 +40,18 @@ pub struct Directory {
     confirmed: Mutex<LruCache<(Uuid, Uuid), Instant>>,
     /// How long a confirmation holds.
     recheck: Duration,
+    visibility: PresenceVisibility,
 }
 
 impl Directory {
     /// Room memberships the hub reports are confirmed in Postgres every `recheck`.
-    pub fn new(store: Store, log: Arc<dyn MessageLog>, hub: Arc<Hub>, recheck: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        log: Arc<dyn MessageLog>,
+        hub: Arc<Hub>,
+        recheck: Duration,
+        visibility: PresenceVisibility,
+    ) -> Self {
         Directory {
             store,
             log,
@@ -50,7 +60,34 @@ impl Directory {
             pairs: Mutex::new(LruCache::new(CACHE_ENTRIES)),
             confirmed: Mutex::new(LruCache::new(CACHE_ENTRIES)),
             recheck,
+            visibility,
         }
+    }
+
+    /// Whose presence a user sees.
+    pub fn visibility(&self) -> PresenceVisibility {
+        self.visibility
+    }
+
+    /// Which of `users` `viewer` may see the presence of: all of them with `everyone`, their
+    /// contacts (and themselves) with `contacts`.
+    pub async fn visible_to(
+        &self,
+        viewer: Uuid,
+        users: &[Uuid],
+    ) -> Result<HashSet<Uuid>, DirectoryError> {
+        if self.visibility == PresenceVisibility::Everyone {
+            return Ok(users.iter().copied().collect());
+        }
+        let mut visible =
+            tokio::time::timeout(LOOKUP_TIMEOUT, self.store.contacts_among(viewer, users))
+                .await
+                .map_err(|_| DirectoryError("postgres did not answer in time".into()))?
+                .map_err(|e| DirectoryError(e.to_string()))?;
+        if users.contains(&viewer) {
+            visible.insert(viewer);
+        }
+        Ok(visible)
     }
 
     /// Whether `user` is known to exist, without asking Postgres.

@@ -528,6 +528,7 @@ pub async fn run(
         backend.log.clone(),
         hub.clone(),
         Duration::from_secs(cfg.gateway_membership_recheck_secs),
+        cfg.presence_visibility,
     ));
     let room_reloads = actix_web::rt::spawn(reload_rooms_every(
         delivery.clone(),

@@ -24,8 +24,6 @@ const SWEEP_BATCH: usize = 1000;
 const ANNOUNCE_CONCURRENCY: usize = 8;
 /// Direct conversations whose peers hear of a transition (the most recently active).
 const MAX_DIRECT_PEERS: i64 = 1000;
-/// Most online users one call reads.
-pub const MAX_ONLINE_SCAN: usize = 100_000;
 
 /// The node's presence.
 pub struct Presence {
@@ -75,11 +73,6 @@ impl Presence {
     /// Whether each of `users` is online.
     pub async fn online(&self, users: &[Uuid]) -> Result<Vec<bool>, BackendError> {
         self.presence.online(users).await
-    }
-
-    /// Every online user (at most [`MAX_ONLINE_SCAN`]).
-    pub async fn all_online(&self) -> Result<Vec<Uuid>, BackendError> {
-        self.presence.all_online(MAX_ONLINE_SCAN).await
     }
 
     /// Refreshes this node's users, and sweeps the expired users of dead nodes, every `period`

@@ -5,16 +5,19 @@ mod support;
 
 use std::time::Duration;
 
+use gateway::config::PresenceVisibility;
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::*;
 use uuid::Uuid;
 
 /// Short presence timings so expiry tests run in seconds: entries live 3 s, refreshed every 1 s.
+/// Presence that moves fast, visible to everyone (these tests watch strangers).
 fn fast(cluster: &Cluster, node_id: &str) -> gateway::config::GatewayConfig {
     gateway::config::GatewayConfig {
         presence_ttl_secs: 3,
         presence_heartbeat_secs: 1,
+        presence_visibility: PresenceVisibility::Everyone,
         ..cluster.config(node_id)
     }
 }
@@ -223,10 +226,15 @@ async fn sigkilled_node_users_go_offline_once_per_watcher() {
 }
 
 on_both_backends! {
-    /// The users list filters by presence and name and pages by cursor; batch status answers
-    /// online and last_seen; bad input gets 400.
+    /// With `presence_visibility` = `everyone`: the users list filters by presence and name and
+    /// pages by cursor; batch status answers online and last_seen; bad input gets 400.
     async fn users_list_and_batch_status(backend) {
-        let (_cluster, a, b, alice, bob) = Cluster::two_nodes_on(backend).await;
+        let cluster = Cluster::on(backend).await;
+        let (a, b) = cluster
+            .start_pair(fast(&cluster, "node-a"), fast(&cluster, "node-b"))
+            .await;
+        let alice = register(&a, "alice").await;
+        let bob = register(&b, "bob").await;
         let carol = register(&a, "carol").await;
         let (_alice_ws, _) = connect(&b, &alice).await;
         let get = |path: String| {
@@ -473,4 +481,157 @@ async fn a_dead_node_with_5000_users_is_swept_without_starving_the_heartbeat() {
         .expect("count")
         .get(0);
     assert_eq!(recorded, 5000, "last_seen of every swept user");
+}
+
+/// The names on a users-list page.
+fn names(page: &Value) -> Vec<String> {
+    page["users"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .map(|u| u["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// `presence_visibility` = `contacts` (the default): the users list holds only the people who
+/// share a conversation with the caller, batch status leaves strangers out as it does unknown
+/// ids, a watch of a stranger delivers nothing; a stranger is found by exact email without
+/// presence; sharing a room makes them contacts.
+#[actix_web::test]
+async fn contacts_see_each_other_and_strangers_see_nothing() {
+    let (_cluster, a, b, alice, bob) = Cluster::two_nodes().await;
+    let carol = register(&a, "carol").await;
+    let room = create_room(&a, &alice, &[bob.id]).await;
+    let (_alice_ws, _) = connect(&b, &alice).await;
+    let get = |path: String, who: &User| {
+        let (a, who) = (&a, who.clone());
+        async move { call(Method::GET, a, &path, &who, None).await }
+    };
+
+    let (status, page) = get("/api/v1/users".into(), &carol).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        (names(&page), page["visibility"].clone()),
+        (Vec::<String>::new(), json!("contacts"))
+    );
+    let (_, page) = get("/api/v1/users".into(), &bob).await;
+    assert_eq!(names(&page), vec!["alice"]);
+    assert_eq!(page["users"][0]["online"], true);
+    let (_, page) = get("/api/v1/users?online=true".into(), &bob).await;
+    assert_eq!(names(&page), vec!["alice"]);
+    let (_, page) = get("/api/v1/users?q=car".into(), &bob).await;
+    assert!(
+        names(&page).is_empty(),
+        "a search stays among contacts: {page}"
+    );
+
+    let status_of = format!("/api/v1/presence?user_ids={},{}", alice.id, bob.id);
+    let (_, batch) = get(status_of.clone(), &carol).await;
+    assert_eq!(batch["users"], json!([]), "strangers are left out");
+    let (_, batch) = get(status_of, &bob).await;
+    assert_eq!(batch["users"].as_array().map(Vec::len), Some(2), "{batch}");
+
+    // Found by email: name and id, no presence for a stranger; presence for a contact.
+    let (_, me) = call(Method::GET, &a, "/api/v1/users/me", &alice, None).await;
+    let email = me["email"].as_str().expect("email").to_uppercase();
+    let by_email = format!("/api/v1/users?email={email}");
+    let (_, found) = get(by_email.clone(), &carol).await;
+    assert_eq!(found["users"][0]["id"], json!(alice.id), "{found}");
+    assert!(found["users"][0].get("online").is_none(), "{found}");
+    assert!(found["users"][0].get("last_seen").is_none(), "{found}");
+    let (_, found) = get(by_email, &bob).await;
+    assert_eq!(found["users"][0]["online"], true, "{found}");
+    assert_eq!(
+        get("/api/v1/users?email=x@y.z&q=a".into(), &bob).await.0,
+        400
+    );
+
+    // A stranger's watch stays silent, also across a change; a contact's is answered.
+    let (mut carol_ws, _) = connect(&a, &carol).await;
+    send_json(
+        &mut carol_ws,
+        json!({"type": "presence.watch", "user_ids": [alice.id]}),
+    )
+    .await;
+    let (alice_2, _) = connect(&a, &alice).await;
+    drop(alice_2);
+    let frames = recv_until_within(&mut carol_ws, Duration::from_millis(800), |f| {
+        f["type"] == "presence"
+    })
+    .await;
+    assert!(frames.is_none(), "a stranger saw presence: {frames:?}");
+
+    // Sharing a room makes them contacts.
+    let add = format!("/api/v1/rooms/{room}/members");
+    assert_eq!(
+        call(
+            Method::POST,
+            &a,
+            &add,
+            &alice,
+            Some(json!({"user_ids": [carol.id]}))
+        )
+        .await
+        .0,
+        200
+    );
+    let (_, page) = get("/api/v1/users".into(), &carol).await;
+    assert_eq!(names(&page), vec!["alice", "bob"]);
+    send_json(
+        &mut carol_ws,
+        json!({"type": "presence.watch", "user_ids": [alice.id]}),
+    )
+    .await;
+    let frame = recv_until_within(&mut carol_ws, Duration::from_secs(2), |f| {
+        f["type"] == "presence"
+    })
+    .await;
+    assert!(frame.is_some_and(|f| is_presence_of(&f, &alice, "online")));
+}
+
+/// `online=true` never ships ids to Postgres: it reads the list in batches and stops after 1,000
+/// users with a cursor to go on from, so a page may be short or empty; following the cursors
+/// finds exactly the online users, wherever they sort.
+#[actix_web::test]
+async fn online_pages_read_a_bounded_number_of_users() {
+    let cluster = Cluster::new().await;
+    let a = cluster.start_with(fast(&cluster, "node-a")).await;
+    let first = register(&a, "a-first").await;
+    let last = register(&a, "z-last").await;
+    let reader = register(&a, "m-reader").await;
+    let db = chat_core::testing::connect(&cluster.db_url).await;
+    db.execute(
+        "INSERT INTO users (id, name, email, password_hash)
+         SELECT gen_random_uuid(), 'n-' || lpad(i::text, 5, '0'), 'n' || i || '-' || $1 || '@example.test', 'x'
+         FROM generate_series(1, 1500) AS i",
+        &[&cluster.prefix],
+    )
+    .await
+    .expect("users");
+    let (_first_ws, _) = connect(&a, &first).await;
+    let (_last_ws, _) = connect(&a, &last).await;
+
+    let mut found = Vec::new();
+    let mut pages = 0;
+    let mut short_with_cursor = false;
+    let mut path = "/api/v1/users?online=true&limit=5".to_string();
+    loop {
+        let (status, page) = call(Method::GET, &a, &path, &reader, None).await;
+        assert_eq!(status, 200, "{page}");
+        pages += 1;
+        found.extend(names(&page));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => {
+                short_with_cursor |= page["users"].as_array().map(Vec::len) < Some(5);
+                path = format!("/api/v1/users?online=true&limit=5&cursor={cursor}");
+            }
+            None => break,
+        }
+        assert!(pages < 10, "the cursors do not end");
+    }
+    assert_eq!(found, vec!["a-first", "z-last"]);
+    assert!(
+        pages >= 2 && short_with_cursor,
+        "1,503 users fit no single bounded read ({pages} pages)"
+    );
 }

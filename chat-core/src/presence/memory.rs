@@ -79,17 +79,6 @@ impl PresenceStore for MemoryPresence {
             .map(|u| expiry.get(u).is_some_and(|e| *e > now))
             .collect())
     }
-
-    async fn all_online(&self, max: usize) -> Result<Vec<Uuid>, BackendError> {
-        let now = Instant::now();
-        Ok(self
-            .lock()
-            .iter()
-            .filter(|(_, e)| **e > now)
-            .map(|(u, _)| *u)
-            .take(max)
-            .collect())
-    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,4 @@ pub trait PresenceStore: Send + Sync {
     async fn sweep(&self, max: usize) -> Result<Vec<Uuid>, BackendError>;
     /// Whether each of `users` is online now.
     async fn online(&self, users: &[Uuid]) -> Result<Vec<bool>, BackendError>;
-    /// Every online user, at most `max`.
-    async fn all_online(&self, max: usize) -> Result<Vec<Uuid>, BackendError>;
 }

@@ -250,24 +250,4 @@ impl PresenceStore for RedisPresence {
             .map(|u| online.get(u).copied().unwrap_or(false))
             .collect())
     }
-
-    async fn all_online(&self, max: usize) -> Result<Vec<Uuid>, BackendError> {
-        let mut all = Vec::new();
-        for q in 0..PRESENCE_PARTITIONS {
-            if all.len() >= max {
-                break;
-            }
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZRANGEBYSCORE")
-                .arg(self.keys.presence_deadlines(q))
-                .arg(crate::now_ms())
-                .arg("+inf")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(max - all.len());
-            let (ids,): (Vec<String>,) = self.redis.query("command", &pipe).await?;
-            all.extend(uuids(ids));
-        }
-        Ok(all)
-    }
 }

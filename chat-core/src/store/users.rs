@@ -1,6 +1,6 @@
 //! Users: accounts, profiles, the token floor a password change sets, `last_seen`, the users list.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use uuid::Uuid;
@@ -72,6 +72,16 @@ pub struct UserListRow {
     /// When the user last went offline, Unix ms.
     pub last_seen: Option<i64>,
     pub avatar_url: Option<String>,
+}
+
+fn list_row(r: &tokio_postgres::Row) -> UserListRow {
+    UserListRow {
+        id: r.get(0),
+        name: r.get(1),
+        sort_name: r.get(2),
+        last_seen: r.get(3),
+        avatar_url: r.get(4),
+    }
 }
 
 /// Where a users-list page starts: after this (lowercased name, id).
@@ -243,40 +253,86 @@ impl Store {
         Ok(())
     }
 
-    /// Users by name: those whose name matches the `ILIKE` `pattern` (when given) and whose id
-    /// is in `only` (when given), after `cursor`, at most `limit`.
+    /// Users by name: those whose name matches the `ILIKE` `pattern` (when given), among the
+    /// contacts of `contacts_of` (when given: the users who share a conversation with them),
+    /// after `cursor`, at most `limit`.
     pub async fn list_users(
         &self,
         pattern: Option<&str>,
-        only: Option<&[Uuid]>,
+        contacts_of: Option<Uuid>,
         cursor: UserCursor<'_>,
         limit: i64,
     ) -> Result<Vec<UserListRow>, StoreError> {
-        let only: Option<Vec<Uuid>> = only.map(<[Uuid]>::to_vec);
+        let client = self.client().await?;
+        let rows = match contacts_of {
+            // The contacts first (bounded by the viewer's conversations), then their names: a
+            // viewer with few contacts never walks the whole users table.
+            Some(viewer) => {
+                client
+                    .query(
+                        "WITH contacts AS (
+                             SELECT DISTINCT b.user_id FROM conversation_members a
+                             JOIN conversation_members b ON b.conversation_id = a.conversation_id
+                             WHERE a.user_id = $5 AND b.user_id <> $5)
+                         SELECT u.id, u.name, lower(u.name),
+                                (extract(epoch FROM u.last_seen) * 1000)::int8, u.avatar_url
+                         FROM users u JOIN contacts c ON c.user_id = u.id
+                         WHERE ($1::text IS NULL OR u.name ILIKE $1)
+                           AND (lower(u.name), u.id) > ($2, $3)
+                         ORDER BY lower(u.name), u.id
+                         LIMIT $4",
+                        &[&pattern, &cursor.0, &cursor.1, &limit, &viewer],
+                    )
+                    .await?
+            }
+            None => {
+                client
+                    .query(
+                        "SELECT id, name, lower(name), (extract(epoch FROM last_seen) * 1000)::int8, avatar_url
+                         FROM users
+                         WHERE ($1::text IS NULL OR name ILIKE $1)
+                           AND (lower(name), id) > ($2, $3)
+                         ORDER BY lower(name), id
+                         LIMIT $4",
+                        &[&pattern, &cursor.0, &cursor.1, &limit],
+                    )
+                    .await?
+            }
+        };
+        Ok(rows.iter().map(list_row).collect())
+    }
+
+    /// The user with this email (case-insensitive), for finding someone by their address.
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<UserListRow>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT id, name, lower(name), (extract(epoch FROM last_seen) * 1000)::int8, avatar_url
+                 FROM users WHERE lower(email) = lower($1)",
+                &[&email],
+            )
+            .await?;
+        Ok(row.as_ref().map(list_row))
+    }
+
+    /// Which of `ids` share a conversation (direct or room) with `viewer`.
+    pub async fn contacts_among(
+        &self,
+        viewer: Uuid,
+        ids: &[Uuid],
+    ) -> Result<HashSet<Uuid>, StoreError> {
         let rows = self
             .client()
             .await?
             .query(
-                "SELECT id, name, lower(name), (extract(epoch FROM last_seen) * 1000)::int8, avatar_url
-                 FROM users
-                 WHERE ($1::text IS NULL OR name ILIKE $1)
-                   AND ($2::uuid[] IS NULL OR id = ANY($2))
-                   AND (lower(name), id) > ($3, $4)
-                 ORDER BY lower(name), id
-                 LIMIT $5",
-                &[&pattern, &only, &cursor.0, &cursor.1, &limit],
+                "SELECT DISTINCT b.user_id FROM conversation_members a
+                 JOIN conversation_members b ON b.conversation_id = a.conversation_id
+                 WHERE a.user_id = $1 AND b.user_id = ANY($2)",
+                &[&viewer, &ids],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| UserListRow {
-                id: r.get(0),
-                name: r.get(1),
-                sort_name: r.get(2),
-                last_seen: r.get(3),
-                avatar_url: r.get(4),
-            })
-            .collect())
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// `last_seen` (Unix ms, null if never) of each of `ids` that exists.

@@ -203,6 +203,7 @@ pub async fn on_text(
                 user_ids,
                 ws.settings.max_watched_users,
                 &mut state.presence_seen,
+                &ws.directory,
                 &ws.hub,
                 ws.pubsub.as_ref(),
                 &ws.presence,
