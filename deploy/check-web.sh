@@ -7,7 +7,8 @@
 # names their directory (default: the release build). Screenshots land in web/tests/artifacts/.
 # The gateways send password reset notices to a webhook receiver that the browser test runs on a
 # port picked here (WEB_RESET_WEBHOOK_PORT).
-# Usage: STACK_BIN=target/debug deploy/check-web.sh
+# Usage: STACK_BIN=target/debug deploy/check-web.sh   (WEB_TEST_PATTERN=regex runs only the tests
+# whose names match it)
 set -euo pipefail
 # A relative STACK_BIN is relative to where the script was started.
 if [ -n "${STACK_BIN:-}" ]; then STACK_BIN=$(cd "$STACK_BIN" && pwd); fi
@@ -50,6 +51,9 @@ stack_init
 stack_env+=(CHAT_PASSWORD_RESET_WEBHOOK_URL="http://127.0.0.1:$P_HOOK/password-reset")
 # The avatar tests point pictures at https://127.0.0.1:1 (the browser test serves them).
 stack_env+=(CHAT_AVATAR_HOSTS="127.0.0.1:1")
+# The two nodes show everyone's presence (the origin app's People view); the contacts test runs a
+# node of its own with the default, contacts.
+stack_env+=(CHAT_PRESENCE_VISIBILITY=everyone)
 # The reconnect test's own nodes are its children; should the test die, stop them too.
 RESTART_PID_FILE="$LOGS/restart-gateway.pids"
 stop_all() {
@@ -71,7 +75,8 @@ env "${stack_env[@]}" \
   WEB_GATEWAY_B="http://127.0.0.1:$P_B" WEB_NODE_B=web-b \
   WEB_GATEWAY_BIN="$STACK_BIN/gateway" WEB_RESTART_PORT="$P_R" WEB_RESTART_ADMIN_PORT="$ADM_R" \
   WEB_RESTART_PID_FILE="$RESTART_PID_FILE" WEB_RESET_WEBHOOK_PORT="$P_HOOK" \
-  node --test --test-concurrency=1 --test-timeout=180000 web/tests/chat-client.test.mjs web/tests/e2e.mjs || status=$?
+  node --test --test-concurrency=1 --test-timeout=180000 ${WEB_TEST_PATTERN:+--test-name-pattern="$WEB_TEST_PATTERN"} \
+  web/tests/chat-client.test.mjs web/tests/e2e.mjs || status=$?
 if [ "$status" -ne 0 ]; then
   echo "check-web: failed; gateway and worker logs in $LOGS, screenshots in web/tests/artifacts/" >&2
   exit "$status"

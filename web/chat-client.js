@@ -120,8 +120,10 @@ export class Api {
   confirmPasswordReset(token, newPassword) {
     return this.request('POST', '/auth/password-reset/confirm', { body: { token, new_password: newPassword } });
   }
-  users({ q, online, cursor, limit } = {}) {
-    return this.request('GET', '/users', { query: { q, online, cursor, limit } });
+  /** The users list (the caller's contacts, or everyone: `visibility` says), or with `email`
+   *  the one user with that address. */
+  users({ q, email, online, cursor, limit } = {}) {
+    return this.request('GET', '/users', { query: { q, email, online, cursor, limit } });
   }
   presence(userIds) {
     return this.request('GET', '/presence', { query: { user_ids: userIds.join(',') } });

@@ -737,11 +737,13 @@ const running = (proc) => proc !== null && proc.exitCode === null && proc.signal
 
 /** A gateway node the test owns, so that it can stop it and start it again on the same port. */
 class RestartableGateway {
-  constructor() {
+  /** `settings`: environment the node gets beyond the stack's (CHAT_* overrides). */
+  constructor({ nodeId = 'web-restart', settings = {} } = {}) {
     this.bin = env('WEB_GATEWAY_BIN');
     this.port = env('WEB_RESTART_PORT');
     this.admin = env('WEB_RESTART_ADMIN_PORT');
-    this.nodeId = 'web-restart';
+    this.settings = settings;
+    this.nodeId = nodeId;
     this.url = `http://127.0.0.1:${this.port}`;
     this.proc = null;
     this.all = new Set(); // every process started, so that none outlives the tests
@@ -761,13 +763,14 @@ class RestartableGateway {
     // Readiness below must come from this process, not from one left on the port.
     if (await this.ready()) throw new Error(`something already answers on 127.0.0.1:${this.admin}`);
     this.starts += 1;
-    const log = openSync(new URL(`gateway-restart-${this.starts}.log`, ARTIFACTS), 'w');
+    const log = openSync(new URL(`gateway-${this.nodeId}-${this.starts}.log`, ARTIFACTS), 'w');
     const proc = spawn(this.bin, [], {
       env: {
         ...process.env,
         CHAT_GATEWAY_NODE_ID: this.nodeId,
         CHAT_GATEWAY_LISTEN: `127.0.0.1:${this.port}`,
         CHAT_GATEWAY_INTERNAL_LISTEN: `127.0.0.1:${this.admin}`,
+        ...this.settings,
       },
       stdio: ['ignore', log, log],
     });
@@ -777,7 +780,7 @@ class RestartableGateway {
     if (process.env.WEB_RESTART_PID_FILE) appendFileSync(process.env.WEB_RESTART_PID_FILE, `${proc.pid}\n`);
     const deadline = Date.now() + 30000;
     while (Date.now() < deadline) {
-      if (!running(proc)) throw new Error(`the gateway exited (${proc.exitCode ?? proc.signalCode}); see gateway-restart-${this.starts}.log`);
+      if (!running(proc)) throw new Error(`the gateway exited (${proc.exitCode ?? proc.signalCode}); see gateway-${this.nodeId}-${this.starts}.log`);
       if (await this.ready()) return;
       await new Promise((r) => setTimeout(r, 200));
     }
@@ -803,6 +806,75 @@ class RestartableGateway {
     }));
   }
 }
+
+// Runs before the reconnect tests, on the same spare ports, stopping its node when done.
+describe('people in contacts mode', () => {
+  const node = new RestartableGateway({ nodeId: 'web-contacts', settings: { CHAT_PRESENCE_VISIBILITY: 'contacts' } });
+  after(() => node.stopAll());
+
+  /** Clicks Refresh until `locator` shows (the worker writes a new direct conversation to
+   *  Postgres a moment after its first message, and the contacts list comes from there). */
+  async function refreshUntil(page, locator) {
+    const deadline = Date.now() + 15000;
+    for (;;) {
+      await page.getByRole('button', { name: 'Refresh' }).click();
+      try {
+        await locator.waitFor({ timeout: 1000 });
+        return;
+      } catch (err) {
+        if (Date.now() > deadline) throw err;
+      }
+    }
+  }
+
+  test('the People view lists contacts only, finds others by email, and shows presence once they talk', async () => {
+    await node.start();
+    const kim = { name: `Kim ${RUN}` };
+    const lou = { name: `Lou ${RUN}` };
+    kim.context = await newBrowser();
+    lou.context = await newBrowser();
+    const K = (kim.page = await openPage(kim.context, node.url, 'kim'));
+    const L = (lou.page = await openPage(lou.context, node.url, 'lou'));
+    await register(L, lou.name);
+    await connected(L, node.nodeId);
+    await register(K, kim.name);
+    await connected(K, node.nodeId);
+
+    // Strangers are not listed, not even by name; the page says how to find them.
+    await showPeople(K);
+    await K.getByText('No contacts yet.').waitFor(WAIT);
+    await K.getByText('People you share a conversation with.').waitFor(WAIT);
+    const search = K.getByLabel('Search people by name, or find someone by email');
+    await search.fill(lou.name);
+    await K.getByText('None of your contacts has that name.').waitFor(WAIT);
+    assert.equal(await person(K, lou.name).count(), 0);
+    // By email: found, without presence.
+    await search.fill(email(lou.name));
+    await person(K, lou.name).waitFor(WAIT);
+    assert.equal((await person(K, lou.name).locator('.presence').textContent()).trim(), '');
+    await shot(K, 'people-contacts-found-by-email');
+
+    // They talk: now each is the other's contact, online.
+    await person(K, lou.name).click();
+    await send(K, 'Hello Lou');
+    await showChats(L);
+    await conversation(L, kim.name).click();
+    await waitForMessage(L, 'Hello Lou');
+    await showPeople(L);
+    await refreshUntil(L, person(L, kim.name).locator('.presence', { hasText: 'Online' }));
+    await search.fill('');
+    await showPeople(K);
+    await refreshUntil(K, person(K, lou.name).locator('.presence', { hasText: 'Online' }));
+    await shot(K, 'people-contacts');
+    // And goes offline, live.
+    await L.getByRole('button', { name: 'Log out' }).click();
+    await person(K, lou.name).locator('.presence', { hasText: 'Offline' }).waitFor(WAIT);
+    await kim.context.close();
+    await lou.context.close();
+    await node.stopAll();
+    assertNoPageErrors();
+  });
+});
 
 describe('reconnect', () => {
   const node = new RestartableGateway();

@@ -1,5 +1,6 @@
-// The People list and presence: everyone else, with Online or Offline, last seen; watching
-// their status (presence.watch) so that it changes live. A click opens a direct conversation and
+// The People list and presence: the user's contacts (or everyone, as the server's
+// `visibility` says), with Online or Offline, last seen; someone else found by their email;
+// watching their status (presence.watch) so that it changes live. A click opens a direct conversation and
 // a status change redraws the chat header, through the chat view's functions that app.js passes
 // in (the chat view imports this module).
 
@@ -12,9 +13,17 @@ import { avatar } from './avatar.js';
 /** Set by app.js (wirePeople): `openDirect(userId)` and `renderSubtitle()` of the chat view. */
 let chat = null;
 
+/** Whether the search box holds an email address (found exactly, among everyone). */
+const isEmail = (text) => /^[^\s@]+@[^\s@]+$/.test(text);
+
 export async function loadPeople({ more = false } = {}) {
   const q = $('people-q').value.trim();
-  const page = await S.api.users({ q: q || undefined, cursor: more ? S.usersCursor : undefined, limit: 100 });
+  const byEmail = isEmail(q);
+  const page = byEmail
+    ? await S.api.users({ email: q })
+    : await S.api.users({ q: q || undefined, cursor: more ? S.usersCursor : undefined, limit: 100 });
+  if (page.visibility) S.visibility = page.visibility;
+  S.peopleSearch = byEmail ? 'email' : q ? 'name' : '';
   const before = new Set(S.peopleOrder);
   if (!more) S.peopleOrder = [];
   for (const u of page.users) {
@@ -25,7 +34,8 @@ export async function loadPeople({ more = false } = {}) {
   S.usersCursor = page.next_cursor || null;
   const shown = new Set(S.peopleOrder);
   S.client.unwatch([...before].filter((id) => !shown.has(id)));
-  S.client.watch(S.peopleOrder);
+  // Someone found by email whose presence we may not see would be skipped by the server anyway.
+  S.client.watch(S.peopleOrder.filter((id) => S.users.get(id).online !== null || !byEmail));
   renderPeople();
 }
 
@@ -67,7 +77,7 @@ export function renderPeople() {
             h(
               'span',
               { class: `item-sub presence ${u.online ? 'online' : 'offline'}`, title: u.last_seen ? dateTimeFmt.format(new Date(u.last_seen)) : null },
-              h('span', { class: 'dot', 'aria-hidden': 'true' }),
+              u.online === null ? null : h('span', { class: 'dot', 'aria-hidden': 'true' }),
               presenceText(u),
             ),
           ),
@@ -75,6 +85,13 @@ export function renderPeople() {
       );
     }),
   );
+  const contacts = S.visibility === 'contacts';
+  $('people-hint').hidden = !contacts;
+  $('people-hint').textContent = 'People you share a conversation with. Type someone\'s email address to find anyone else.';
+  $('people-empty').textContent = {
+    email: 'Nobody has that email address.',
+    name: contacts ? 'None of your contacts has that name. Type an email address to find someone else.' : 'Nobody has that name.',
+  }[S.peopleSearch] || (contacts ? 'No contacts yet. Type someone\'s email address to find them.' : 'Nobody else here yet.');
   $('people-empty').hidden = S.peopleOrder.length > 0;
   $('people-more').hidden = !S.usersCursor;
   if (focusedId) list.querySelector(`[data-user-id="${CSS.escape(focusedId)}"]`)?.focus();

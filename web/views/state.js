@@ -17,6 +17,9 @@ export const S = {
   users: new Map(), // id -> {id, name, online, last_seen}
   peopleOrder: [], // ids shown in the People list
   usersCursor: null,
+  // `contacts` or `everyone`, as the users list last said; what the People search is (`name`, `email` or empty).
+  visibility: null,
+  peopleSearch: '',
   convs: new Map(), // id -> conversation (see newConv)
   gone: new Set(), // conversations left or removed from: late list answers and frames must not bring them back
   convCursor: null,
