@@ -112,6 +112,9 @@ pub struct GatewayConfig {
     /// Recent messages kept per conversation in Redis (the tail history and sync read before
     /// the worker has written them to Postgres).
     pub gateway_history_tail_len: u32,
+    /// Most bytes of frames a conversation's tail keeps in Redis (one account flooding 4 KiB
+    /// messages cannot hold 1,000 of them per conversation).
+    pub gateway_history_tail_max_bytes: u64,
     /// How long a conversation's tail lives in Redis after its last message.
     pub gateway_history_tail_ttl_secs: u64,
     /// Most members a room may have.
@@ -235,6 +238,7 @@ impl Default for GatewayConfig {
             gateway_delivery_canary_timeout_ms: 5000,
             gateway_shutdown_grace_secs: 20,
             gateway_history_tail_len: chat_core::log::DEFAULT_TAIL_LEN,
+            gateway_history_tail_max_bytes: chat_core::log::DEFAULT_TAIL_MAX_BYTES,
             gateway_history_tail_ttl_secs: chat_core::log::DEFAULT_TAIL_TTL_MS / 1000,
             gateway_max_room_members: 10_000,
             gateway_max_rooms_per_user: 1_000,
@@ -391,6 +395,10 @@ impl GatewayConfig {
             (
                 "gateway_history_tail_ttl_secs",
                 self.gateway_history_tail_ttl_secs as usize,
+            ),
+            (
+                "gateway_history_tail_max_bytes",
+                usize::try_from(self.gateway_history_tail_max_bytes).unwrap_or(usize::MAX),
             ),
             ("gateway_max_room_members", self.gateway_max_room_members),
             (

@@ -230,6 +230,7 @@ fn retention(config: &Validated) -> Retention {
     let cfg = &config.raw;
     Retention {
         tail_len: cfg.gateway_history_tail_len,
+        tail_max_bytes: cfg.gateway_history_tail_max_bytes,
         tail_ttl_ms: cfg.gateway_history_tail_ttl_secs.saturating_mul(1000),
         dedup_window_ms: cfg.gateway_send_dedup_window_secs.saturating_mul(1000),
         max_backlog: cfg.redis_log_max_backlog,

@@ -157,6 +157,95 @@ async fn history_pages_at_the_edges_with_and_without_the_worker() {
     worker.cancel();
 }
 
+/// A conversation's Redis tail is bounded in bytes as well as messages: 40 messages of 3 KiB
+/// leave at most 16 KiB of frames in it (the newest always), contiguous up to the last seq,
+/// with the byte count the script keeps equal to what is there; a tail that expired starts its
+/// count again; history still gives every seq (older ones from Postgres).
+#[actix_web::test]
+async fn tails_are_capped_by_bytes() {
+    const CAP: u64 = 16 * 1024;
+    let cluster = Cluster::new().await;
+    let (a, _b) = cluster
+        .start_pair(
+            gateway::config::GatewayConfig {
+                gateway_history_tail_max_bytes: CAP,
+                ..cluster.config("node-a")
+            },
+            cluster.config("node-b"),
+        )
+        .await;
+    let alice = register(&a, "alice").await;
+    let bob = register(&a, "bob").await;
+    let room = create_room(&a, &alice, &[bob.id]).await;
+    let keys = test_keys(&cluster.prefix);
+    let tail = || async {
+        let mut range = redis::cmd("XRANGE");
+        range.arg(keys.tail(room)).arg("-").arg("+");
+        let entries: Vec<(String, Vec<(String, String)>)> = redis_query(range).await;
+        let mut hget = redis::cmd("HGET");
+        hget.arg(keys.seq_counter(room)).arg("tb");
+        let counted: Option<u64> = redis_query(hget).await;
+        let seqs: Vec<i64> = entries
+            .iter()
+            .filter_map(|(id, _)| id.split('-').next()?.parse().ok())
+            .collect();
+        let bytes: u64 = entries.iter().map(|(_, f)| f[0].1.len() as u64).sum();
+        (seqs, bytes, counted)
+    };
+
+    let (mut ws, _) = connect(&a, &alice).await;
+    let body = "x".repeat(3 * 1024);
+    for i in 1..=40 {
+        let ack = send_room(&mut ws, &format!("t{i}"), room, &body).await;
+        assert_eq!(ack["seq"], i, "{ack}");
+    }
+    let (seqs, bytes, counted) = tail().await;
+    assert!(bytes <= CAP, "{bytes} bytes in the tail");
+    assert_eq!(counted, Some(bytes), "the script's count");
+    assert_eq!(seqs.last(), Some(&40));
+    assert!(seqs.len() >= 3, "{seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "contiguous: {seqs:?}"
+    );
+
+    // Small messages fill it up to its message bound again, under the byte bound.
+    for i in 41..=60 {
+        send_room(&mut ws, &format!("t{i}"), room, "small").await;
+    }
+    let (seqs, bytes, counted) = tail().await;
+    assert!(
+        bytes <= CAP && counted == Some(bytes),
+        "{bytes} {counted:?}"
+    );
+    assert_eq!(seqs.last(), Some(&60));
+
+    // The tail expired: the count starts again from the next frame.
+    let mut del = redis::cmd("DEL");
+    del.arg(keys.tail(room));
+    let _: i64 = redis_query(del).await;
+    send_room(&mut ws, "t61", room, "after").await;
+    let (seqs, bytes, counted) = tail().await;
+    assert_eq!((seqs, counted), (vec![61], Some(bytes)));
+
+    let worker = cluster.start_worker();
+    let db = chat_core::testing::connect(&cluster.db_url).await;
+    let stored = chat_core::testing::eventually(Duration::from_secs(15), || async {
+        db.query_one(
+            "SELECT count(*) FROM messages WHERE conversation_id = $1",
+            &[&room],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0) == 61)
+        .unwrap_or(false)
+    })
+    .await;
+    assert!(stored, "the worker wrote the messages");
+    let history = all_history_seqs(a.http, &bob.token, room).await;
+    assert_eq!(history, (1..=61).collect::<Vec<_>>());
+    worker.cancel();
+}
+
 /// Checks the pages of a seven-message conversation at every edge.
 async fn check_pages(node: &NodeHandle, reader: &User, path: &str) {
     let get = |q: &str| {

@@ -20,6 +20,9 @@ use crate::message::{Appended, NewMessage, StoredMessage};
 
 /// Default length of a conversation's tail (recent messages kept for history and sync).
 pub const DEFAULT_TAIL_LEN: u32 = 1000;
+/// Default bound on the bytes of a conversation's tail (its frames): 512 KiB holds 1,000 frames
+/// of about 500 bytes, or about 110 of the largest (4 KiB bodies).
+pub const DEFAULT_TAIL_MAX_BYTES: u64 = 512 * 1024;
 /// Default idle lifetime of a conversation's tail.
 pub const DEFAULT_TAIL_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Default window in which a repeated client id gets the original ack.
@@ -33,6 +36,8 @@ pub const DEFAULT_MAX_BACKLOG: u64 = 1_000_000;
 pub struct Retention {
     /// Recent messages kept per conversation.
     pub tail_len: u32,
+    /// Most bytes of frames a conversation's tail keeps.
+    pub tail_max_bytes: u64,
     /// How long a conversation's tail lives after its last message.
     pub tail_ttl_ms: u64,
     /// How long a client id is remembered.
@@ -47,6 +52,7 @@ impl Default for Retention {
     fn default() -> Self {
         Retention {
             tail_len: DEFAULT_TAIL_LEN,
+            tail_max_bytes: DEFAULT_TAIL_MAX_BYTES,
             tail_ttl_ms: DEFAULT_TAIL_TTL_MS,
             dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
             max_backlog: DEFAULT_MAX_BACKLOG,

@@ -56,8 +56,15 @@ pub mod field {
 /// id's record, KEYS[6] the partition's epoch. ARGV: 1-6 the entry's fields, 7-8 the frame around
 /// the seq, 9-10 the envelope header around the seq, 11-13 the tail length, tail TTL and dedup
 /// window, 14 the pair (empty in rooms), 15 the traceparent (empty when not traced), 16 the
-/// backlog bound, then the channels. The tail is a cache: if its XADD fails (its last id is
-/// above `seq`), the message is still accepted, and history reads notice the hole.
+/// backlog bound, 17 the tail's byte bound, then the channels. The tail is a cache: if its XADD
+/// fails (its last id is above `seq`), the message is still accepted, and history reads notice
+/// the hole.
+///
+/// The tail is bounded in messages and in bytes (its frames' sizes, kept in the counter's `tb`
+/// field, reset when the tail was empty: it expired or was lost). Over 110% of the message
+/// bound, or over the byte bound, its oldest frames are trimmed (never the newest) down to the
+/// message bound and 90% of the byte bound: one XRANGE and one XTRIM every so many appends, and
+/// one XLEN and one HINCRBY on every other.
 const APPEND_LUA: &str = r#"
 local prior = redis.call('GET', KEYS[5])
 if prior then
@@ -79,12 +86,41 @@ if ARGV[15] ~= '' then
 end
 redis.call('XADD', KEYS[2], '*', unpack(entry))
 local frame = ARGV[7] .. seq .. ARGV[8]
-redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], seq .. '-0', 'f', frame)
+local added = redis.pcall('XADD', KEYS[3], seq .. '-0', 'f', frame)
+if not (type(added) == 'table' and added.err) then
+  local len = redis.call('XLEN', KEYS[3])
+  local bytes = #frame
+  if len == 1 then redis.call('HSET', KEYS[1], 'tb', bytes)
+  else bytes = redis.call('HINCRBY', KEYS[1], 'tb', bytes) end
+  local max_len, max_bytes = tonumber(ARGV[11]), tonumber(ARGV[17])
+  if len > max_len + math.floor(max_len / 10) or bytes > max_bytes then
+    local keep_bytes = math.floor(max_bytes * 9 / 10)
+    local last, dropped, start = nil, 0, '-'
+    repeat
+      local batch = redis.call('XRANGE', KEYS[3], start, '+', 'COUNT', 100)
+      local more = #batch == 100
+      for _, e in ipairs(batch) do
+        if len - dropped <= 1 or (len - dropped <= max_len and bytes <= keep_bytes) then
+          more = false
+          break
+        end
+        bytes = bytes - #e[2][2]
+        dropped = dropped + 1
+        last = e[1]
+      end
+      if last then start = '(' .. last end
+    until not more
+    if last then
+      redis.call('XTRIM', KEYS[3], 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
+      redis.call('HSET', KEYS[1], 'tb', bytes)
+    end
+  end
+end
 redis.call('PEXPIRE', KEYS[3], ARGV[12])
 if seq == 1 and ARGV[14] ~= '' then redis.call('SET', KEYS[4], ARGV[14]) end
 redis.call('SET', KEYS[5], seq .. ':' .. ARGV[1] .. ':' .. ARGV[6], 'PX', ARGV[13])
 local payload = ARGV[9] .. seq .. ARGV[10] .. '\n' .. frame
-for i = 17, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end
+for i = 18, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end
 return {seq}
 "#;
 
@@ -578,7 +614,8 @@ impl MessageLog for RedisLog {
             .arg(self.retention.dedup_window_ms)
             .arg(pair)
             .arg(msg.trace_parent.as_deref().unwrap_or_default())
-            .arg(self.retention.max_backlog);
+            .arg(self.retention.max_backlog)
+            .arg(self.retention.tail_max_bytes);
         for topic in msg.topics() {
             cmd.arg(self.keys.channel_in(topic, p));
         }
