@@ -35,14 +35,17 @@ if redis.call('HGET', KEYS[1], 'e') ~= epoch then return {-2} end
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[16]) then return {-3} end
 """
 dedup_record = "redis.call('SET', KEYS[5], seq .. ':' .. ARGV[1] .. ':' .. ARGV[6], 'PX', ARGV[13])\n"
-tail = "redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], seq .. '-0', 'f', frame)\n"
+# The tail: its XADD and the byte count and trim after it (up to the tail's PEXPIRE).
+tail = full[full.index("local added = redis.pcall('XADD', KEYS[3]"):full.index(expire_line := "redis.call('PEXPIRE', KEYS[3], ARGV[12])\n")]
+tail_bound = tail[tail.index("  local len = redis.call('XLEN', KEYS[3])"):tail.rindex("end\n")]
 expire = "redis.call('PEXPIRE', KEYS[3], ARGV[12])\n"
-publish = "for i = 17, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end\n"
+publish = "for i = 18, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end\n"
 for part in (dedup_check, guards, dedup_record, tail, expire, publish):
     assert part in full, f"the append script changed; update append-script-cost.sh: {part!r}"
 variants = {
     "1 as the gateway runs it": full,
     "2 without the tail's PEXPIRE": full.replace(expire, ""),
+    "2b without the tail's byte count and trim": full.replace(tail_bound, ""),
     "3 without the tail (XADD, PEXPIRE)": full.replace(tail, "").replace(expire, ""),
     "4 without the idempotency record (GET, SET PX)": full.replace(dedup_check, "").replace(dedup_record, ""),
     "5 without PUBLISH": full.replace(publish, ""),

@@ -33,5 +33,5 @@ for i in range(n):
     frame_a = '{"type":"message","msg_id":"%s","conversation_id":"%s","seq":' % (msg, c)
     frame_b = ',"from":"%s","to":"%s","body":"%s","ts":1795397327000}' % (c, c, body)
     header_a = "m %s %s 1795397327000 " % (uuid.uuid4(), c)
-    args = [msg, c, c, c, body, "1795397327000", frame_a, frame_b, header_a, "", "1000", "604800000", "600000", "a:b", "", "1000000000", f"lt:ch:{c}:a", f"lt:ch:{c}:b"]
+    args = [msg, c, c, c, body, "1795397327000", frame_a, frame_b, header_a, "", "1000", "604800000", "600000", "a:b", "", "1000000000", "524288", f"lt:ch:{c}:a", f"lt:ch:{c}:b"]
     w.write(resp("EVALSHA", sha, 6, *keys, *args))
