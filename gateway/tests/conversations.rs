@@ -136,18 +136,7 @@ async fn history_pages_at_the_edges_with_and_without_the_worker() {
 
     // With the worker: once Postgres has all seven, drop the tail; the pages are the same.
     let worker = cluster.start_worker();
-    let db = chat_core::testing::connect(&cluster.db_url).await;
-    let stored = chat_core::testing::eventually(Duration::from_secs(15), || async {
-        db.query_one(
-            "SELECT count(*) FROM messages WHERE conversation_id = $1",
-            &[&room],
-        )
-        .await
-        .map(|r| r.get::<_, i64>(0) == 7)
-        .unwrap_or(false)
-    })
-    .await;
-    assert!(stored, "the worker wrote the messages");
+    wait_stored(&cluster, room, 7).await;
     let keys = test_keys(&cluster.prefix);
     let mut del = redis::cmd("DEL");
     del.arg(keys.tail(room));
@@ -229,21 +218,26 @@ async fn tails_are_capped_by_bytes() {
     assert_eq!((seqs, counted), (vec![61], Some(bytes)));
 
     let worker = cluster.start_worker();
+    wait_stored(&cluster, room, 61).await;
+    let history = all_history_seqs(a.http, &bob.token, room).await;
+    assert_eq!(history, (1..=61).collect::<Vec<_>>());
+    worker.cancel();
+}
+
+/// Waits (15 s at most) until Postgres holds `n` messages of `conversation`.
+async fn wait_stored(cluster: &Cluster, conversation: Uuid, n: i64) {
     let db = chat_core::testing::connect(&cluster.db_url).await;
     let stored = chat_core::testing::eventually(Duration::from_secs(15), || async {
         db.query_one(
             "SELECT count(*) FROM messages WHERE conversation_id = $1",
-            &[&room],
+            &[&conversation],
         )
         .await
-        .map(|r| r.get::<_, i64>(0) == 61)
+        .map(|r| r.get::<_, i64>(0) == n)
         .unwrap_or(false)
     })
     .await;
     assert!(stored, "the worker wrote the messages");
-    let history = all_history_seqs(a.http, &bob.token, room).await;
-    assert_eq!(history, (1..=61).collect::<Vec<_>>());
-    worker.cancel();
 }
 
 /// Checks the pages of a seven-message conversation at every edge.

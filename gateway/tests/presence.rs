@@ -22,6 +22,17 @@ fn fast(cluster: &Cluster, node_id: &str) -> gateway::config::GatewayConfig {
     }
 }
 
+/// Two [`fast`] nodes, with alice registered on the first and bob on the second.
+async fn fast_pair(backend: Backend) -> (Cluster, NodeHandle, NodeHandle, User, User) {
+    let cluster = Cluster::on(backend).await;
+    let (a, b) = cluster
+        .start_pair(fast(&cluster, "node-a"), fast(&cluster, "node-b"))
+        .await;
+    let alice = register(&a, "alice").await;
+    let bob = register(&b, "bob").await;
+    (cluster, a, b, alice, bob)
+}
+
 fn is_presence_of(frame: &Value, user: &User, status: &str) -> bool {
     frame["type"] == "presence"
         && frame["user_id"] == user.id.to_string()
@@ -68,12 +79,7 @@ on_both_backends! {
     /// Online when the first device connects anywhere, nothing for a second device or for the first
     /// one leaving, offline when the last leaves; each within a second, and `last_seen` recorded.
     async fn transitions_only_across_devices_and_nodes(backend) {
-        let cluster = Cluster::on(backend).await;
-        let (a, b) = cluster
-            .start_pair(fast(&cluster, "node-a"), fast(&cluster, "node-b"))
-            .await;
-        let alice = register(&a, "alice").await;
-        let bob = register(&b, "bob").await;
+        let (cluster, a, b, alice, bob) = fast_pair(backend).await;
         create_room(&a, &alice, &[bob.id]).await;
         let (mut bob_ws, _) = connect(&b, &bob).await;
 
@@ -229,12 +235,7 @@ on_both_backends! {
     /// With `presence_visibility` = `everyone`: the users list filters by presence and name and
     /// pages by cursor; batch status answers online and last_seen; bad input gets 400.
     async fn users_list_and_batch_status(backend) {
-        let cluster = Cluster::on(backend).await;
-        let (a, b) = cluster
-            .start_pair(fast(&cluster, "node-a"), fast(&cluster, "node-b"))
-            .await;
-        let alice = register(&a, "alice").await;
-        let bob = register(&b, "bob").await;
+        let (_cluster, a, b, alice, bob) = fast_pair(backend).await;
         let carol = register(&a, "carol").await;
         let (_alice_ws, _) = connect(&b, &alice).await;
         let get = |path: String| {
