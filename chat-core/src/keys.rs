@@ -285,6 +285,12 @@ impl KeySchema {
         }
     }
 
+    /// The shard channel of a node's delivery canary in partition `p`'s slot (`id` names the
+    /// node's run). [`KeySchema::parse_channel`] reads no topic from it.
+    pub fn canary_channel(&self, p: u16, id: &str) -> String {
+        format!("{}:{{{}}}:canary:{id}", self.prefix, self.tag(p))
+    }
+
     /// The topic a channel from [`Self::channel_in`] belongs to; `None` for foreign names.
     pub fn parse_channel(&self, channel: &str) -> Option<Topic> {
         let mut rest = channel.strip_prefix(&self.prefix)?;

@@ -80,16 +80,13 @@ impl Backend {
         let keys = KeySchema::for_target(cfg.redis_prefix.clone(), cfg.redis_partitions, target);
         let redis = Commands::open(target, Some(metrics.redis()))?;
         let subscribe_timeout = Duration::from_millis(cfg.gateway_subscribe_timeout_ms);
+        let canary = CanarySettings {
+            every: Duration::from_millis(cfg.gateway_delivery_canary_interval_ms),
+            timeout: Duration::from_millis(cfg.gateway_delivery_canary_timeout_ms),
+        };
         let (pubsub, manager): (Arc<dyn PubSub>, _) = match target {
             RedisTarget::Single(_) => {
-                let canary = Canary::new(
-                    keys.prefix(),
-                    CanarySettings {
-                        every: Duration::from_millis(cfg.gateway_delivery_canary_interval_ms),
-                        timeout: Duration::from_millis(cfg.gateway_delivery_canary_timeout_ms),
-                    },
-                    Some(metrics.canary()),
-                );
+                let canary = Canary::new(keys.prefix(), canary, Some(metrics.canary()));
                 let (pubsub, manager) = RedisPubSub::start(
                     redis.clone(),
                     keys.clone(),
@@ -107,6 +104,8 @@ impl Backend {
                     keys.clone(),
                     delivery,
                     subscribe_timeout,
+                    canary,
+                    Some(metrics.canary()),
                     stop.clone(),
                 );
                 (Arc::new(pubsub), manager)

@@ -486,3 +486,81 @@ async fn a_slot_moved_under_traffic_loses_nothing_and_subscriptions_follow() {
     let in_pg: HashSet<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(in_pg, acked);
 }
+
+/// A half-open shard pub/sub link (the proxies in front of the nodes stop forwarding every link
+/// that subscribed, without closing it): the partitions' delivery canaries do not come back,
+/// so within seconds the node builds a new client and subscribes everything again; Bob's
+/// connection gets `resync` and recovers by sync the message sent into the silence, and live
+/// delivery resumes.
+#[actix_web::test]
+async fn a_half_open_shard_link_is_found_by_the_canaries() {
+    let redis = OwnCluster::start();
+    let (proxies, proxied) = redis.behind_proxies().await;
+    let cluster = Cluster::new().await;
+    let node = cluster
+        .start_with(gateway::config::GatewayConfig {
+            redis_cluster_urls: proxied,
+            gateway_delivery_canary_interval_ms: 300,
+            gateway_delivery_canary_timeout_ms: 1000,
+            ..config(&cluster, &redis, "node-a", "leader")
+        })
+        .await;
+    let alice = register(&node, "alice").await;
+    let bob = register(&node, "bob").await;
+    let (mut alice_ws, _) = connect(&node, &alice).await;
+    let (mut bob_ws, _) = connect(&node, &bob).await;
+    send_json(&mut alice_ws, send_frame("1", bob.id, "before")).await;
+    recv_until(&mut alice_ws, |f| f["type"] == "ack").await;
+    let live = recv_until(&mut bob_ws, |f| f["type"] == "message").await;
+    assert_eq!(live.last().expect("live")["body"], "before");
+    let came_back = chat_core::testing::eventually(Duration::from_secs(5), || async {
+        metric(
+            &node,
+            "chat_gateway_delivery_canary_round_trip_seconds_count",
+        )
+        .await
+        .unwrap_or(0.0)
+            >= 4.0
+    })
+    .await;
+    assert!(came_back, "the canaries travel on the cluster");
+
+    for proxy in &proxies {
+        proxy.freeze(true, false);
+    }
+    send_json(&mut alice_ws, send_frame("2", bob.id, "in the silence")).await;
+    let ack = recv_until(&mut alice_ws, |f| f["type"] == "ack").await;
+    let conversation = ack.last().expect("ack")["conversation_id"].clone();
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline
+        && !frames.iter().any(|f: &Value| f["type"] == "resync")
+    {
+        if let Some(f) = recv_within(&mut bob_ws, Duration::from_millis(200)).await {
+            frames.push(f);
+        }
+    }
+    assert!(
+        !frames.iter().any(|f| f["body"] == "in the silence"),
+        "the frozen links delivered nothing: {frames:?}"
+    );
+    assert!(
+        frames.iter().any(|f| f["type"] == "resync"),
+        "the canaries found the dead links and the node told Bob to resync: {frames:?}"
+    );
+    let synced = sync_all(&mut bob_ws, &conversation, 1).await;
+    assert_eq!(
+        synced,
+        vec![2],
+        "the message sent into the silence, by sync"
+    );
+    assert!(
+        metric(&node, "chat_gateway_delivery_canary_lost_total")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    send_json(&mut alice_ws, send_frame("3", bob.id, "after")).await;
+    let live = recv_until(&mut bob_ws, |f| f["type"] == "message").await;
+    assert_eq!(live.last().expect("live again")["body"], "after");
+}

@@ -4,7 +4,9 @@
 //! subscription) shows as a token that does not come back within the timeout; the manager
 //! then drops that connection, subscribes again on a new one and tells the node it missed
 //! envelopes. Only a token that was published (Redis answered the PUBLISH) counts: when Redis
-//! cannot be reached at all, the readiness probe of the command connection says so.
+//! cannot be reached at all, the readiness probe of the command connection says so. On a Redis
+//! Cluster a node keeps one canary per stream partition, each on a shard channel in that
+//! partition's slot, so every master that carries the node's channels carries a canary.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,8 +73,21 @@ pub struct Canary {
 impl Canary {
     /// A canary on `{prefix}:canary:<random id>`: no other process subscribes to it.
     pub fn new(prefix: &str, settings: CanarySettings, metrics: Option<CanaryMetrics>) -> Self {
+        Self::on_channel(
+            format!("{prefix}:canary:{}", Uuid::new_v4()),
+            settings,
+            metrics,
+        )
+    }
+
+    /// A canary on `channel`, which no other process may subscribe to.
+    pub fn on_channel(
+        channel: String,
+        settings: CanarySettings,
+        metrics: Option<CanaryMetrics>,
+    ) -> Self {
         Canary {
-            channel: format!("{prefix}:canary:{}", Uuid::new_v4()),
+            channel,
             settings,
             metrics,
             outstanding: Arc::default(),
@@ -152,6 +167,12 @@ impl Canary {
         }
     }
 
+    /// Forgets the canary in flight (its connection is being replaced): the next tick hands
+    /// out a new token instead of holding the old one against the new connection.
+    pub fn forget(&self) {
+        self.lock().published_at = None;
+    }
+
     /// The last token handed out.
     pub fn last_token(&self) -> u64 {
         self.lock().token
@@ -198,5 +219,13 @@ mod tests {
         c.arrived(b"nonsense");
         c.arrived(b"2");
         assert!(!c.returned_since(4), "a late old token is not the new one");
+        c.published(4);
+        c.forget();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            c.tick(),
+            Verdict::Fine(Some(5)),
+            "a forgotten canary is not held against the new connection"
+        );
     }
 }

@@ -7,9 +7,11 @@
 //! subscriber. When a node connection drops, the server moves a subscribed slot away (it
 //! pushes `sunsubscribe`), or pushes overflow, the manager subscribes every wanted channel
 //! again where its slot now lives and tells the subscriber it missed envelopes (its connections
-//! resync).
+//! resync). A delivery canary per stream partition (a shard channel in that partition's slot,
+//! published to and read back every few seconds) finds a link that stays open but delivers
+//! nothing: the manager then builds a new client, subscribes everything on it and resyncs.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use super::canary::{Canary, CanaryMetrics, CanarySettings, Verdict};
 use super::redis::{ensure, release, Command, Plan};
 use super::{Envelope, PubSub, Publication, Subscriber, Topic};
 use crate::backend::BackendError;
@@ -50,18 +53,33 @@ pub struct RedisClusterPubSub {
 }
 
 impl RedisClusterPubSub {
-    /// Starts the manager on the cluster `seeds`; it runs until `shutdown` is cancelled.
+    /// Starts the manager on the cluster `seeds`, with one delivery canary per stream partition;
+    /// it runs until `shutdown` is cancelled.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         seeds: Vec<String>,
         publisher: Commands,
         keys: KeySchema,
         subscriber: Arc<dyn Subscriber>,
         subscribe_timeout: Duration,
+        canary: CanarySettings,
+        canary_metrics: Option<CanaryMetrics>,
         shutdown: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let healthy = Arc::new(AtomicBool::new(false));
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        let canaries = (0..keys.partitions())
+            .map(|p| {
+                Canary::on_channel(
+                    keys.canary_channel(p, &run_id),
+                    canary,
+                    canary_metrics.clone(),
+                )
+            })
+            .collect();
         let manager = Manager {
+            canaries: Arc::new(canaries),
             own_commands: tx.clone(),
             commands: rx,
             healthy: healthy.clone(),
@@ -137,7 +155,18 @@ enum Lost {
     Channel(Topic),
 }
 
+/// How a round of [`Manager::serve`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Served {
+    /// Shutdown, or nothing left to serve.
+    Stop,
+    /// The link stopped delivering (a lost canary, the reader gone): build everything again.
+    Rebuild,
+}
+
 struct Manager {
+    /// One per stream partition, each on a shard channel in that partition's slot.
+    canaries: Arc<Vec<Canary>>,
     own_commands: mpsc::Sender<Command>,
     commands: mpsc::Receiver<Command>,
     healthy: Arc<AtomicBool>,
@@ -152,12 +181,21 @@ struct Manager {
 
 impl Manager {
     async fn run(mut self) {
-        self.serve().await;
+        let mut missed = false;
+        while self.serve(missed).await == Served::Rebuild {
+            self.healthy.store(false, Ordering::Relaxed);
+            missed = true;
+            if self.sleep(Duration::from_millis(100)).await {
+                break;
+            }
+        }
         self.healthy.store(false, Ordering::Relaxed);
         self.background.shutdown().await;
     }
 
-    async fn serve(&mut self) {
+    /// One client and its connections, from connecting until shutdown or until they stop
+    /// delivering. With `missed`, the subscriber is told envelopes were lost before it.
+    async fn serve(&mut self, missed: bool) -> Served {
         let (push_tx, push_rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
         let overflowed = Arc::new(AtomicBool::new(false));
         let on_push = {
@@ -174,14 +212,14 @@ impl Manager {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "shard pub/sub client not built");
-                return;
+                return Served::Stop;
             }
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut conn = loop {
             let attempt = tokio::select! {
                 c = client.get_async_connection() => c,
-                _ = self.shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return Served::Stop,
             };
             match attempt {
                 Ok(c) => break c,
@@ -189,30 +227,38 @@ impl Manager {
                     tracing::warn!(error = %e, "shard pub/sub connect failed");
                     self.count_error("pubsub_connect");
                     if self.sleep(backoff.next_delay()).await {
-                        return;
+                        return Served::Stop;
                     }
                 }
             }
         };
         let (lost_tx, mut lost_rx) = mpsc::channel::<Lost>(1024);
+        let canaries = self
+            .canaries
+            .iter()
+            .map(|c| (c.channel().as_bytes().to_vec(), c.clone()))
+            .collect();
         let mut reader = tokio::spawn(read(
             push_rx,
             overflowed,
             self.keys.clone(),
+            canaries,
             self.subscriber.clone(),
             self.own_commands.clone(),
             lost_tx,
         ));
         let mut subscribed: HashSet<Topic> = HashSet::new();
-        // The first subscription of everything wanted is a recovery without anything missed.
+        // The very first subscription of everything wanted is a recovery without anything
+        // missed; after a rebuild, everything published meanwhile may be.
         if !self
-            .resubscribe_all(&mut conn, &mut subscribed, false)
+            .resubscribe_all(&mut conn, &mut subscribed, missed)
             .await
         {
             reader.abort();
             let _ = reader.await;
-            return;
+            return Served::Stop;
         }
+        let mut canary_tick = tokio::time::interval(self.canaries[0].every());
         let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
         reconcile.tick().await;
         let mut watch = tokio::time::interval(OWNERS_EVERY);
@@ -237,9 +283,32 @@ impl Manager {
                     }
                 }
                 _ = &mut reader => {
-                    tracing::error!("shard pub/sub reader ended");
+                    tracing::error!("shard pub/sub reader ended; connecting again");
                     self.healthy.store(false, Ordering::Relaxed);
-                    return;
+                    return Served::Rebuild;
+                }
+                _ = canary_tick.tick() => {
+                    while self.background.try_join_next().is_some() {}
+                    let mut lost = false;
+                    for canary in self.canaries.iter() {
+                        match canary.tick() {
+                            Verdict::Lost => lost = true,
+                            Verdict::Fine(Some(token)) => {
+                                publish_canary(&mut self.background, &self.metrics, canary, token);
+                            }
+                            Verdict::Fine(None) => {}
+                        }
+                    }
+                    if lost {
+                        tracing::warn!("delivery canary did not come back; connecting shard pub/sub again");
+                        self.count_error("pubsub");
+                        for canary in self.canaries.iter() {
+                            canary.forget();
+                        }
+                        reader.abort();
+                        let _ = reader.await;
+                        return Served::Rebuild;
+                    }
                 }
                 lost = lost_rx.recv() => {
                     let Some(lost) = lost else { break };
@@ -291,6 +360,7 @@ impl Manager {
         }
         reader.abort();
         let _ = reader.await;
+        Served::Stop
     }
 
     /// Subscribes every topic the subscriber wants, retrying with backoff until it succeeds
@@ -306,8 +376,12 @@ impl Manager {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let wanted = self.subscriber.topics();
+            let canaries = self.canaries.iter().map(|c| c.channel().to_string());
             let attempt = tokio::select! {
-                r = set_subscribed(conn, &self.keys, &wanted, true) => r,
+                r = async {
+                    set_channels(conn, canaries, true).await?;
+                    set_subscribed(conn, &self.keys, &wanted, true).await
+                } => r,
                 _ = self.shutdown.cancelled() => return false,
             };
             match attempt {
@@ -377,6 +451,26 @@ impl Manager {
     }
 }
 
+/// Publishes canary `token` beside the manager; it counts once Redis answered.
+fn publish_canary(background: &mut JoinSet<()>, redis: &Commands, canary: &Canary, token: u64) {
+    let (redis, canary) = (redis.clone(), canary.clone());
+    background.spawn(async move {
+        let channel = canary.channel().to_string();
+        let sent = redis
+            .run("command", move |mut conn| async move {
+                redis::cmd("SPUBLISH")
+                    .arg(channel)
+                    .arg(token.to_string())
+                    .query_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        if sent.is_ok() {
+            canary.published(token);
+        }
+    });
+}
+
 /// `SSUBSCRIBE` (or `SUNSUBSCRIBE`) every channel of `topics`, one command per channel (each
 /// routed to its slot's master), all in flight at once.
 async fn set_subscribed(
@@ -385,19 +479,26 @@ async fn set_subscribed(
     topics: &[Topic],
     subscribe: bool,
 ) -> redis::RedisResult<()> {
-    let calls = topics
-        .iter()
-        .flat_map(|topic| keys.channels(*topic))
-        .map(|channel| {
-            let mut conn = conn.clone();
-            async move {
-                if subscribe {
-                    conn.ssubscribe(channel).await
-                } else {
-                    conn.sunsubscribe(channel).await
-                }
+    let channels = topics.iter().flat_map(|topic| keys.channels(*topic));
+    set_channels(conn, channels, subscribe).await
+}
+
+/// `SSUBSCRIBE` (or `SUNSUBSCRIBE`) each of `channels`, all in flight at once.
+async fn set_channels(
+    conn: &mut ClusterConnection,
+    channels: impl Iterator<Item = String>,
+    subscribe: bool,
+) -> redis::RedisResult<()> {
+    let calls = channels.map(|channel| {
+        let mut conn = conn.clone();
+        async move {
+            if subscribe {
+                conn.ssubscribe(channel).await
+            } else {
+                conn.sunsubscribe(channel).await
             }
-        });
+        }
+    });
     futures_util::future::join_all(calls)
         .await
         .into_iter()
@@ -427,6 +528,7 @@ async fn read(
     mut pushes: mpsc::Receiver<PushInfo>,
     overflowed: Arc<AtomicBool>,
     keys: KeySchema,
+    canaries: HashMap<Vec<u8>, Canary>,
     subscriber: Arc<dyn Subscriber>,
     commands: mpsc::Sender<Command>,
     lost: mpsc::Sender<Lost>,
@@ -443,6 +545,10 @@ async fn read(
                 else {
                     continue;
                 };
+                if let Some(canary) = canaries.get(channel) {
+                    canary.arrived(payload);
+                    continue;
+                }
                 let Some(topic) = std::str::from_utf8(channel)
                     .ok()
                     .and_then(|c| keys.parse_channel(c))

@@ -951,6 +951,45 @@ impl OwnCluster {
     }
 
     /// Runs `args` on the node on `port` and returns its reply.
+    /// Puts a [`chat_core::testing::Proxy`] in front of every node and has each node announce
+    /// its proxy's port (its bus port stays its own), so that clients following the cluster's
+    /// topology reach every node through a proxy the test can freeze. Returns the proxies and
+    /// seed URLs through them, once every node reports the proxied topology.
+    pub async fn behind_proxies(&self) -> (Vec<chat_core::testing::Proxy>, String) {
+        let mut proxies = Vec::new();
+        for port in self.base..self.base + 6 {
+            let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let proxy = chat_core::testing::Proxy::start(target).await;
+            let announce = proxy.addr.port().to_string();
+            let bus = (port + 10000).to_string();
+            let _: () = self
+                .query(port, &["CONFIG", "SET", "cluster-announce-bus-port", &bus])
+                .await;
+            let _: () = self
+                .query(port, &["CONFIG", "SET", "cluster-announce-port", &announce])
+                .await;
+            proxies.push(proxy);
+        }
+        let proxied: Vec<String> = proxies.iter().map(|p| p.addr.port().to_string()).collect();
+        let everywhere = chat_core::testing::eventually(Duration::from_secs(15), || async {
+            for port in self.base..self.base + 6 {
+                let nodes: String = self.query(port, &["CLUSTER", "NODES"]).await;
+                if !proxied.iter().all(|p| nodes.contains(&format!(":{p}@"))) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(everywhere, "every node announces its proxy");
+        let urls = proxies
+            .iter()
+            .map(|p| format!("redis://{}", p.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        (proxies, urls)
+    }
+
     pub async fn query<T: redis::FromRedisValue>(&self, port: u16, args: &[&str]) -> T {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
         let mut conn = client
