@@ -34,11 +34,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== the behaviour tests again, on a Redis Cluster (deploy/redis-cluster.sh: 3 masters, 3 replicas)"
-# The integration tests built above; only the run differs (CHAT_TEST_REDIS_CLUSTER_URLS).
+# The integration tests built above; only the run differs (CHAT_TEST_REDIS_CLUSTER_URLS). With
+# --workspace, as above: `-p gateway` alone unifies dependency features differently and rebuilt
+# tokio, actix and the rest (about 3 minutes).
 # Tests that restart or kill Redis start their own instance or cluster and ran above.
 cluster_urls=$(deploy/redis-cluster.sh start 7100 | sed -n 's/^CHAT_REDIS_CLUSTER_URLS=//p')
 trap 'deploy/redis-cluster.sh stop 7100; drop_test_databases' EXIT
-CHAT_TEST_REDIS_CLUSTER_URLS="$cluster_urls" cargo test --locked -p gateway \
+CHAT_TEST_REDIS_CLUSTER_URLS="$cluster_urls" cargo test --locked --workspace \
   --test direct_messages --test conversations --test presence --test password_reset \
   --test handshake_and_input --test rolling_restart --test slow_reader --test attacks
 deploy/redis-cluster.sh stop 7100
