@@ -531,15 +531,7 @@ async fn a_half_open_shard_link_is_found_by_the_canaries() {
     send_json(&mut alice_ws, send_frame("2", bob.id, "in the silence")).await;
     let ack = recv_until(&mut alice_ws, |f| f["type"] == "ack").await;
     let conversation = ack.last().expect("ack")["conversation_id"].clone();
-    let mut frames = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while tokio::time::Instant::now() < deadline
-        && !frames.iter().any(|f: &Value| f["type"] == "resync")
-    {
-        if let Some(f) = recv_within(&mut bob_ws, Duration::from_millis(200)).await {
-            frames.push(f);
-        }
-    }
+    let frames = frames_until_resync(&mut bob_ws, Duration::from_secs(15)).await;
     assert!(
         !frames.iter().any(|f| f["body"] == "in the silence"),
         "the frozen links delivered nothing: {frames:?}"

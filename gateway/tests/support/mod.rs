@@ -329,6 +329,20 @@ pub async fn recv(ws: &mut Ws) -> Option<Value> {
     recv_within(ws, Duration::from_secs(5)).await
 }
 
+/// Every frame on `ws` until a `resync` (the last one then) or until `within` passes.
+pub async fn frames_until_resync(ws: &mut Ws, within: Duration) -> Vec<Value> {
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline
+        && !frames.iter().any(|f: &Value| f["type"] == "resync")
+    {
+        if let Some(f) = recv_within(ws, Duration::from_millis(200)).await {
+            frames.push(f);
+        }
+    }
+    frames
+}
+
 pub async fn recv_within(ws: &mut Ws, timeout: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
