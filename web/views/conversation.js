@@ -6,7 +6,7 @@ import { ApiError } from '../chat-client.js';
 import { $, h, notify, showFormError } from './dom.js';
 import { describeError } from './text.js';
 import { dateTimeFmt, shortTime } from './time.js';
-import { PAGE_SIZE, S, convTitle, newConv, rememberUser, storeOf, userName } from './state.js';
+import { PAGE_SIZE, S, convTitle, myRole, newConv, rememberUser, storeOf, userName } from './state.js';
 import { presenceText, watchIfUnknown } from './people.js';
 import { refreshConversationsSoon, renderConversations, upsertConv } from './conversation-list.js';
 
@@ -221,8 +221,7 @@ export function renderSubtitle() {
   if (c && c.kind === 'room') {
     delete sub.dataset.online;
     // Only the owner and admins add people (unknown until the members are loaded).
-    const mine = c.members && c.members.find((m) => m.id === S.me.id);
-    $('room-add').hidden = !mine || !['owner', 'admin'].includes(mine.role);
+    $('room-add').hidden = !['owner', 'admin'].includes(myRole(c));
     if (!c.members) sub.textContent = 'Room';
     else {
       const names = c.members.map((m) => (m.id === S.me.id ? 'you' : m.name));

@@ -5,7 +5,7 @@
 import { ApiError } from '../chat-client.js';
 import { $, h, notify, showFieldError, showFormError } from './dom.js';
 import { FIELD_TEXT, describeError } from './text.js';
-import { S, convTitle, newConv, userName } from './state.js';
+import { S, convTitle, myRole, newConv, userName } from './state.js';
 import { refreshConversationsSoon, renderConversations, upsertConv } from './conversation-list.js';
 import { addNote, currentConv, fetchRoom, openConversation, removeConv, renderSubtitle } from './conversation.js';
 
@@ -82,12 +82,6 @@ async function onRoomSubmit(e) {
 }
 
 const ROLE_TEXT = { owner: 'Owner', admin: 'Admin', member: 'Member' };
-
-/** The user's role in room `c` (null until its members are loaded). */
-export function myRole(c) {
-  const me = c && c.members && c.members.find((m) => m.id === S.me.id);
-  return me ? me.role || 'member' : null;
-}
 
 /** The actions the user's role allows on member `m` of room `c`: [label, run] pairs. */
 function memberActions(c, m) {

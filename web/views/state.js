@@ -63,6 +63,12 @@ export function rememberUser(u) {
   S.users.set(u.id, { ...old, ...Object.fromEntries(Object.entries(u).filter(([, v]) => v !== undefined)) });
 }
 
+/** The user's role in room `c` (null until its members are loaded). */
+export function myRole(c) {
+  const me = c && c.members && c.members.find((m) => m.id === S.me.id);
+  return me ? me.role || 'member' : null;
+}
+
 export function convTitle(c) {
   if (c.kind === 'room') return c.name || 'Room';
   const peerId = c.peer && c.peer.id;
