@@ -254,7 +254,7 @@ impl Store {
 
     /// `by` (the owner or an admin) adds `users` (deduplicated) as plain members; adding a
     /// member again is not an error and keeps their role. Refused when one of the new users
-    /// refuses being added to this room or by `by`.
+    /// refuses being added to this room or by `by`. Returns each user's role in the room now.
     pub async fn add_members(
         &self,
         room: Uuid,
@@ -262,7 +262,7 @@ impl Store {
         users: &[Uuid],
         max_members: usize,
         max_rooms: usize,
-    ) -> RoomResult<()> {
+    ) -> RoomResult<Vec<(Uuid, RoomRole)>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         if !lock_room(&tx, room).await? {
@@ -277,19 +277,26 @@ impl Store {
             }
             Some(RoomRole::Owner | RoomRole::Admin) => {}
         }
-        let existing: Vec<Uuid> = tx
+        let existing: std::collections::HashMap<Uuid, RoomRole> = tx
             .query(
-                "SELECT user_id FROM conversation_members
+                "SELECT user_id, role FROM conversation_members
                  WHERE conversation_id = $1 AND user_id = ANY($2)",
                 &[&room, &users],
             )
             .await?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| {
+                let role = RoomRole::parse(r.get::<_, &str>(1)).unwrap_or(RoomRole::Member);
+                (r.get(0), role)
+            })
+            .collect();
+        let roles: Vec<(Uuid, RoomRole)> = users
+            .iter()
+            .map(|u| (*u, existing.get(u).copied().unwrap_or(RoomRole::Member)))
             .collect();
         let new: Vec<Uuid> = users
             .iter()
-            .filter(|u| !existing.contains(u))
+            .filter(|u| !existing.contains_key(u))
             .copied()
             .collect();
         let count: i64 = tx
@@ -307,7 +314,7 @@ impl Store {
             }));
         }
         if new.is_empty() {
-            return Ok(Ok(()));
+            return Ok(Ok(roles));
         }
         if let Some(refusal) = check_users(&tx, &new, by, Some(room), max_rooms, "user_ids").await?
         {
@@ -327,7 +334,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        Ok(Ok(()))
+        Ok(Ok(roles))
     }
 
     /// `by` removes `user` from the room. Removing yourself is leaving, open to every member,

@@ -187,7 +187,8 @@ pub async fn add_members(
     if users.is_empty() {
         return Err(ApiError::invalid_field("user_ids", "required"));
     }
-    store
+    // A member added again keeps the role they had.
+    let roles = store
         .add_members(
             room,
             caller.user_id,
@@ -196,19 +197,11 @@ pub async fn add_members(
             settings.max_rooms_per_user,
         )
         .await??;
-    let view = store.room_view(room).await??;
-    // A member added again keeps the role they had.
-    let changes = users.iter().map(|u| {
-        let role = view
-            .members
-            .iter()
-            .find(|m| m.id == *u)
-            .and_then(|m| m.role)
-            .unwrap_or(RoomRole::Member);
-        (*u, MembershipChange::Added, Some(role))
-    });
+    let changes = roles
+        .into_iter()
+        .map(|(u, role)| (u, MembershipChange::Added, Some(role)));
     announce(pubsub.as_ref(), room, changes, caller.user_id).await?;
-    Ok(HttpResponse::Ok().json(view))
+    Ok(HttpResponse::Ok().json(store.room_view(room).await??))
 }
 
 /// What `?block=` asks for: a comma-separated list of `room` and `adder`.
