@@ -11,11 +11,13 @@ use chat_core::counters::{CounterKey, Counters};
 use chat_core::pubsub::Envelope;
 use chat_core::store::{Store, TokenFloor};
 use serde::Deserialize;
+use uuid::Uuid;
 
 use crate::api_error::ApiError;
 use crate::auth::{Auth, Identity, TokenError};
 use crate::directory::Directory;
 use crate::fields::name_problem;
+use crate::lookups::{Batcher, LookupError};
 use crate::ticket::{Tickets, TICKET_TTL_SECS};
 
 /// The password hash of users from an external identity provider: not a PHC string, so no
@@ -39,6 +41,8 @@ pub struct Authenticator {
     /// Where spent ticket ids are counted, across nodes.
     counters: Arc<dyn Counters>,
     store: Store,
+    /// Token floors, one query per batch of concurrent callers.
+    floors: Batcher<Uuid, TokenFloor>,
     directory: Arc<Directory>,
 }
 
@@ -48,6 +52,7 @@ impl Authenticator {
         tickets: Tickets,
         counters: Arc<dyn Counters>,
         store: Store,
+        floors: Batcher<Uuid, TokenFloor>,
         directory: Arc<Directory>,
     ) -> Self {
         Authenticator {
@@ -55,6 +60,7 @@ impl Authenticator {
             tickets,
             counters,
             store,
+            floors,
             directory,
         }
     }
@@ -138,13 +144,26 @@ impl Authenticator {
                 self.directory.remember_user(identity.user_id);
             }
         }
-        match self.store.token_floor(identity.user_id).await? {
+        let floor = self
+            .floors
+            .get(identity.user_id)
+            .await
+            .map_err(lookup_failed)?;
+        match floor {
             None => Err(ApiError::unauthorized("the token's user no longer exists")),
             Some(floor) if !floor.admits(identity.iat, identity.version) => Err(
                 ApiError::unauthorized("the token predates a password change; log in again"),
             ),
             Some(_) => Ok(identity),
         }
+    }
+}
+
+/// A lookup that found no answer, as the caller is told.
+pub fn lookup_failed(e: LookupError) -> ApiError {
+    match e {
+        LookupError::Store(e) => ApiError::store(e),
+        LookupError::Stopped => ApiError::unavailable("this node"),
     }
 }
 

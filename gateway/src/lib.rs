@@ -17,6 +17,8 @@
 //!   - [`history`]: a seq range merged from the log's tail and Postgres;
 //!   - [`directory`]: who exists, who may use a conversation;
 //!   - [`authn`]: who is calling (token, token floor, external users);
+//!   - [`lookups`]: the per-request Postgres lookups (token floors, a user's rooms), coalesced
+//!     into one query per batch of concurrent callers;
 //!   - [`limits`]: failed logins, registrations, handshakes per IP;
 //!   - [`account_budget`]: sends per account over all its connections and nodes;
 //!   - [`memory_guard`]: refusing sends before Redis is full;
@@ -44,6 +46,7 @@ pub mod history;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod lookups;
 pub mod memory_guard;
 pub mod metrics;
 mod node;

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub send_latency: Histogram,
     pub redis_command_duration: HistogramVec,
     pub delivery_latency: Histogram,
+    /// Callers answered by one coalesced Postgres lookup (`lookups`), by lookup.
+    pub lookup_batch_size: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -237,6 +239,18 @@ impl Metrics {
                 registry.register(Box::new(h.clone()))?;
                 h
             },
+            lookup_batch_size: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "chat_gateway_lookup_batch_size",
+                        "Requests or handshakes answered by one coalesced Postgres lookup, by lookup",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+                    &["lookup"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
             send_latency: histogram(
                 "chat_gateway_send_latency_seconds",
                 "Send frame received to ack written",
@@ -300,6 +314,9 @@ impl Metrics {
         }
         for status in ["online", "offline"] {
             self.presence_transitions.with_label_values(&[status]);
+        }
+        for lookup in ["token_floor", "rooms", "audience", "last_seen"] {
+            self.lookup_batch_size.with_label_values(&[lookup]);
         }
         self
     }

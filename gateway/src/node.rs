@@ -536,20 +536,35 @@ pub async fn run(
         Duration::from_secs(cfg.gateway_room_reload_secs),
         shutdown.clone(),
     ));
+    // Stopped after the HTTP server and the presence tasks, so nobody is left without an answer.
+    let lookups_stop = CancellationToken::new();
+    let (lookups, serve_lookups) = crate::lookups::Lookups::new(
+        store.clone(),
+        crate::lookups::LookupLimits {
+            rooms_per_user: cfg.gateway_max_rooms_per_user,
+            audience_room_max_members: cfg.gateway_presence_room_max_members,
+            audience_peers: crate::presence::MAX_DIRECT_PEERS,
+        },
+        &metrics.lookup_batch_size,
+        lookups_stop.clone(),
+    );
+    let lookups_task = actix_web::rt::spawn(serve_lookups);
     let authenticator = Arc::new(Authenticator::new(
         auth.clone(),
         crate::ticket::Tickets::new(&config.jwt_secret),
         backend.counters.clone(),
         store.clone(),
+        lookups.floors.clone(),
         directory.clone(),
     ));
     let presence = Arc::new(Presence::new(
         backend.presence.clone(),
         backend.pubsub.clone(),
         store.clone(),
+        lookups.audiences,
+        lookups.last_seen,
         hub.clone(),
         metrics.clone(),
-        cfg.gateway_presence_room_max_members,
     ));
     let history = Arc::new(History::new(
         backend.log.clone(),
@@ -605,6 +620,7 @@ pub async fn run(
         history: history.clone(),
         presence: presence.clone(),
         store: store.clone(),
+        rooms: lookups.rooms,
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     };
@@ -730,6 +746,9 @@ pub async fn run(
     if let Some(watcher) = tls_watcher {
         let _ = watcher.await;
     }
+    // Last of the node's tasks: requests, connections closing and presence sweeps use it.
+    lookups_stop.cancel();
+    let _ = lookups_task.await;
     backend.stop(&backend_stop).await;
     if let Some(lock) = lock.0.get() {
         lock.release().await;

@@ -10,12 +10,13 @@ use chat_core::backend::BackendError;
 use chat_core::presence::PresenceStore;
 use chat_core::protocol::{PresenceStatus, ServerFrame};
 use chat_core::pubsub::{Envelope, PubSub, Publication, Topic};
-use chat_core::store::Store;
+use chat_core::store::{Audience, Store};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::hub::Hub;
+use crate::lookups::Batcher;
 use crate::metrics::Metrics;
 
 /// Users swept per call.
@@ -23,17 +24,19 @@ const SWEEP_BATCH: usize = 1000;
 /// Offline announcements of swept users sent at once (each reads its audience from Postgres).
 const ANNOUNCE_CONCURRENCY: usize = 8;
 /// Direct conversations whose peers hear of a transition (the most recently active).
-const MAX_DIRECT_PEERS: i64 = 1000;
+pub const MAX_DIRECT_PEERS: i64 = 1000;
 
 /// The node's presence.
 pub struct Presence {
     presence: Arc<dyn PresenceStore>,
     pubsub: Arc<dyn PubSub>,
     store: Store,
+    /// Who hears of a transition, shared with concurrent transitions.
+    audiences: Batcher<Uuid, Audience>,
+    /// Records `last_seen` when a user goes offline, shared likewise.
+    last_seen: Batcher<Uuid, ()>,
     hub: Arc<Hub>,
     metrics: Metrics,
-    /// Rooms of at most this many members hear a member's transitions.
-    room_max_members: usize,
 }
 
 impl Presence {
@@ -41,17 +44,19 @@ impl Presence {
         presence: Arc<dyn PresenceStore>,
         pubsub: Arc<dyn PubSub>,
         store: Store,
+        audiences: Batcher<Uuid, Audience>,
+        last_seen: Batcher<Uuid, ()>,
         hub: Arc<Hub>,
         metrics: Metrics,
-        room_max_members: usize,
     ) -> Self {
         Presence {
             presence,
             pubsub,
             store,
+            audiences,
+            last_seen,
             hub,
             metrics,
-            room_max_members,
         }
     }
 
@@ -154,7 +159,7 @@ impl Presence {
     /// conversations. Going offline also records `last_seen`.
     pub async fn announce(&self, user: Uuid, status: PresenceStatus) {
         if status == PresenceStatus::Offline {
-            if let Err(e) = self.store.touch_last_seen(user).await {
+            if let Err(e) = self.last_seen.get(user).await {
                 tracing::warn!(error = %e, "last_seen not recorded");
             }
         }
@@ -172,12 +177,9 @@ impl Presence {
             .with_label_values(&[label])
             .inc();
         let mut topics = vec![Topic::Presence(user)];
-        match self
-            .store
-            .presence_audience(user, self.room_max_members, MAX_DIRECT_PEERS)
-            .await
-        {
-            Ok((rooms, peers)) => {
+        match self.audiences.get(user).await {
+            Ok(audience) => {
+                let Audience { rooms, peers } = audience.unwrap_or_default();
                 topics.extend(rooms.into_iter().map(Topic::Room));
                 topics.extend(peers.into_iter().map(Topic::User));
             }

@@ -785,3 +785,101 @@ async fn the_debug_echo_counts_against_the_connection_limit() {
     .await;
     assert!(freed, "closing the echo frees its place");
 }
+
+on_both_backends! {
+    /// Handshakes arriving together share their Postgres lookups (`gateway::lookups`: token
+    /// floors and rooms, one query per batch), and each is still answered for its own user: a
+    /// good token opens, one older than a password change and one of a deleted user are
+    /// refused with their own reasons, and only the room's members are subscribed to it.
+    async fn concurrent_handshakes_are_each_checked_for_their_own_user(backend) {
+        let cluster = Cluster::on(backend).await;
+        let node = cluster.start_node("n").await;
+        let owner = register(&node, "owner").await;
+        // By i % 4: 0 a good token, 1 a good token and a room, 2 revoked, 3 deleted.
+        let mut users = Vec::new();
+        for i in 0..32 {
+            users.push(register(&node, &format!("storm{i}")).await);
+        }
+        let kind = |i: usize| i % 4;
+        let members: Vec<Uuid> = users
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| kind(*i) == 1)
+            .map(|(_, u)| u.id)
+            .collect();
+        let room = create_room(&node, &owner, &members).await;
+        let db = chat_core::testing::connect(&cluster.db_url).await;
+        for (i, user) in users.iter().enumerate() {
+            let statement = match kind(i) {
+                // What a password reset writes; the old token carries the old version.
+                2 => "UPDATE users SET password_changed_at = now(),
+                      token_version = token_version + 1 WHERE id = $1",
+                3 => "DELETE FROM users WHERE id = $1",
+                _ => continue,
+            };
+            db.execute(statement, &[&user.id]).await.expect("change user");
+        }
+
+        let attempts = users
+            .iter()
+            .map(|u| tokio_tungstenite::connect_async(ws_request(node.http, u)));
+        let results = futures_util::future::join_all(attempts).await;
+        let mut in_room = Vec::new();
+        let mut not_in_room = Vec::new();
+        for (i, result) in results.into_iter().enumerate() {
+            match (kind(i), result) {
+                (0 | 1, Ok((mut ws, _))) => {
+                    let hello = recv(&mut ws).await.expect("hello");
+                    assert_eq!(hello["type"], "hello", "user {i}");
+                    if kind(i) == 1 {
+                        in_room.push(ws);
+                    } else {
+                        not_in_room.push(ws);
+                    }
+                }
+                (refused @ (2 | 3), Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+                    assert_eq!(resp.status().as_u16(), 401, "user {i}");
+                    let body: Value = resp
+                        .body()
+                        .as_ref()
+                        .and_then(|b| serde_json::from_slice(b).ok())
+                        .unwrap_or(Value::Null);
+                    let reason = body["error"]["message"].as_str().unwrap_or_default();
+                    let expected = if refused == 2 { "predates" } else { "no longer exists" };
+                    assert!(reason.contains(expected), "user {i}: {body}");
+                }
+                (k, Ok(_)) => panic!("user {i} (kind {k}) was let in"),
+                (k, Err(e)) => panic!("user {i} (kind {k}) refused: {e}"),
+            }
+        }
+        assert_eq!((in_room.len(), not_in_room.len()), (8, 8));
+
+        let (mut owner_ws, _) = connect(&node, &owner).await;
+        send_json(
+            &mut owner_ws,
+            json!({"type": "send", "id": "storm-1", "conversation_id": room, "body": "hi all"}),
+        )
+        .await;
+        for ws in &mut in_room {
+            let frames = recv_until(ws, |f| f["type"] == "message").await;
+            let message = frames.last().expect("the room's message");
+            assert_eq!(message["body"], "hi all");
+        }
+        for ws in &mut not_in_room {
+            let frame = recv_within(ws, Duration::from_millis(300)).await;
+            assert!(
+                frame.as_ref().is_none_or(|f| f["type"] != "message"),
+                "a non-member got {frame:?}"
+            );
+        }
+        // Reported, not asserted: how much the timing let coalesce (the unit tests in
+        // `lookups` check that waiting callers do share a query).
+        for lookup in ["token_floor", "rooms"] {
+            let series = |s: &str| format!("chat_gateway_lookup_batch_size_{s}{{lookup=\"{lookup}\"}}");
+            let queries = metric(&node, &series("count")).await;
+            let callers = metric(&node, &series("sum")).await;
+            println!("{lookup}: {callers:?} callers in {queries:?} queries");
+        }
+        node.shutdown.cancel();
+    }
+}

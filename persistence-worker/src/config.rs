@@ -57,7 +57,7 @@ impl Default for WorkerConfig {
             worker_consumer_name: None,
             worker_batch_size: 500,
             worker_block_ms: 1000,
-            worker_batch_linger_ms: 10,
+            worker_batch_linger_ms: 50,
             worker_claim_idle_ms: 30_000,
             worker_claim_interval_ms: 5_000,
             worker_trim_interval_ms: 10_000,

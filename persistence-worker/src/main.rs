@@ -7,6 +7,12 @@ use clap::Parser;
 use persistence_worker::config::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc instead of glibc malloc, as in the gateway: a profile of the drain showed about a
+/// quarter of the worker's CPU in glibc's malloc and free (docs/benchmarks.md, "Changes these
+/// numbers made").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Drains the chat message stream into Postgres")]
 struct Args {

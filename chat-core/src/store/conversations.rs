@@ -53,6 +53,15 @@ pub struct ConversationRow {
     pub unread: i64,
 }
 
+/// Who hears of a user's presence changes besides watchers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Audience {
+    /// The user's rooms small enough to hear of it.
+    pub rooms: Vec<Uuid>,
+    /// The other members of the user's most recently active direct conversations.
+    pub peers: Vec<Uuid>,
+}
+
 /// Inserts direct conversations and their members unless they exist. Both binaries take these
 /// rows in this order, conversations then members, each sorted, so that concurrent writers
 /// (worker batches, read receipts) never deadlock: callers pass sorted, deduplicated slices.
@@ -211,19 +220,31 @@ impl Store {
             .collect())
     }
 
-    /// The rooms `user` is a member of, at most `limit`.
-    pub async fn rooms_of(&self, user: Uuid, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+    /// The rooms each of `users` is a member of, at most `limit` each (a user with none has
+    /// no entry). Every handshake needs its user's; concurrent handshakes share this query
+    /// (`gateway::lookups`), prepared once per pooled connection.
+    pub async fn rooms_of_each(
+        &self,
+        users: &[Uuid],
+        limit: i64,
+    ) -> Result<HashMap<Uuid, Vec<Uuid>>, StoreError> {
         let client = self.client().await?;
-        // Every handshake runs this: prepared once per pooled connection (one round trip).
         let statement = client
             .prepare_cached(
-                "SELECT m.conversation_id FROM conversation_members m
-                 JOIN conversations c ON c.id = m.conversation_id
-                 WHERE m.user_id = $1 AND c.kind = 'room' LIMIT $2",
+                "SELECT u.id, r.conversation_id FROM unnest($1::uuid[]) AS u(id)
+                 CROSS JOIN LATERAL (
+                     SELECT m.conversation_id FROM conversation_members m
+                     JOIN conversations c ON c.id = m.conversation_id
+                     WHERE m.user_id = u.id AND c.kind = 'room' LIMIT $2
+                 ) r",
             )
             .await?;
-        let rows = client.query(&statement, &[&user, &limit]).await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        let rows = client.query(&statement, &[&users, &limit]).await?;
+        let mut rooms: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+        for row in rows {
+            rooms.entry(row.get(0)).or_default().push(row.get(1));
+        }
+        Ok(rooms)
     }
 
     /// The rooms of each of `users` (every one of them is a key, with no rooms if none).
@@ -249,42 +270,56 @@ impl Store {
         Ok(rooms)
     }
 
-    /// Who hears of `user`'s presence changes besides watchers: their rooms of at most
+    /// Who hears of each of `users`' presence changes besides watchers: their rooms of at most
     /// `max_room_members` members, and the other members of their `max_peers` most recently
-    /// active direct conversations.
-    pub async fn presence_audience(
+    /// active direct conversations (a user with neither has no entry). Every connection that
+    /// comes online or goes offline needs its user's; concurrent ones share this call
+    /// (`gateway::lookups`): two statements for the whole batch, prepared once per pooled
+    /// connection.
+    pub async fn presence_audiences(
         &self,
-        user: Uuid,
+        users: &[Uuid],
         max_room_members: usize,
         max_peers: i64,
-    ) -> Result<(Vec<Uuid>, Vec<Uuid>), StoreError> {
+    ) -> Result<HashMap<Uuid, Audience>, StoreError> {
         let client = self.client().await?;
         let rooms = client
-            .query(
-                "SELECT m.conversation_id FROM conversation_members m
+            .prepare_cached(
+                "SELECT m.user_id, m.conversation_id FROM conversation_members m
                  JOIN conversations c ON c.id = m.conversation_id
-                 WHERE m.user_id = $1 AND c.kind = 'room' AND c.member_count <= $2",
-                &[&user, &i32::try_from(max_room_members).unwrap_or(i32::MAX)],
+                 WHERE m.user_id = ANY($1) AND c.kind = 'room' AND c.member_count <= $2",
             )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .await?;
         let peers = client
-            .query(
-                "SELECT o.user_id FROM conversation_members m
-                 JOIN conversations c ON c.id = m.conversation_id AND c.kind = 'direct'
-                 JOIN conversation_members o ON o.conversation_id = m.conversation_id
-                                            AND o.user_id <> m.user_id
-                 WHERE m.user_id = $1
-                 ORDER BY c.last_activity_at DESC LIMIT $2",
-                &[&user, &max_peers],
+            .prepare_cached(
+                "SELECT u.id, p.user_id FROM unnest($1::uuid[]) AS u(id)
+                 CROSS JOIN LATERAL (
+                     SELECT o.user_id FROM conversation_members m
+                     JOIN conversations c ON c.id = m.conversation_id AND c.kind = 'direct'
+                     JOIN conversation_members o ON o.conversation_id = m.conversation_id
+                                                AND o.user_id <> m.user_id
+                     WHERE m.user_id = u.id
+                     ORDER BY c.last_activity_at DESC LIMIT $2
+                 ) p",
             )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        Ok((rooms, peers))
+            .await?;
+        let max_room_members = i32::try_from(max_room_members).unwrap_or(i32::MAX);
+        let mut audiences: HashMap<Uuid, Audience> = HashMap::new();
+        for row in client.query(&rooms, &[&users, &max_room_members]).await? {
+            audiences
+                .entry(row.get(0))
+                .or_default()
+                .rooms
+                .push(row.get(1));
+        }
+        for row in client.query(&peers, &[&users, &max_peers]).await? {
+            audiences
+                .entry(row.get(0))
+                .or_default()
+                .peers
+                .push(row.get(1));
+        }
+        Ok(audiences)
     }
 
     /// Moves `user`'s read position in `conversation` to `seq` unless it is there or beyond;

@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "room_roles",
         include_str!("../../migrations/0006_room_roles.sql"),
     ),
+    (
+        7,
+        "messages_without_foreign_keys",
+        include_str!("../../migrations/0007_messages_without_foreign_keys.sql"),
+    ),
 ];
 
 /// Arbitrary constant key for the migration advisory lock.

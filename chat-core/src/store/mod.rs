@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 pub use blocks::{Blocked, Blocks};
-pub use conversations::{ConversationRow, Member, Membership};
+pub use conversations::{Audience, ConversationRow, Member, Membership};
 pub use rooms::{Block, Removal, RoomRefusal, RoomView};
 pub use users::{Credentials, TokenFloor, User, UserListRow};
 
@@ -44,8 +44,8 @@ impl From<tokio_postgres::Error> for DbError {
     }
 }
 
-/// A statement failed.
-#[derive(Debug, thiserror::Error)]
+/// A statement failed. Cloned when one query answered many callers (`gateway::lookups`).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Postgres is unreachable or failed transiently: retry later (clients get `unavailable`).
     #[error("postgres unavailable: {0}")]

@@ -166,40 +166,21 @@ impl Store {
         Ok(User::from_row(&row))
     }
 
-    /// The token floor of a user; `None` when the user does not exist.
-    pub async fn token_floor(&self, id: Uuid) -> Result<Option<TokenFloor>, StoreError> {
-        let client = self.client().await?;
-        // Every request and handshake runs this: prepared once per pooled connection, it is one
-        // round trip instead of two (parse, then execute).
-        let statement = client
-            .prepare_cached(
-                "SELECT floor(extract(epoch FROM password_changed_at))::int8, token_version
-                 FROM users WHERE id = $1",
-            )
-            .await?;
-        let row = client.query_opt(&statement, &[&id]).await?;
-        Ok(row.map(|r| TokenFloor {
-            changed_at: r.get(0),
-            version: r.get(1),
-        }))
-    }
-
-    /// The token floors of those of `ids` whose password ever changed (the others' tokens are
-    /// all good): what a node re-checks its connections against after it may have missed a
-    /// revocation.
-    pub async fn changed_token_floors(
+    /// The token floors of those of `ids` that exist (a missing id is a deleted or unknown
+    /// user). Every request and handshake needs one; concurrent callers share this query
+    /// (`gateway::lookups`), prepared once per pooled connection.
+    pub async fn token_floors(
         &self,
         ids: &[Uuid],
-    ) -> Result<Vec<(Uuid, TokenFloor)>, StoreError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
+    ) -> Result<HashMap<Uuid, TokenFloor>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
                 "SELECT id, floor(extract(epoch FROM password_changed_at))::int8, token_version
-                 FROM users WHERE id = ANY($1) AND password_changed_at IS NOT NULL",
-                &[&ids],
+                 FROM users WHERE id = ANY($1)",
             )
             .await?;
+        let rows = client.query(&statement, &[&ids]).await?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -209,6 +190,20 @@ impl Store {
                 };
                 (r.get(0), floor)
             })
+            .collect())
+    }
+
+    /// The token floors of those of `ids` whose password ever changed (the others' tokens are
+    /// all good): what a node re-checks its connections against after it may have missed a
+    /// revocation.
+    pub async fn changed_token_floors(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, TokenFloor)>, StoreError> {
+        let floors = self.token_floors(ids).await?;
+        Ok(floors
+            .into_iter()
+            .filter(|(_, floor)| floor.changed_at.is_some())
             .collect())
     }
 
@@ -232,8 +227,7 @@ impl Store {
         Ok(())
     }
 
-    /// Records that the user went offline now.
-    /// Records now as `last_seen` of every user in `ids`, in one statement.
+    /// Records now as `last_seen` of every user in `ids` (who went offline), in one statement.
     pub async fn touch_last_seen_many(&self, ids: &[Uuid]) -> Result<(), StoreError> {
         self.client()
             .await?
@@ -241,14 +235,6 @@ impl Store {
                 "UPDATE users SET last_seen = now() WHERE id = ANY($1)",
                 &[&ids],
             )
-            .await?;
-        Ok(())
-    }
-
-    pub async fn touch_last_seen(&self, id: Uuid) -> Result<(), StoreError> {
-        self.client()
-            .await?
-            .execute("UPDATE users SET last_seen = now() WHERE id = $1", &[&id])
             .await?;
         Ok(())
     }

@@ -131,14 +131,14 @@ enum SubscribeError {
     #[error(transparent)]
     PubSub(#[from] chat_core::backend::BackendError),
     #[error("loading rooms: {0}")]
-    Rooms(#[from] chat_core::store::StoreError),
+    Rooms(#[from] crate::lookups::LookupError),
 }
 
 /// Returns once this node receives the user's topic and their rooms' topics.
 async fn subscribe_user_and_rooms(ws: &Services, user: Uuid) -> Result<(), SubscribeError> {
     ws.pubsub.subscribe(vec![Topic::User(user)]).await?;
-    let limit = i64::try_from(ws.settings.max_rooms_per_user).unwrap_or(i64::MAX);
-    let rooms = ws.store.rooms_of(user, limit).await?;
+    // At most `max_rooms_per_user`, from a query shared with concurrent handshakes.
+    let rooms = ws.rooms.get(user).await?.unwrap_or_default();
     let new_rooms = ws.hub.join(user, &rooms);
     if !new_rooms.is_empty() {
         let topics = new_rooms.into_iter().map(Topic::Room).collect();

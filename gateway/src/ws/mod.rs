@@ -28,12 +28,14 @@ use chat_core::pubsub::PubSub;
 use chat_core::store::Store;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use crate::authn::Authenticator;
 use crate::directory::Directory;
 use crate::history::History;
 use crate::hub::Hub;
 use crate::limits::HandshakeLimiter;
+use crate::lookups::Batcher;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 
@@ -85,6 +87,8 @@ pub struct Services {
     pub history: Arc<History>,
     pub presence: Arc<Presence>,
     pub store: Store,
+    /// A user's rooms, read at the handshake; shared with concurrent handshakes.
+    pub rooms: Batcher<Uuid, Vec<Uuid>>,
     /// Every connection task and the work it starts beside itself; the node waits on these
     /// when it drains.
     pub tasks: TaskTracker,
