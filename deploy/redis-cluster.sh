@@ -22,7 +22,7 @@ urls() { local p out=""; for p in $PORTS; do out+="${out:+,}redis://127.0.0.1:$p
 stop() {
   local p
   for p in $PORTS; do
-    redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true
+    redis-cli -p "$p" shutdown nosave now >/dev/null 2>&1 || true
   done
   for p in $PORTS; do
     [ -f "$DIR/$p/redis.pid" ] && kill -9 "$(cat "$DIR/$p/redis.pid")" 2>/dev/null || true

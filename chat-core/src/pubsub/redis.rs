@@ -32,6 +32,10 @@ const COMMAND_QUEUE: usize = 8192;
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 /// Longest wait for a new pub/sub connection: a black-holed link must not hang the manager.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a subscription change to be answered on a connection: the connection has
+/// no response timeout of its own, and one that stays open but answers nothing (half-open)
+/// would otherwise hold the manager, its canary check and its shutdown.
+const SUBSCRIBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub(super) enum Command {
     /// Make sure the topics are subscribed; answer when they are (if anyone waits).
@@ -371,7 +375,7 @@ impl Manager {
                     }
                     _ = reconcile.tick() => {
                         let change = Plan::reconciliation(&subscribed, self.subscriber.as_ref());
-                        if let Err(e) = self.reconcile(&sink, &mut subscribed, change).await {
+                        if let Err(e) = answered(self.reconcile(&sink, &mut subscribed, change)).await {
                             tracing::warn!(error = %e, "subscription reconciliation failed");
                             reader.abort();
                             let _ = (&mut reader).await;
@@ -391,7 +395,7 @@ impl Manager {
                                 Err(_) => break,
                             }
                         }
-                        if let Err(e) = self.reconcile(&sink, &mut subscribed, batch).await {
+                        if let Err(e) = answered(self.reconcile(&sink, &mut subscribed, batch)).await {
                             tracing::warn!(error = %e, "subscription change failed");
                             reader.abort();
                             let _ = (&mut reader).await;
@@ -483,6 +487,20 @@ impl Manager {
         self.set_gauge(subscribed);
         Ok(())
     }
+}
+
+/// `change`, or an error once it has waited [`SUBSCRIBE_ANSWER_TIMEOUT`] for an answer.
+async fn answered(
+    change: impl std::future::Future<Output = redis::RedisResult<()>>,
+) -> redis::RedisResult<()> {
+    tokio::time::timeout(SUBSCRIBE_ANSWER_TIMEOUT, change)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "subscription change not answered",
+            )))
+        })
 }
 
 /// Decodes every payload once and pushes it into the subscriber until the connection ends; the

@@ -42,6 +42,11 @@ const MAX_COMMAND_BATCH: usize = 512;
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 /// How often the manager reads which master owns which slots (`CLUSTER NODES`).
 const OWNERS_EVERY: Duration = Duration::from_secs(2);
+/// Attempts at subscribing everything again on one client before building a new one: a link
+/// that stays open and answers nothing (half-open) fails every attempt on that client.
+const RESUBSCRIBE_ATTEMPTS: u32 = 3;
+/// A round that served this long resets the backoff between rebuilds.
+const SERVED_WELL: Duration = Duration::from_secs(10);
 
 /// Shard pub/sub for one node.
 pub struct RedisClusterPubSub {
@@ -84,7 +89,7 @@ impl RedisClusterPubSub {
             commands: rx,
             healthy: healthy.clone(),
             seeds,
-            metrics: publisher.clone(),
+            redis: publisher.clone(),
             keys: keys.clone(),
             subscriber,
             shutdown,
@@ -160,8 +165,19 @@ enum Lost {
 enum Served {
     /// Shutdown, or nothing left to serve.
     Stop,
-    /// The link stopped delivering (a lost canary, the reader gone): build everything again.
+    /// The link stopped delivering (a lost canary, the reader gone, subscribing failed again
+    /// and again): build everything again.
     Rebuild,
+}
+
+/// How [`Manager::resubscribe_all`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Resubscribed {
+    Done,
+    /// Shutdown came first.
+    Stop,
+    /// Every attempt failed on this client: build a new one.
+    GaveUp,
 }
 
 struct Manager {
@@ -171,8 +187,9 @@ struct Manager {
     commands: mpsc::Receiver<Command>,
     healthy: Arc<AtomicBool>,
     seeds: Vec<String>,
-    /// For its metrics.
-    metrics: Commands,
+    /// The command client (never a subscribed link): canaries' `SPUBLISH`, the slot owners,
+    /// and its metrics.
+    redis: Commands,
     keys: KeySchema,
     subscriber: Arc<dyn Subscriber>,
     shutdown: CancellationToken,
@@ -182,10 +199,18 @@ struct Manager {
 impl Manager {
     async fn run(mut self) {
         let mut missed = false;
-        while self.serve(missed).await == Served::Rebuild {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let started = tokio::time::Instant::now();
+            if self.serve(missed).await == Served::Stop {
+                break;
+            }
             self.healthy.store(false, Ordering::Relaxed);
             missed = true;
-            if self.sleep(Duration::from_millis(100)).await {
+            if started.elapsed() > SERVED_WELL {
+                backoff.reset();
+            }
+            if self.sleep(backoff.next_delay()).await {
                 break;
             }
         }
@@ -196,6 +221,10 @@ impl Manager {
     /// One client and its connections, from connecting until shutdown or until they stop
     /// delivering. With `missed`, the subscriber is told envelopes were lost before it.
     async fn serve(&mut self, missed: bool) -> Served {
+        // A canary in flight on the last client is not held against this one.
+        for canary in self.canaries.iter() {
+            canary.forget();
+        }
         let (push_tx, push_rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
         let overflowed = Arc::new(AtomicBool::new(false));
         let on_push = {
@@ -248,45 +277,49 @@ impl Manager {
             lost_tx,
         ));
         let mut subscribed: HashSet<Topic> = HashSet::new();
+        // The slot owners are read on the command client by a task of their own: a read on
+        // this client's links would hold up the canaries' check for as long as a half-open
+        // link takes to time out.
+        let (moved_tx, mut moved_rx) = mpsc::channel::<()>(1);
+        let mut watch = tokio::spawn(watch_owners(self.redis.clone(), moved_tx));
         // The very first subscription of everything wanted is a recovery without anything
         // missed; after a rebuild, everything published meanwhile may be.
-        if !self
+        let first = self
             .resubscribe_all(&mut conn, &mut subscribed, missed)
-            .await
-        {
-            reader.abort();
-            let _ = reader.await;
-            return Served::Stop;
+            .await;
+        let served = match first.ended() {
+            Some(end) => end,
+            None => {
+                self.keep(conn, subscribed, &mut reader, &mut moved_rx, &mut lost_rx)
+                    .await
+            }
+        };
+        for task in [&mut reader, &mut watch] {
+            task.abort();
+            let _ = task.await;
         }
+        served
+    }
+
+    /// Keeps `conn`'s subscriptions in line with the subscriber until shutdown or until the
+    /// link must be built again.
+    async fn keep(
+        &mut self,
+        mut conn: ClusterConnection,
+        mut subscribed: HashSet<Topic>,
+        reader: &mut JoinHandle<()>,
+        moved_rx: &mut mpsc::Receiver<()>,
+        lost_rx: &mut mpsc::Receiver<Lost>,
+    ) -> Served {
         let mut canary_tick = tokio::time::interval(self.canaries[0].every());
         let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
         reconcile.tick().await;
-        let mut watch = tokio::time::interval(OWNERS_EVERY);
-        let mut owners = read_slot_owners(&mut conn).await;
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                // A slot that changed master (a failover, a demotion, a migration) may have taken
-                // subscriptions with it without a push saying so: subscribe again and resync.
-                _ = watch.tick() => {
-                    let now = read_slot_owners(&mut conn).await;
-                    if now.is_some() && owners.is_some() && now != owners {
-                        tracing::warn!("redis cluster slots changed masters; subscribing again");
-                        self.count_error("pubsub");
-                        subscribed.clear();
-                        if !self.resubscribe_all(&mut conn, &mut subscribed, true).await {
-                            break;
-                        }
-                    }
-                    if now.is_some() {
-                        owners = now;
-                    }
-                }
-                _ = &mut reader => {
-                    tracing::error!("shard pub/sub reader ended; connecting again");
-                    self.healthy.store(false, Ordering::Relaxed);
-                    return Served::Rebuild;
-                }
+                // In this order when several are ready: the canaries' check must not wait
+                // behind work on a link that may be the one that stopped delivering.
+                biased;
+                _ = self.shutdown.cancelled() => return Served::Stop,
                 _ = canary_tick.tick() => {
                     while self.background.try_join_next().is_some() {}
                     let mut lost = false;
@@ -294,7 +327,7 @@ impl Manager {
                         match canary.tick() {
                             Verdict::Lost => lost = true,
                             Verdict::Fine(Some(token)) => {
-                                publish_canary(&mut self.background, &self.metrics, canary, token);
+                                publish_canary(&mut self.background, &self.redis, canary, token);
                             }
                             Verdict::Fine(None) => {}
                         }
@@ -302,16 +335,25 @@ impl Manager {
                     if lost {
                         tracing::warn!("delivery canary did not come back; connecting shard pub/sub again");
                         self.count_error("pubsub");
-                        for canary in self.canaries.iter() {
-                            canary.forget();
-                        }
-                        reader.abort();
-                        let _ = reader.await;
                         return Served::Rebuild;
                     }
                 }
+                _ = &mut *reader => {
+                    tracing::error!("shard pub/sub reader ended; connecting again");
+                    return Served::Rebuild;
+                }
+                // A slot that changed master (a failover, a demotion, a migration) may have taken
+                // subscriptions with it without a push saying so: subscribe again and resync.
+                Some(()) = moved_rx.recv() => {
+                    tracing::warn!("redis cluster slots changed masters; subscribing again");
+                    self.count_error("pubsub");
+                    subscribed.clear();
+                    if let Some(end) = self.resubscribe_all(&mut conn, &mut subscribed, true).await.ended() {
+                        return end;
+                    }
+                }
                 lost = lost_rx.recv() => {
-                    let Some(lost) = lost else { break };
+                    let Some(lost) = lost else { return Served::Stop };
                     let mut everything = matches!(lost, Lost::Everything);
                     let mut moved = Vec::new();
                     if let Lost::Channel(t) = lost { moved.push(t) }
@@ -328,18 +370,21 @@ impl Manager {
                     } else {
                         for t in &moved { subscribed.remove(t); }
                     }
-                    if !self.resubscribe_all(&mut conn, &mut subscribed, true).await {
-                        break;
+                    if let Some(end) = self.resubscribe_all(&mut conn, &mut subscribed, true).await.ended() {
+                        return end;
                     }
                 }
                 _ = reconcile.tick() => {
                     let change = Plan::reconciliation(&subscribed, self.subscriber.as_ref());
                     if let Err(e) = self.reconcile(&mut conn, &mut subscribed, change).await {
                         tracing::warn!(error = %e, "shard subscription reconciliation failed");
+                        if e.is_timeout() {
+                            return self.unanswered();
+                        }
                     }
                 }
                 cmd = self.commands.recv() => {
-                    let Some(cmd) = cmd else { break };
+                    let Some(cmd) = cmd else { return Served::Stop };
                     let mut batch = vec![cmd];
                     while batch.len() < MAX_COMMAND_BATCH {
                         match self.commands.try_recv() {
@@ -348,32 +393,33 @@ impl Manager {
                         }
                     }
                     if let Err(e) = self.reconcile(&mut conn, &mut subscribed, batch).await {
+                        if e.is_timeout() {
+                            return self.unanswered();
+                        }
                         tracing::warn!(error = %e, "shard subscription change failed; subscribing again");
                         self.healthy.store(false, Ordering::Relaxed);
                         subscribed.clear();
-                        if !self.resubscribe_all(&mut conn, &mut subscribed, true).await {
-                            break;
+                        if let Some(end) = self.resubscribe_all(&mut conn, &mut subscribed, true).await.ended() {
+                            return end;
                         }
                     }
                 }
             }
         }
-        reader.abort();
-        let _ = reader.await;
-        Served::Stop
     }
 
-    /// Subscribes every topic the subscriber wants, retrying with backoff until it succeeds
-    /// (a failover takes the cluster's node timeout) or shutdown (false). With `missed`, the
-    /// subscriber is told afterwards that envelopes were lost meanwhile.
+    /// Subscribes every topic the subscriber wants, retrying with backoff a few times (a
+    /// failover takes the cluster's node timeout; the run loop's rebuilds back off further).
+    /// With `missed`, the subscriber is told afterwards that envelopes were lost meanwhile.
     async fn resubscribe_all(
         &mut self,
         conn: &mut ClusterConnection,
         subscribed: &mut HashSet<Topic>,
         missed: bool,
-    ) -> bool {
+    ) -> Resubscribed {
         self.healthy.store(false, Ordering::Relaxed);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut attempts = 0;
         loop {
             let wanted = self.subscriber.topics();
             let canaries = self.canaries.iter().map(|c| c.channel().to_string());
@@ -382,7 +428,7 @@ impl Manager {
                     set_channels(conn, canaries, true).await?;
                     set_subscribed(conn, &self.keys, &wanted, true).await
                 } => r,
-                _ = self.shutdown.cancelled() => return false,
+                _ = self.shutdown.cancelled() => return Resubscribed::Stop,
             };
             match attempt {
                 Ok(()) => {
@@ -392,15 +438,23 @@ impl Manager {
                     break;
                 }
                 Err(e) => {
+                    attempts += 1;
+                    self.count_error("pubsub");
+                    // No answer in time: the link may be half-open, and retrying on it waits
+                    // out the same timeout again.
+                    if e.is_timeout() || attempts >= RESUBSCRIBE_ATTEMPTS {
+                        tracing::warn!(error = %e, attempts, "shard re-subscribe failed; building a new client");
+                        return Resubscribed::GaveUp;
+                    }
                     tracing::warn!(error = %e, "shard re-subscribe failed; retrying");
                     if self.sleep(backoff.next_delay()).await {
-                        return false;
+                        return Resubscribed::Stop;
                     }
                 }
             }
         }
         if missed {
-            if let Some(m) = self.metrics.metrics() {
+            if let Some(m) = self.redis.metrics() {
                 m.reconnects.inc();
             }
             let subscriber = self.subscriber.clone();
@@ -412,7 +466,7 @@ impl Manager {
             });
         }
         self.healthy.store(true, Ordering::Relaxed);
-        true
+        Resubscribed::Done
     }
 
     /// Brings the subscriptions in line with the subscriber for the topics in `batch`.
@@ -437,12 +491,21 @@ impl Manager {
         Ok(())
     }
 
+    /// A subscription command got no answer in time: the link may be open and dead (a retry
+    /// would wait as long again, and redis-rs keeps a link that only times out), so the round
+    /// ends and a new client is built.
+    fn unanswered(&self) -> Served {
+        tracing::warn!("shard pub/sub link did not answer; connecting again");
+        self.count_error("pubsub");
+        Served::Rebuild
+    }
+
     fn count_error(&self, op: &str) {
-        self.metrics.count_error(op);
+        self.redis.count_error(op);
     }
 
     fn set_gauge(&self, subscribed: &HashSet<Topic>) {
-        self.metrics.set_subscriptions(subscribed.len());
+        self.redis.set_subscriptions(subscribed.len());
     }
 
     /// Sleeps unless shutdown comes first; returns true on shutdown.
@@ -505,14 +568,36 @@ async fn set_channels(
         .collect()
 }
 
-/// [`slot_owners`] as one node sees them now; `None` when no node answers (during a failover).
-async fn read_slot_owners(conn: &mut ClusterConnection) -> Option<Vec<(String, String)>> {
-    let nodes: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(conn)
-        .await
-        .ok()?;
-    Some(slot_owners(&nodes))
+impl Resubscribed {
+    /// How the serving round ends, unless it goes on.
+    fn ended(self) -> Option<Served> {
+        match self {
+            Resubscribed::Done => None,
+            Resubscribed::Stop => Some(Served::Stop),
+            Resubscribed::GaveUp => Some(Served::Rebuild),
+        }
+    }
+}
+
+/// Reads the slot owners every [`OWNERS_EVERY`] on the command client and says when they
+/// changed; runs until aborted.
+async fn watch_owners(redis: Commands, moved: mpsc::Sender<()>) {
+    let mut tick = tokio::time::interval(OWNERS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut owners = None;
+    loop {
+        tick.tick().await;
+        // No answer (during a failover) is no news.
+        let Ok(nodes) = redis.cluster_nodes().await else {
+            continue;
+        };
+        let now = slot_owners(&nodes);
+        if owners.as_ref().is_some_and(|o| *o != now) {
+            // Full means a change is already waiting to be handled.
+            let _ = moved.try_send(());
+        }
+        owners = Some(now);
+    }
 }
 
 fn bulk(v: Option<&Value>) -> Option<&[u8]> {

@@ -324,6 +324,27 @@ pub async fn connect_to(addr: SocketAddr, user: &User) -> (Ws, Value) {
     (ws, hello)
 }
 
+/// Connects `user` to a node by address, trying again until its `hello` comes within `within`
+/// (a handshake may be refused while the node connects to Redis again).
+pub async fn connect_eventually(addr: SocketAddr, user: &User, within: Duration) -> Ws {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never got in within {within:?}",
+            user.id
+        );
+        if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(ws_request(addr, user)).await {
+            if let Some(hello) = recv_within(&mut ws, Duration::from_secs(10)).await {
+                if hello["type"] == "hello" {
+                    return ws;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The next JSON text frame within 5 s (pings answered by the library are skipped).
 pub async fn recv(ws: &mut Ws) -> Option<Value> {
     recv_within(ws, Duration::from_secs(5)).await
@@ -341,6 +362,43 @@ pub async fn frames_until_resync(ws: &mut Ws, within: Duration) -> Vec<Value> {
         }
     }
     frames
+}
+
+/// `from` sends `to_user` a message with client id `id`; it is acked, and `to` has it live.
+pub async fn delivered_live(from: &mut Ws, to: &mut Ws, to_user: Uuid, id: &str, body: &str) {
+    send_json(from, send_frame(id, to_user, body)).await;
+    recv_until(from, |f| f["type"] == "ack" && f["id"] == id).await;
+    let live = recv_until(to, |f| f["type"] == "message").await;
+    assert_eq!(live.last().expect("live")["body"], body);
+}
+
+/// `from` sends `to_user` their second message, "in the silence" (see
+/// [`resynced_over_silence`]); returns its conversation once acked.
+pub async fn sent_into_silence(from: &mut Ws, to_user: Uuid) -> Value {
+    send_json(from, send_frame("2", to_user, "in the silence")).await;
+    let ack = recv_until(from, |f| f["type"] == "ack").await;
+    ack.last().expect("ack")["conversation_id"].clone()
+}
+
+/// After a message with seq 2 and body "in the silence" was sent to this connection's user over
+/// a pub/sub link that delivered nothing: the connection gets `resync` within `within` (`why`
+/// says what found the dead link) and not the message live, and has it by sync of
+/// `conversation`.
+pub async fn resynced_over_silence(ws: &mut Ws, conversation: &Value, within: Duration, why: &str) {
+    let frames = frames_until_resync(ws, within).await;
+    assert!(
+        !frames.iter().any(|f| f["body"] == "in the silence"),
+        "the frozen link delivered nothing: {frames:?}"
+    );
+    assert!(
+        frames.iter().any(|f| f["type"] == "resync"),
+        "{why} and the node told the user to resync: {frames:?}"
+    );
+    assert_eq!(
+        sync_all(ws, conversation, 1).await,
+        vec![2],
+        "the message sent into the silence, by sync"
+    );
 }
 
 pub async fn recv_within(ws: &mut Ws, timeout: Duration) -> Option<Value> {
@@ -754,12 +812,6 @@ pub async fn all_history_seqs(http: SocketAddr, token: &str, conversation: Uuid)
         }
     }
     panic!("history did not end within 20 pages: {seqs:?}");
-}
-
-/// True when this run deploys on a Redis Cluster (`CHAT_TEST_REDIS_CLUSTER_URLS`); tests that
-/// look at one Redis instance's internals run in the one-instance pass only.
-pub fn on_cluster() -> bool {
-    !chat_core::testing::redis_cluster_urls().is_empty()
 }
 
 /// The Redis this run deploys on (one instance, or the cluster).
