@@ -62,14 +62,16 @@ hold_conns() { # label protocol port server-pid [extra loadgen args...]
   local label=$1 protocol=$2 port=$3 pid=$4
   shift 4
   stack_log "conns: $CONNS idle connections to $label"
+  # CPU while connecting: the server, Redis, the generators (and, for ours, Postgres).
   "$LOADGEN" conns --protocol "$protocol" --url "ws://127.0.0.1:$port" --count "$CONNS" --procs "$CONN_PROCS" \
-    --server-pid "$pid" "$@" --label "$label" --out "$OUT/conns-$label.json"
+    --server-pid "$pid" --watch "server=$pid" "${redis_watch[@]}" --watch generators=comm:loadgen \
+    "$@" --label "$label" --out "$OUT/conns-$label.json"
 }
 if want conns; then
   if target ours; then
     stack_gateway conns-gw 18090 19190
     # The gateway refuses tokens of users it does not know: they are seeded first.
-    hold_conns ours chat 18090 "$PID_conns_gw" --database-url "$STACK_DB_URL"
+    hold_conns ours chat 18090 "$PID_conns_gw" --database-url "$STACK_DB_URL" "${pg_watch[@]}"
     stack_kill conns-gw
   fi
   if target socketio; then
@@ -183,8 +185,12 @@ if want ceiling; then
       redis-benchmark -q -n 200000 -P 16 XADD "$STACK_PREFIX-bench-stream" MAXLEN '~' 100000 '*' body 0123456789abcdef
     } 2>&1 | tr '\r' '\n' | grep 'requests per second' > "$OUT/redis-benchmark.txt" || true
   fi
+  stack_log "ceiling: Redis CPU per append, and per part of the script (append-script-cost.sh)"
+  loadtest/append-script-cost.sh 100000 | tee "$OUT/append-script-cost.txt"
 fi
 
-# BENCH_PLOT=0 (loadtest/ab-chat.sh) leaves the published plots alone.
+# BENCH_PLOT=0 (loadtest/ab.sh) leaves the published plots alone.
 [ "${BENCH_PLOT:-1}" = 0 ] || "$LOADGEN" plot --results "$OUT" --out "$ROOT/docs/benchmarks"
 stack_log "results in $OUT"
+# Issue 19's targets, each with its ratio against the reference it is set against.
+python3 loadtest/targets.py "$OUT" "$OUT/append-script-cost.txt" | tee "$OUT/targets.md"

@@ -6,13 +6,15 @@
 # Functions set PID_<name> (dashes become underscores) for every process they start.
 
 STACK_BIN=${STACK_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
-STACK_PG="postgres://postgres:postgres@127.0.0.1:5432"
+# STACK_PG_PORT: a Postgres other than the machine's (loadtest/profile.sh runs its own).
+STACK_PG_PORT=${STACK_PG_PORT:-5432}
+STACK_PG="postgres://postgres:postgres@127.0.0.1:$STACK_PG_PORT"
 STACK_DB_URL="$STACK_PG/$STACK_DB"
 STACK_SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n=/+')
 stack_pids=()
 
 stack_log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
-stack_psql() { PGPASSWORD=postgres psql -q -h 127.0.0.1 -U postgres -d postgres "$@"; }
+stack_psql() { PGPASSWORD=postgres psql -q -h 127.0.0.1 -p "$STACK_PG_PORT" -U postgres -d "${STACK_PSQL_DB:-postgres}" "$@"; }
 
 stack_stop() {
   trap - EXIT INT TERM

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::{new_users, seed_users, TokenMint};
-use crate::procstat::{fd_count, rss_bytes};
+use crate::procstat::{fd_count, rss_bytes, CpuMeter, Watched};
 use crate::proto::{Credentials, Incoming, Protocol};
 use crate::report::{self, micros_histogram, Latency};
 
@@ -50,6 +50,10 @@ pub struct ConnsArgs {
     /// users it does not know).
     #[arg(long)]
     database_url: Option<String>,
+    /// Processes whose CPU use while the connections open is reported, as `name=pid` or
+    /// `name=comm:NAME` (repeatable): the server, Postgres and Redis in a reconnect storm.
+    #[arg(long = "watch")]
+    watch: Vec<Watched>,
     /// Seconds to hold the connections before measuring memory.
     #[arg(long, default_value_t = 10)]
     settle_secs: u64,
@@ -99,7 +103,11 @@ pub struct ConnsResult {
     failed: usize,
     procs: usize,
     connect_secs: f64,
+    /// Connections opened per second while connecting.
+    handshakes_per_sec: f64,
     handshake: Latency,
+    /// Percent of one core each watched process used while the connections opened.
+    cpu_percent_connecting: std::collections::BTreeMap<String, f64>,
     server_rss_before_bytes: u64,
     server_rss_held_bytes: u64,
     server_rss_after_close_bytes: u64,
@@ -131,6 +139,7 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
         }
     }
     let rss_before = rss_bytes(args.server_pid)?;
+    let cpu = CpuMeter::start(&args.watch);
     let started = Instant::now();
     let mut children = Vec::new();
     for i in 0..args.procs {
@@ -177,6 +186,7 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
         errors.extend(shard.errors);
     }
     let connect_secs = started.elapsed().as_secs_f64();
+    let cpu_connecting = cpu.finish();
     eprintln!("loadgen: {opened} open, {failed} failed after {connect_secs:.1}s; holding");
 
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
@@ -202,7 +212,9 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
         failed,
         procs: args.procs,
         connect_secs: (connect_secs * 100.0).round() / 100.0,
+        handshakes_per_sec: (opened as f64 / connect_secs.max(1e-9)).round(),
         handshake: Latency::from_micros(&handshakes),
+        cpu_percent_connecting: cpu_connecting,
         server_rss_before_bytes: rss_before,
         server_rss_held_bytes: rss_held,
         server_rss_after_close_bytes: rss_after_close,
