@@ -65,6 +65,9 @@ pub struct Audience {
 /// Inserts direct conversations and their members unless they exist. Both binaries take these
 /// rows in this order, conversations then members, each sorted, so that concurrent writers
 /// (worker batches, read receipts) never deadlock: callers pass sorted, deduplicated slices.
+/// A new conversation's activity starts at the epoch, not at the insert: its messages' times
+/// move it (`GREATEST` in the batch insert), so a conversation the worker stores late, or in
+/// one batch with later messages of other conversations, still sorts by when it was used.
 pub(super) async fn insert_direct(
     tx: &deadpool_postgres::Transaction<'_>,
     conversations: &[Uuid],
@@ -77,8 +80,8 @@ pub(super) async fn insert_direct(
     }
     let insert_conversations = tx
         .prepare_cached(
-            "INSERT INTO conversations (id, kind)
-             SELECT id, 'direct' FROM unnest($1::uuid[]) AS t(id)
+            "INSERT INTO conversations (id, kind, last_activity_at)
+             SELECT id, 'direct', 'epoch' FROM unnest($1::uuid[]) AS t(id)
              ON CONFLICT (id) DO NOTHING",
         )
         .await?;
