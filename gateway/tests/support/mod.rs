@@ -857,30 +857,44 @@ pub struct OwnCluster {
 
 impl OwnCluster {
     pub fn start() -> Self {
-        let base = loop {
-            let base = 21000 + (rand_u16() % 20000);
+        // Below the kernel's ephemeral range (32768 and up here): a port checked free there can be
+        // taken by any outgoing connection before redis-server binds it, the bus ports
+        // (+10000) too. A start that still fails (a port taken since the check) tries elsewhere.
+        let mut failures = Vec::new();
+        let (base, dir) = loop {
+            assert!(failures.len() < 3, "cluster started: {failures:#?}");
+            let base = 10000 + (rand_u16() % 12700);
             let free = (base..base + 6)
                 .flat_map(|p| [p, p + 10000])
                 .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
-            if free {
-                break base;
+            if !free {
+                continue;
             }
+            let dir =
+                std::env::temp_dir().join(format!("chat-cluster-{}", Uuid::new_v4().simple()));
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/redis-cluster.sh");
+            // Blocks this test's thread for the few seconds the cluster takes; nothing else runs yet.
+            let out = std::process::Command::new("bash")
+                .arg(script)
+                .arg("start")
+                .arg(base.to_string())
+                .env("REDIS_CLUSTER_DIR", &dir)
+                .output()
+                .expect("deploy/redis-cluster.sh");
+            if out.status.success() {
+                break (base, dir);
+            }
+            failures.push(format!(
+                "base {base}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+            let _ = std::process::Command::new("bash")
+                .arg(script)
+                .arg("stop")
+                .arg(base.to_string())
+                .env("REDIS_CLUSTER_DIR", &dir)
+                .output();
         };
-        let dir = std::env::temp_dir().join(format!("chat-cluster-{}", Uuid::new_v4().simple()));
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/redis-cluster.sh");
-        // Blocks this test's thread for the few seconds the cluster takes; nothing else runs yet.
-        let out = std::process::Command::new("bash")
-            .arg(script)
-            .arg("start")
-            .arg(base.to_string())
-            .env("REDIS_CLUSTER_DIR", &dir)
-            .output()
-            .expect("deploy/redis-cluster.sh");
-        assert!(
-            out.status.success(),
-            "cluster started: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let urls = (base..base + 6)
             .map(|p| format!("redis://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
