@@ -252,7 +252,8 @@ async fn flushall_never_issues_a_seq_twice() {
 }
 
 /// A partition that holds `redis_log_max_backlog` entries refuses sends with `unavailable`
-/// (nothing acked, nothing stored); once the worker drains and trims it, the same send is acked.
+/// (nothing acked, nothing stored, no idempotency record kept); once the worker drains and trims
+/// it, the same send is acked, and stored.
 #[actix_web::test]
 async fn a_full_partition_refuses_sends_until_the_worker_drains_it() {
     let cluster = Cluster::new().await;
@@ -298,6 +299,15 @@ async fn a_full_partition_refuses_sends_until_the_worker_drains_it() {
         acked.expect("acked once the worker drained the partition")["seq"],
         4,
         "the refused sends took no seq"
+    );
+    // The ack stands for a stored message: the refusals left no record of "m-4" behind that a
+    // retry could be answered from without an append.
+    let (mut bob_ws, _) = connect(&a, &bob).await;
+    let conversation = direct_conversation_id(alice.id, bob.id);
+    assert_eq!(
+        sync_all(&mut bob_ws, conversation, 0).await,
+        vec![1, 2, 3, 4],
+        "every acked seq is there to sync"
     );
 }
 
