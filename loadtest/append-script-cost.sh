@@ -3,7 +3,9 @@
 # change to the script can be priced. Starts its own redis-server on a spare port (nothing is
 # shared or flushed elsewhere), loads each variant, pipes N appends over 500 conversations into
 # it with `redis-cli --pipe`, and reads Redis's own CPU time (INFO cpu) before and after.
-# Usage: loadtest/append-script-cost.sh [N]   (default 100000)
+# Usage: [ROUNDS=3] [VARIANTS="0 10"] [RUNS_OUT=dir] loadtest/append-script-cost.sh [N]
+#   N appends per run (default 100000); each variant runs ROUNDS times; VARIANTS picks variants by
+#   number (all by default; with two, it also prints their paired ratio); RUNS_OUT keeps each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100000}
@@ -42,31 +44,63 @@ expire = "redis.call('PEXPIRE', KEYS[3], ARGV[12])\n"
 publish = "for i = 18, #ARGV do redis.call('PUBLISH', ARGV[i], payload) end\n"
 for part in (dedup_check, guards, dedup_record, tail, expire, publish):
     assert part in full, f"the append script changed; update append-script-cost.sh: {part!r}"
+xadd_only = "redis.call('XADD', KEYS[2], '*', 'msg_id', ARGV[1], 'conv', ARGV[2], 'seq', 1, 'from', ARGV[3], 'to', ARGV[4], 'body', ARGV[5], 'ts', ARGV[6])\nreturn {1}\n"
 variants = {
-    "1 as the gateway runs it": full,
-    "2 without the tail's PEXPIRE": full.replace(expire, ""),
-    "2b without the tail's byte count and trim": full.replace(tail_bound, ""),
+    "0 as the gateway runs it": full,
+    "1 without the tail's PEXPIRE": full.replace(expire, ""),
+    "2 without the tail's byte count and trim": full.replace(tail_bound, ""),
     "3 without the tail (XADD, PEXPIRE)": full.replace(tail, "").replace(expire, ""),
     "4 without the idempotency record (GET, SET PX)": full.replace(dedup_check, "").replace(dedup_record, ""),
     "5 without PUBLISH": full.replace(publish, ""),
     "6 without tail and record (the script before both)": full.replace(dedup_check, "").replace(dedup_record, "").replace(tail, "").replace(expire, ""),
     "7 without the epoch and backlog checks": full.replace(guards, ""),
+    # Floors: what any script costs that is called with the same keys and arguments.
+    "8 floor: the same call answering {1}, no Redis call": "return {1}\n",
+    "9 floor: only the partition stream's XADD": xadd_only,
+    # Tried after run 5 and not adopted: 10 calls instead of 13, no cheaper (docs/benchmarks.md).
+    "10 ten calls (loadtest/lib/append-ten-calls.lua)": open("loadtest/lib/append-ten-calls.lua").read(),
 }
 for i, (name, text) in enumerate(variants.items()):
     open(f"{work}/v{i}.lua", "w").write(text)
     open(f"{work}/v{i}.name", "w").write(name)
 PY
 cpu() { cli info cpu | awk -F: '/used_cpu_(sys|user):/{s+=$2} END{printf "%.6f", s}'; }
-printf '%-52s %14s %10s\n' "variant ($N appends, 500 conversations)" "Redis µs/append" "wall s"
-for lua in "$WORK"/v*.lua; do
-  sha=$(cli script load "$(cat "$lua")")
-  python3 loadtest/lib/append_cost_gen.py "$N" "$sha" >"$WORK/in.resp"
-  cli flushall >/dev/null
-  python3 loadtest/lib/append_cost_gen.py setup | cli --pipe >/dev/null
-  before=$(cpu); t0=$(date +%s.%N)
-  cli --pipe <"$WORK/in.resp" >"$WORK/out" 2>&1
-  t1=$(date +%s.%N); after=$(cpu)
-  grep -q "errors: 0," "$WORK/out" || { cat "$WORK/out"; exit 1; }
-  python3 -c 'import sys; n, b, a, t0, t1, N = sys.argv[1:]; print("%-52s %14.1f %10.2f" % (n, (float(a) - float(b)) / int(N) * 1e6, float(t1) - float(t0)))' \
-    "$(cat "${lua%.lua}.name")" "$before" "$after" "$t0" "$t1" "$N"
+# Each variant runs ROUNDS times, the variants taking turns, so that a slow spell of the machine
+# falls on all of them; the table gives each one's median and its range.
+ROUNDS=${ROUNDS:-3}
+for round in $(seq 1 "$ROUNDS"); do
+  for lua in "$WORK"/v*.lua; do
+    v=$(basename "$lua" .lua); v=${v#v}
+    [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $v "* ]] || continue
+    sha=$(cli script load "$(cat "$lua")")
+    python3 loadtest/lib/append_cost_gen.py "$N" "$sha" >"$WORK/in.resp"
+    cli flushall >/dev/null
+    python3 loadtest/lib/append_cost_gen.py setup | cli --pipe >/dev/null
+    before=$(cpu); t0=$(date +%s.%N)
+    cli --pipe <"$WORK/in.resp" >"$WORK/out" 2>&1
+    t1=$(date +%s.%N); after=$(cpu)
+    grep -q "errors: 0," "$WORK/out" || { cat "$WORK/out"; exit 1; }
+    python3 -c 'import sys; b, a, t0, t1, N = sys.argv[1:]; print((float(a) - float(b)) / int(N) * 1e6, float(t1) - float(t0))' \
+      "$before" "$after" "$t0" "$t1" "$N" >>"${lua%.lua}.runs"
+  done
 done
+[ -z "${RUNS_OUT:-}" ] || { mkdir -p "$RUNS_OUT"; cp "$WORK"/v*.runs "$WORK"/v*.name "$RUNS_OUT"/; }
+python3 - "$WORK" "$N" "$ROUNDS" <<'PY'
+import glob, re, statistics, sys
+work, n, rounds = sys.argv[1:]
+print("%-52s %16s %14s %8s" % (f"variant ({n} appends, 500 conversations)", "Redis µs/append", f"range ({rounds} runs)", "wall s"))
+files = sorted(glob.glob(f"{work}/v*.runs"), key=lambda f: int(re.search(r"v(\d+)\.runs$", f).group(1)))
+cpus = []
+for runs in files:
+    rows = [tuple(map(float, line.split())) for line in open(runs)]
+    cpu = [r[0] for r in rows]
+    cpus.append(cpu)
+    wall = [r[1] for r in rows]
+    name = open(runs[:-len(".runs")] + ".name").read()
+    print("%-52s %16.1f %14s %8.2f" % (name, statistics.median(cpu), f"{min(cpu):.1f}-{max(cpu):.1f}", statistics.median(wall)))
+if len(cpus) == 2:
+    # Two variants: the rounds pair up (each round ran both, one after the other).
+    ratios = [b / a for a, b in zip(*cpus)]
+    print("paired, second / first: median %.3f (%.3f-%.3f), the second cheaper in %d of %d rounds"
+          % (statistics.median(ratios), min(ratios), max(ratios), sum(r < 1 for r in ratios), len(ratios)))
+PY

@@ -70,7 +70,7 @@ def append_cost(path):
         return None
     with open(path, encoding="utf-8") as f:
         for line in f:
-            m = re.match(r"^1 as the gateway runs it\s+([\d.]+)", line.strip())
+            m = re.match(r"^\d+ as the gateway runs it\s+([\d.]+)", line.strip())
             if m:
                 return float(m.group(1))
     return None
