@@ -28,6 +28,20 @@ async fn send_room(ws: &mut Ws, id: &str, room: Uuid, body: &str) -> Value {
     frames.last().cloned().expect("a reply")
 }
 
+/// The frames other than presence events (see `recv`) that arrive on `ws` within `window`.
+async fn frames_within(ws: &mut Ws, window: Duration) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match recv_within(ws, left).await {
+            Some(frame) if is_type(&frame, "presence") => {}
+            Some(frame) => out.push(frame),
+            None => return out,
+        }
+    }
+}
+
 /// Messages of `conversation` received on `ws` within `quiet` of silence.
 async fn drain_messages(ws: &mut Ws, quiet: Duration) -> Vec<Value> {
     let mut out = Vec::new();
@@ -945,23 +959,13 @@ on_both_backends! {
             frames.last().expect("typing")["user_id"],
             alice.id.to_string()
         );
-        let more: Vec<Value> = {
-            let mut v = Vec::new();
-            while let Some(f) = recv_within(&mut bob_ws, Duration::from_millis(300)).await {
-                v.push(f);
-            }
-            v
-        };
+        let more = frames_within(&mut bob_ws, Duration::from_millis(300)).await;
         assert!(
             more.is_empty(),
             "the second typing within a second was relayed: {more:?}"
         );
-        assert!(
-            recv_within(&mut alice_ws, Duration::from_millis(200))
-                .await
-                .is_none(),
-            "the typist does not hear themselves"
-        );
+        let heard = frames_within(&mut alice_ws, Duration::from_millis(200)).await;
+        assert!(heard.is_empty(), "the typist does not hear themselves: {heard:?}");
         // Node b wrote Bob one message frame and one typing frame: only the first is a delivery.
         // On one process, node b is node a, which also wrote Alice Bob's reply.
         let delivered = match backend {
