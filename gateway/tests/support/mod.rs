@@ -361,6 +361,19 @@ pub async fn recv(ws: &mut Ws) -> Option<Value> {
     }
 }
 
+/// Waits until `ws`'s connection handles frames: its presence is recorded by then (the gateway
+/// joins presence after `hello` and before it reads the first frame: ws/connection.rs). An empty
+/// `sync` is the probe: refused with `bad_request`, it changes nothing.
+pub async fn presence_recorded(ws: &mut Ws) {
+    send_json(ws, json!({"type": "sync", "conversations": []})).await;
+    let frames = recv_until(ws, |f| f["type"] == "error").await;
+    assert_eq!(
+        frames.last().map(|f| f["code"].clone()),
+        Some(json!("bad_request")),
+        "the probe's answer: {frames:?}"
+    );
+}
+
 /// Every frame on `ws` until a `resync` (the last one then) or until `within` passes.
 pub async fn frames_until_resync(ws: &mut Ws, within: Duration) -> Vec<Value> {
     let mut frames = Vec::new();
