@@ -251,8 +251,10 @@ async fn sigkilled_node_users_go_offline_once_per_watcher() {
     let _ = doomed.child.kill();
     let _ = doomed.child.wait();
     let killed = tokio::time::Instant::now();
-    // TTL 3 s + heartbeat 1 s, with a little slack for the sweep and the publish.
-    let bound = Duration::from_millis(4500);
+    // TTL 3 s + heartbeat 1 s, and 1.5 s for the sweep, its audience lookup in Postgres and the
+    // publish: 0.5 s of slack was missed once in CI, on two cores shared with the rest of the
+    // suite. A sweep that waited a whole TTL more, or never ran, still fails this.
+    let bound = Duration::from_millis(5500);
     for ws in [&mut bob_ws, &mut carol_ws] {
         let left = bound.saturating_sub(killed.elapsed());
         let frame = recv_until_within(ws, left, |f| f["type"] == "presence").await;
@@ -262,6 +264,7 @@ async fn sigkilled_node_users_go_offline_once_per_watcher() {
                 .is_some_and(|f| is_presence_of(f, &alice, "offline")),
             "offline within {bound:?}: {frame:?}"
         );
+        println!("offline heard {:?} after the kill", killed.elapsed());
     }
     for ws in [&mut bob_ws, &mut carol_ws] {
         let frames = presence_frames(ws, &alice, Duration::from_secs(2)).await;
