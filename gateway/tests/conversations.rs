@@ -28,20 +28,6 @@ async fn send_room(ws: &mut Ws, id: &str, room: Uuid, body: &str) -> Value {
     frames.last().cloned().expect("a reply")
 }
 
-/// The frames other than presence events (see `recv`) that arrive on `ws` within `window`.
-async fn frames_within(ws: &mut Ws, window: Duration) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + window;
-    let mut out = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match recv_within(ws, left).await {
-            Some(frame) if is_type(&frame, "presence") => {}
-            Some(frame) => out.push(frame),
-            None => return out,
-        }
-    }
-}
-
 /// Messages of `conversation` received on `ws` within `quiet` of silence.
 async fn drain_messages(ws: &mut Ws, quiet: Duration) -> Vec<Value> {
     let mut out = Vec::new();

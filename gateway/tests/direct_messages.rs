@@ -24,15 +24,8 @@ async fn collect_messages(ws: &mut Ws, n: usize) -> Vec<Value> {
 
 /// Nothing but presence events (see `recv`) for 300 ms.
 async fn assert_silent(ws: &mut Ws) {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match recv_within(ws, left).await {
-            Some(frame) if frame["type"] == "presence" => {}
-            Some(extra) => panic!("unexpected extra frame {extra}"),
-            None => return,
-        }
-    }
+    let extra = frames_within(ws, Duration::from_millis(300)).await;
+    assert!(extra.is_empty(), "unexpected extra frames {extra:?}");
 }
 
 on_both_backends! {

@@ -361,6 +361,20 @@ pub async fn recv(ws: &mut Ws) -> Option<Value> {
     }
 }
 
+/// The frames other than presence events (see `recv`) that arrive on `ws` within `window`.
+pub async fn frames_within(ws: &mut Ws, window: Duration) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match recv_within(ws, left).await {
+            Some(frame) if frame["type"] == "presence" => {}
+            Some(frame) => out.push(frame),
+            None => return out,
+        }
+    }
+}
+
 /// Waits until `ws`'s connection handles frames: its presence is recorded by then (the gateway
 /// joins presence after `hello` and before it reads the first frame: ws/connection.rs). An empty
 /// `sync` is the probe: refused with `bad_request`, it changes nothing.
